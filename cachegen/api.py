@@ -1,0 +1,242 @@
+"""The library API: encode / decode / decode_into / save / load / inspect, and a numcodecs-style Codec."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .config import CodecConfig, get_config
+from .errors import CacheGenError, ConfigError, FormatError, InputError
+from .format.container import (DTYPE_CODES, MODE_LOSSLESS, MODE_LOSSY, Container, DecodeLimits,
+                               parse_container, parse_lossy_chunk)
+from .codec.decoder import decode_lockstep, decode_reference
+from .codec.encoder import encode_lossy
+from .codec.lossless import decode_lossless, encode_lossless
+
+KVCache = Sequence[Sequence[Any]]            # [(key, value)] per layer, each [B, H, T, D]
+TorchKV = list[tuple[torch.Tensor, torch.Tensor]]
+Progress = Optional[Callable[[int, int], None]]
+
+_TORCH_DTYPES = {1: torch.float16, 2: torch.bfloat16, 3: torch.float32}
+_INT_VIEW = {1: np.int16, 2: np.int16, 3: np.int32}
+_TORCH_INT = {1: torch.int16, 2: torch.int16, 3: torch.int32}
+
+
+def encode(kv: KVCache, config: Union[str, CodecConfig, None] = "default", progress: Progress = None) -> bytes:
+    """Compress a KV cache (per-layer (key, value), each [batch, kv_heads, tokens, head_dim])."""
+    cfg = get_config(config)
+    return (encode_lossless if cfg.lossless else encode_lossy)(kv, cfg, progress)
+
+
+def _container(data: Any, limits: Optional[DecodeLimits], partial: bool) -> Container:
+    if isinstance(data, Container):
+        return data
+    return parse_container(data, limits, partial)
+
+
+def _fill(c: Container, bufs: list[tuple[torch.Tensor, torch.Tensor]], decoder: str, verify: bool) -> None:
+    h = c.header
+    C = h.chunk_tokens
+    if h.mode == MODE_LOSSLESS:
+        def raw_sink(i, kvi, k, n, b):
+            ints = torch.from_numpy(b.view(_INT_VIEW[h.dtype])[..., 0])
+            bufs[i][kvi][:, :, k * C:k * C + n, :].view(_TORCH_INT[h.dtype]).copy_(ints)
+        decode_lossless(c, raw_sink, verify)
+        return
+
+    def sink(i, kvi, k, n, x):
+        bufs[i][kvi][:, :, k * C:k * C + n, :].copy_(torch.from_numpy(x))
+    if decoder == "reference":
+        decode_reference(c, sink, verify)
+    elif decoder == "lockstep":
+        decode_lockstep(c, sink, verify)
+    else:
+        raise ConfigError(f"unknown CPU decoder {decoder!r} (reference, lockstep)")
+
+
+def decode(data: Any, device: Union[str, torch.device] = "cpu", *, decoder: str = "auto",
+           limits: Optional[DecodeLimits] = None, partial: bool = False, verify: bool = True) -> TorchKV:
+    """Decompress to [(key, value)] torch tensors in the original layout and dtype.
+
+    ``partial=True`` accepts a container cut short and returns the complete chunks present
+    (a prefix of the cache). ``device="cuda"`` decodes on the GPU.
+    """
+    c = _container(data, limits, partial)
+    dev = torch.device(device)
+    if dev.type == "cuda" and decoder in ("auto", "gpu"):
+        from .gpu import decode_gpu  # imported lazily: needs triton and a GPU
+        return decode_gpu(c, dev, verify=verify)
+    h = c.header
+    dt = _TORCH_DTYPES[h.dtype]
+    bufs = []
+    for l, t in zip(h.layers, c.tokens()):
+        bufs.append((torch.empty((h.batch, l.k_heads, t, l.k_dim), dtype=dt),
+                     torch.empty((h.batch, l.v_heads, t, l.v_dim), dtype=dt)))
+    _fill(c, bufs, "reference" if decoder in ("auto", "gpu") else decoder, verify)
+    if dev.type != "cpu":
+        bufs = [(k.to(dev), v.to(dev)) for k, v in bufs]
+    return bufs
+
+
+def decode_into(data: Any, buffers: Sequence[Sequence[torch.Tensor]], *, decoder: str = "auto",
+                limits: Optional[DecodeLimits] = None, partial: bool = False, verify: bool = True) -> list[int]:
+    """Decode into caller-owned tensors (e.g. a preallocated max-length cache or the buffers bound
+    to an ORT session). buffers[i] = (key, value), each [B, H, capacity, D] with capacity >= the
+    layer's tokens, of the container's dtype, on CPU or CUDA. Returns the tokens written per layer.
+    """
+    c = _container(data, limits, partial)
+    h = c.header
+    dt = _TORCH_DTYPES[h.dtype]
+    if len(buffers) != len(h.layers):
+        raise InputError(f"{len(buffers)} buffer pairs for {len(h.layers)} layers")
+    tokens = c.tokens()
+    bufs = []
+    for i, (pair, l, t) in enumerate(zip(buffers, h.layers, tokens)):
+        try:
+            kb, vb = pair
+        except (TypeError, ValueError):
+            raise InputError(f"layer {i}: expected a (key, value) buffer pair") from None
+        for kvi, b in enumerate((kb, vb)):
+            heads, dim = l.heads_dim(kvi)
+            if not isinstance(b, torch.Tensor) or b.dtype != dt or b.dim() != 4 or b.shape[0] != h.batch \
+                    or b.shape[1] != heads or b.shape[3] != dim or b.shape[2] < t:
+                raise InputError(f"layer {i} {'kv'[kvi]}: buffer must be a {dt} tensor [{h.batch}, {heads}, >={t}, {dim}]")
+        bufs.append((kb, vb))
+    devs = {b.device.type for p in bufs for b in p}
+    if devs == {"cuda"} and decoder in ("auto", "gpu"):
+        from .gpu import decode_gpu_into
+        decode_gpu_into(c, bufs, verify=verify)
+        return tokens
+    if devs == {"cpu"}:
+        _fill(c, bufs, "reference" if decoder in ("auto", "gpu") else decoder, verify)
+    else:
+        tmp = decode(c, "cpu", decoder="reference" if decoder in ("auto", "gpu") else decoder, verify=verify)
+        for (kb, vb), (k, v), t in zip(bufs, tmp, tokens):
+            kb[:, :, :t].copy_(k)
+            vb[:, :, :t].copy_(v)
+    return tokens
+
+
+def save(path: Union[str, os.PathLike], kv: KVCache, config: Union[str, CodecConfig, None] = "default",
+         progress: Progress = None) -> int:
+    """Encode and write atomically (temp file + rename: an existing file is never half-written).
+    Returns the number of bytes written."""
+    data = encode(kv, config, progress)
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return len(data)
+
+
+def load(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu", **kw: Any) -> TorchKV:
+    with open(path, "rb") as f:
+        data = f.read()
+    return decode(data, device, **kw)
+
+
+def inspect(data: Any, limits: Optional[DecodeLimits] = None) -> dict[str, Any]:
+    """Header, chunks, sizes per layer and bits per element, without decoding any stream."""
+    c = _container(data, limits, partial=True)
+    h = c.header
+    elements = [h.batch * t * (l.channels(0) + l.channels(1)) for l, t in zip(h.layers, c.tokens())]
+    layer_bytes = [0] * len(h.layers)
+    if h.mode == MODE_LOSSY:
+        for k in range(c.n_chunks):
+            ch = parse_lossy_chunk(c, k, verify=False)
+            pbytes = 2 if h.param_dtype == 1 else 4
+            for b, (i, kvi, n) in enumerate(ch.blocks):
+                s0 = ch.first_stream[b]
+                s1 = ch.first_stream[b + 1] if b + 1 < len(ch.blocks) else ch.stream_lengths.size
+                layer_bytes[i] += 2 * pbytes * h.layers[i].channels(kvi) + 4 * int(ch.stream_lengths[s0:s1].sum()) + 4 * (s1 - s0)
+    total_el = sum(elements)
+    size = c.payload_start + sum(e.size for e in c.chunks)
+    return {
+        "format_version": 1,
+        "mode": "lossless" if h.mode == MODE_LOSSLESS else "lossy",
+        "dtype": DTYPE_CODES[h.dtype][0],
+        "batch": h.batch,
+        "layers": len(h.layers),
+        "chunk_tokens": h.chunk_tokens,
+        "group_size": h.group_size,
+        "channels_per_stream": h.channels_per_stream,
+        "tables": len(h.table_counts),
+        "chunks": [{"offset": e.offset, "size": e.size, "crc32": f"{e.crc:08x}"} for e in c.chunks],
+        "partial": c.partial,
+        "header_bytes": c.payload_start,
+        "total_bytes": size,
+        "per_layer": [{"tokens": t, "k_shape": [l.k_heads, l.k_dim], "v_shape": [l.v_heads, l.v_dim],
+                       "k_bits": l.k_bits, "v_bits": l.v_bits, "bytes": lb,
+                       "bits_per_element": (8 * lb / el) if (el and lb) else None}
+                      for l, t, lb, el in zip(h.layers, c.tokens(), layer_bytes, elements)],
+        "elements": total_el,
+        "bits_per_element": 8 * size / total_el,
+        "ratio_vs_fp16": 2 * total_el / size,
+    }
+
+
+# ------------------------------------------------------------------ numcodecs-style Codec
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register_codec(cls: type) -> type:
+    _REGISTRY[cls.codec_id] = cls
+    return cls
+
+
+def get_codec(config: dict[str, Any]) -> "Codec":
+    """Instantiate a codec from its get_config() dict (like numcodecs.get_codec)."""
+    d = dict(config)
+    cid = d.pop("id", None)
+    if cid not in _REGISTRY:
+        raise ConfigError(f"unknown codec id {cid!r}; registered: {sorted(_REGISTRY)}")
+    return _REGISTRY[cid].from_config({"id": cid, **d})
+
+
+@register_codec
+class Codec:
+    """numcodecs-shaped codec: encode(kv) -> bytes, decode(bytes, out=None) -> kv."""
+    codec_id = "cachegen"
+
+    def __init__(self, config: Union[str, CodecConfig, None] = "default") -> None:
+        self.config = get_config(config)
+
+    def encode(self, buf: KVCache) -> bytes:
+        return encode(buf, self.config)
+
+    def decode(self, buf: Any, out: Optional[Sequence[Sequence[torch.Tensor]]] = None) -> TorchKV:
+        if out is not None:
+            decode_into(buf, out)
+            return [tuple(p) for p in out]  # type: ignore[misc]
+        return decode(buf)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"id": self.codec_id, **self.config.to_dict()}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Codec":
+        d = dict(config)
+        if d.pop("id", cls.codec_id) != cls.codec_id:
+            raise ConfigError(f"config is not for codec {cls.codec_id!r}")
+        return cls(CodecConfig.from_dict(d))
+
+    def __repr__(self) -> str:
+        return f"Codec({self.config.name!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Codec) and other.get_config() == self.get_config()

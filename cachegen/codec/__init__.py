@@ -1,0 +1,1 @@
+"""The codec pipeline, one module per stage: grouping -> quantize -> entropy -> (container)."""

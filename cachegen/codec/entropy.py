@@ -1,0 +1,162 @@
+"""Entropy coding: probability-table dictionary and constriction's rANS coder.
+
+Stream format (codec_spec/FORMAT.md, "ANS streams") is constriction 0.5's `AnsCoder`: 32-bit
+words, 64-bit state, 24-bit precision. `lockstep_decode` re-implements the decoder in numpy one
+symbol-step at a time over all streams at once, exactly as the GPU kernel does; it is the
+executable reference for cachegen.gpu.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import constriction
+import numpy as np
+
+from ..errors import StreamError
+from ..format.tables import PRECISION_BITS, TOTAL, counts_from_probabilities, expand_counts
+
+_MASK = np.uint64(TOTAL - 1)
+_PREC = np.uint64(PRECISION_BITS)
+_WORD = np.uint64(32)
+_LOW = np.uint64(1 << 32)
+
+
+def model_for(freqs: np.ndarray):
+    """A constriction model whose CDF is exactly cumsum(freqs) (see BACKGROUND: pass f - 1)."""
+    return constriction.stream.model.Categorical(freqs.astype(np.float64) - 1.0, perfect=False)
+
+
+# ------------------------------------------------------------------------------ dictionary
+
+def build_dictionary(hists: np.ndarray, n_tables: int, iterations: int = 4) -> tuple[list[np.ndarray], np.ndarray]:
+    """Cluster channel histograms [N, A] into at most n_tables tables (Lloyd on cross-entropy).
+
+    Returns (stored uint16 counts per table, table index per channel). Encoder-only heuristic:
+    the decoder just reads the tables it is given.
+    """
+    h = hists.astype(np.float64)
+    n, a = h.shape
+    k = max(1, min(n_tables, n))
+    tot = h.sum(axis=1)
+    # Initial clusters: quantiles of each channel's spread (std of its symbol index).
+    idx = np.arange(a, dtype=np.float64)
+    w = h / np.maximum(tot, 1)[:, None]
+    mean = w @ idx
+    spread = np.sqrt(np.maximum(w @ (idx ** 2) - mean ** 2, 0)) + 1e-3 * mean
+    order = np.argsort(spread, kind="stable")
+    assign = np.empty(n, dtype=np.int64)
+    assign[order] = (np.arange(n) * k) // n
+    for _ in range(iterations):
+        sums = np.zeros((k, a))
+        np.add.at(sums, assign, h)
+        used = sums.sum(axis=1) > 0
+        sums = sums[used]
+        probs = (sums + 1e-3) / (sums + 1e-3).sum(axis=1, keepdims=True)
+        ce = h @ (-np.log2(probs)).T
+        new = np.argmin(ce, axis=1)
+        k = sums.shape[0]
+        if np.array_equal(new, assign):
+            break
+        assign = new
+    sums = np.zeros((k, a))
+    np.add.at(sums, assign, h)
+    keep = sums.sum(axis=1) > 0
+    sums = sums[keep]
+    counts = [counts_from_probabilities(s / s.sum()) for s in sums]
+    # Final assignment against the exact tables the decoder will use.
+    exact = np.stack([expand_counts(c) for c in counts]).astype(np.float64) / TOTAL
+    assign = np.argmin(h @ (-np.log2(exact)).T, axis=1)
+    used = np.unique(assign)
+    remap = np.full(len(counts), -1)
+    remap[used] = np.arange(used.size)
+    return [counts[i] for i in used], remap[assign]
+
+
+# ------------------------------------------------------------------------------- encoding
+
+def encode_stream(segments: Sequence[tuple[np.ndarray, object]]) -> np.ndarray:
+    """Encode (symbols, model) segments into one stream that decodes them in order."""
+    coder = constriction.stream.stack.AnsCoder()
+    for symbols, model in reversed(segments):
+        if symbols.size:
+            coder.encode_reverse(symbols, model)
+    return coder.get_compressed()
+
+
+# ------------------------------------------------------------------------ reference decode
+
+def decode_stream(words: np.ndarray, segments: Sequence[tuple[int, object]]) -> list[np.ndarray]:
+    """Decode (count, model) segments from one stream with constriction; check it ends cleanly."""
+    try:
+        coder = constriction.stream.stack.AnsCoder(np.ascontiguousarray(words, dtype=np.uint32))
+        out = [coder.decode(model, n) if n else np.empty(0, dtype=np.int32) for n, model in segments]
+        clean = coder.is_empty()
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except BaseException as e:  # constriction may raise or panic (PanicException) on bad data
+        raise StreamError(f"ANS stream does not decode: {e}") from None
+    if not clean:
+        raise StreamError("ANS stream did not end in the initial state (corrupt or truncated)")
+    return out
+
+
+def lockstep_decode(words: np.ndarray, ends: np.ndarray, lengths: np.ndarray,
+                    table_schedule: np.ndarray, n_symbols: np.ndarray,
+                    freqs: np.ndarray, cdfs: np.ndarray, alphabet: np.ndarray) -> np.ndarray:
+    """Decode all streams together, one symbol-step at a time (the GPU kernel's algorithm).
+
+    words: all stream words; stream i occupies words[ends[i]-lengths[i] : ends[i]].
+    table_schedule: int [n_streams, max_steps], the table used at each step (ignored past
+    n_symbols[i]). freqs/cdfs: [n_tables, Amax(+1)] padded. Returns symbols [n_streams, max_steps].
+    """
+    n_streams, steps = table_schedule.shape
+    words64 = words.astype(np.uint64)
+    start = (ends - lengths).astype(np.int64)
+    ptr = ends.astype(np.int64).copy()          # next word to read is ptr-1
+    x = np.zeros(n_streams, dtype=np.uint64)
+    rows = np.arange(n_streams)
+    for _ in range(2):                           # initial state: up to two words
+        need = (x < _LOW) & (ptr > start)
+        if need.any():
+            x[need] = (x[need] << _WORD) | words64[ptr[need] - 1]
+            ptr[need] -= 1
+    out = np.zeros((n_streams, steps), dtype=np.int32)
+    amax = freqs.shape[1]
+    search_iters = int(np.ceil(np.log2(max(amax, 2)))) + 1
+    for s in range(steps):
+        active = s < n_symbols
+        t = table_schedule[:, s]
+        q = (x & _MASK).astype(np.int64)
+        lo = np.zeros(n_streams, dtype=np.int64)      # invariant cdf[lo] <= q < cdf[hi]
+        hi = alphabet[t].astype(np.int64)
+        for _ in range(search_iters):
+            mid = (lo + hi) >> 1
+            go = cdfs[t, mid] <= q
+            lo = np.where(go & (mid > lo), mid, lo)
+            hi = np.where(go, hi, mid)
+        sym = lo
+        f = freqs[t, sym].astype(np.uint64)
+        c = cdfs[t, sym].astype(np.uint64)
+        nx = (x >> _PREC) * f + (q.astype(np.uint64) - c)
+        x = np.where(active, nx, x)
+        out[:, s] = np.where(active, sym, 0)
+        need = active & (x < _LOW) & (ptr > start)
+        if need.any():
+            x[need] = (x[need] << _WORD) | words64[ptr[need] - 1]
+            ptr[need] -= 1
+    bad = (x != 0) | (ptr != start)
+    if bad.any():
+        raise StreamError(f"{int(bad.sum())} ANS stream(s) did not end in the initial state")
+    return out
+
+
+def padded_tables(freqs: Sequence[np.ndarray], cdfs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    amax = max(f.size for f in freqs)
+    F = np.zeros((len(freqs), amax), dtype=np.int64)
+    C = np.full((len(freqs), amax + 1), TOTAL, dtype=np.int64)
+    A = np.zeros(len(freqs), dtype=np.int64)
+    for i, (f, c) in enumerate(zip(freqs, cdfs)):
+        F[i, :f.size] = f
+        C[i, :c.size] = c
+        A[i] = f.size
+    return F, C, A

@@ -1,0 +1,75 @@
+"""Lossless mode: per chunk, each (layer, K/V) slice byte-shuffled, the lot in one zstd frame."""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import zstandard
+
+from ..config import CodecConfig
+from ..errors import FormatError
+from ..format.container import MODE_LOSSLESS, Container, Header, build_container, chunk_token_count
+from .layout import describe, raw_bytes
+
+RawSink = Callable[[int, int, int, int, np.ndarray], None]  # (layer, kv, chunk, n, bytes [B,H,n,D,s])
+
+
+def _shuffle(b: np.ndarray) -> bytes:
+    s = b.shape[-1]
+    return np.ascontiguousarray(b.reshape(-1, s).T).tobytes()
+
+
+def _unshuffle(buf: memoryview, shape: tuple[int, ...], s: int) -> np.ndarray:
+    planes = np.frombuffer(buf, dtype=np.uint8).reshape(s, -1)
+    return np.ascontiguousarray(planes.T).reshape(shape + (s,))
+
+
+def encode_lossless(kv: Sequence[Sequence[Any]], config: CodecConfig,
+                    progress: Optional[Callable[[int, int], None]] = None) -> bytes:
+    infos, batch, dtype = describe(kv)
+    header = Header(mode=MODE_LOSSLESS, dtype=dtype, batch=batch, chunk_tokens=config.chunk_tokens,
+                    layers=infos, channels_per_stream=0)
+    raws = [(raw_bytes(k), raw_bytes(v)) for k, v in kv]
+    cctx = zstandard.ZstdCompressor(level=config.zstd_level, write_content_size=True)
+    C, payloads = config.chunk_tokens, []
+    for k in range(header.n_chunks):
+        parts = []
+        for i, l in enumerate(infos):
+            n = chunk_token_count(l.tokens, k, C)
+            if n:
+                for kvi in (0, 1):
+                    parts.append(_shuffle(raws[i][kvi][:, :, k * C:k * C + n]))
+        payloads.append(cctx.compress(b"".join(parts)))
+        if progress:
+            progress(k + 1, header.n_chunks)
+    return build_container(header, payloads)
+
+
+def decode_lossless(container: Container, sink: RawSink, verify: bool = True) -> None:
+    h = container.header
+    s = h.elem_bytes
+    dctx = zstandard.ZstdDecompressor()
+    for k in range(container.n_chunks):
+        blob = container.chunk_bytes(k, verify)
+        shapes, expect = [], 0
+        for i, l in enumerate(h.layers):
+            n = chunk_token_count(l.tokens, k, h.chunk_tokens)
+            if n:
+                for kvi in (0, 1):
+                    heads, dim = l.heads_dim(kvi)
+                    shapes.append((i, kvi, n, (h.batch, heads, n, dim)))
+                    expect += h.batch * heads * n * dim * s
+        try:
+            if zstandard.get_frame_parameters(bytes(blob[:18])).content_size != expect:
+                raise FormatError(f"chunk {k}: zstd frame does not declare the expected size {expect}")
+            obj = dctx.decompressobj()
+            raw = obj.decompress(bytes(blob))
+            if len(raw) != expect or obj.unused_data or not obj.eof:
+                raise FormatError(f"chunk {k}: zstd frame decodes to the wrong size or has trailing data")
+        except zstandard.ZstdError as e:
+            raise FormatError(f"chunk {k}: zstd frame does not decode: {e}") from None
+        mv, pos = memoryview(raw), 0
+        for i, kvi, n, shape in shapes:
+            nb = int(np.prod(shape)) * s
+            sink(i, kvi, k, n, _unshuffle(mv[pos:pos + nb], shape, s))
+            pos += nb

@@ -1,0 +1,64 @@
+"""Per-channel uniform quantization with per-chunk parameters (codec_spec/FORMAT.md, "Quantization").
+
+For each (layer, K/V, chunk, channel): lo = min, step = (max - lo) / (2**bits - 1), both rounded
+outward to the parameter dtype so every value lies in [lo, lo + step * (2**bits - 1)].
+Index v = round((x - lo) / step); reconstruction x' = fl32(fl32(step * v) + lo) (no fused
+multiply-add: all decoders must round the same way).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..format.container import PARAM_DTYPES
+
+FP16_SAFE = 30000.0  # parameters fit in fp16 while |x| stays below this
+
+
+def choose_param_dtype(max_abs: float) -> int:
+    return 1 if max_abs < FP16_SAFE else 2
+
+
+def _round_down(x: np.ndarray, dt: np.dtype) -> np.ndarray:
+    r = x.astype(dt)
+    over = r.astype(np.float64) > x
+    if over.any():
+        r[over] = np.nextafter(r[over], dt.type(-np.inf))
+    return r
+
+
+def _round_up(x: np.ndarray, dt: np.dtype) -> np.ndarray:
+    r = x.astype(dt)
+    under = r.astype(np.float64) < x
+    if under.any():
+        r[under] = np.nextafter(r[under], dt.type(np.inf))
+    return r
+
+
+def quantizer_params(x: np.ndarray, bits: int, param_dtype: int) -> tuple[np.ndarray, np.ndarray]:
+    """x: [channels, n] float32 -> (lo, step) in the parameter dtype, one per channel."""
+    dt = PARAM_DTYPES[param_dtype]
+    lo = _round_down(x.min(axis=1).astype(np.float64), dt)
+    hi = x.max(axis=1).astype(np.float64)
+    step = _round_up((hi - lo.astype(np.float64)) / ((1 << bits) - 1), dt)
+    return lo, step
+
+
+def quantize(x: np.ndarray, lo: np.ndarray, step: np.ndarray, bits: int) -> np.ndarray:
+    """x: [channels, n] float32 -> indices in [0, 2**bits - 1] (int32)."""
+    lo32 = lo.astype(np.float32)[:, None]
+    st32 = step.astype(np.float32)[:, None]
+    safe = np.where(st32 > 0, st32, np.float32(1))
+    u = (x - lo32) / safe
+    np.rint(u, out=u)
+    np.clip(u, 0, (1 << bits) - 1, out=u)
+    u[np.broadcast_to(st32 == 0, u.shape)] = 0
+    return u.astype(np.int32)
+
+
+def dequantize(v: np.ndarray, lo: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """v: [channels, ...] integer indices -> float32, exactly fl32(fl32(step*v) + lo)."""
+    shape = (-1,) + (1,) * (v.ndim - 1)
+    out = v.astype(np.float32)
+    out *= step.astype(np.float32).reshape(shape)
+    out += lo.astype(np.float32).reshape(shape)
+    return out

@@ -1,0 +1,139 @@
+"""Codec configuration and named presets.
+
+A bit schedule says how many quantization bits each layer gets, separately for keys and values:
+  * ``"8/6/4"``: the layers are split into equal consecutive groups (here thirds) and each group
+    gets its width (layer i of n gets part ``i * parts // n``);
+  * an ``int``: every layer the same width;
+  * a sequence of ints: one width per layer (its length must equal the layer count).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence, Union
+
+from .errors import ConfigError
+
+BitSpec = Union[int, str, Sequence[int]]
+
+MIN_BITS, MAX_BITS = 1, 10          # format limit: alphabets up to 2**10 levels (deltas 2**11 - 1)
+MAX_CHUNK_TOKENS = 65536
+MAX_GROUP_SIZE = 255
+MAX_CHANNELS_PER_STREAM = 255
+MAX_TABLES_PER_CLASS = 255
+
+
+def _check_bits(b: int) -> int:
+    if isinstance(b, bool) or not isinstance(b, int) or not MIN_BITS <= b <= MAX_BITS:
+        raise ConfigError(f"bit width must be an int in [{MIN_BITS}, {MAX_BITS}], got {b!r}")
+    return b
+
+
+def resolve_bits(spec: BitSpec, n_layers: int) -> list[int]:
+    """Turn a bit schedule into one width per layer."""
+    if n_layers < 1:
+        raise ConfigError("a KV cache needs at least one layer")
+    if isinstance(spec, str):
+        try:
+            parts = [int(p) for p in spec.split("/")]
+        except ValueError:
+            raise ConfigError(f"bad bit schedule {spec!r}: expected e.g. '8/6/4'") from None
+        for p in parts:
+            _check_bits(p)
+        return [parts[i * len(parts) // n_layers] for i in range(n_layers)]
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        return [_check_bits(spec)] * n_layers
+    try:
+        widths = [int(b) if not isinstance(b, bool) else b for b in spec]  # type: ignore[union-attr]
+    except TypeError:
+        raise ConfigError(f"bad bit schedule {spec!r}") from None
+    if len(widths) != n_layers:
+        raise ConfigError(f"bit schedule has {len(widths)} entries for {n_layers} layers")
+    return [_check_bits(b) for b in widths]
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """Everything the encoder needs to know; the decoder reads all it needs from the container."""
+
+    name: str = "custom"
+    lossless: bool = False
+    key_bits: BitSpec = "8/6/4"
+    value_bits: BitSpec = "8/6/4"
+    # Anchor-delta grouping: the first token of every group of `group_size` is coded on its own,
+    # the others as differences to it (in the quantized domain). 1 switches grouping off.
+    group_size: int = 10
+    chunk_tokens: int = 256
+    # Channels whose symbols share one ANS stream; fewer = more parallel streams, more overhead.
+    channels_per_stream: int = 8
+    # Probability tables the encoder may build per (alphabet, K/V) class; each channel picks one.
+    tables_per_class: int = 16
+    zstd_level: int = 3  # lossless mode only
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> None:
+            raise ConfigError(f"config {self.name!r}: {msg}")
+
+        for fname, lo, hi in (("group_size", 1, MAX_GROUP_SIZE), ("chunk_tokens", 1, MAX_CHUNK_TOKENS),
+                              ("channels_per_stream", 1, MAX_CHANNELS_PER_STREAM),
+                              ("tables_per_class", 1, MAX_TABLES_PER_CLASS), ("zstd_level", -7, 22)):
+            v = getattr(self, fname)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                bad(f"{fname} must be an int in [{lo}, {hi}], got {v!r}")
+        # Validate the schedules early (against an arbitrary layer count for strings/ints).
+        for spec in (self.key_bits, self.value_bits):
+            if isinstance(spec, (str, int)):
+                resolve_bits(spec, 3)
+            else:
+                for b in spec:
+                    _check_bits(b)
+
+    def layer_bits(self, n_layers: int) -> tuple[list[int], list[int]]:
+        return resolve_bits(self.key_bits, n_layers), resolve_bits(self.value_bits, n_layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("key_bits", "value_bits"):
+            if not isinstance(d[k], (str, int)):
+                d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CodecConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown config fields: {sorted(unknown)}")
+        d = dict(d)
+        for k in ("key_bits", "value_bits"):
+            if isinstance(d.get(k), list):
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+PRESETS: dict[str, CodecConfig] = {
+    "default": CodecConfig(name="default", key_bits="8/6/4", value_bits="8/6/4", group_size=10),
+    # The CacheGen paper's layout, kept verbatim even if "default" moves.
+    "cachegen-paper": CodecConfig(name="cachegen-paper", key_bits="8/6/4", value_bits="8/6/4",
+                                  group_size=10),
+    "small": CodecConfig(name="small", key_bits="6/5/4", value_bits="5/4/3", group_size=10),
+    "high": CodecConfig(name="high", key_bits="8/8/7", value_bits="8/7/6", group_size=10),
+    "lossless": CodecConfig(name="lossless", lossless=True),
+}
+
+
+def get_config(config: Union[str, CodecConfig, None]) -> CodecConfig:
+    if config is None:
+        return PRESETS["default"]
+    if isinstance(config, CodecConfig):
+        return config
+    if isinstance(config, str):
+        try:
+            return PRESETS[config]
+        except KeyError:
+            raise ConfigError(f"unknown preset {config!r}; known: {sorted(PRESETS)}") from None
+    raise ConfigError(f"config must be a preset name or a CodecConfig, got {type(config).__name__}")

@@ -1,0 +1,407 @@
+"""Container layout: preamble, header, chunk index, model section, chunks.
+
+This module is the executable mirror of codec_spec/FORMAT.md. All integers little-endian.
+Every length and offset read from the data is validated here before anything is allocated
+from it, so decoders (CPU, numpy lock-step, GPU) only ever see a consistent view.
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import zstandard
+
+from ..errors import (ChecksumError, FormatError, LimitExceededError, UnsupportedVersionError)
+from .tables import MAX_ALPHABET, cdf_of, expand_counts
+
+MAGIC = b"CGKV"
+FORMAT_VERSION = 1
+MODE_LOSSY = 0
+MODE_LOSSLESS = 1
+
+# dtype code -> (name, bytes per element)
+DTYPE_CODES = {1: ("float16", 2), 2: ("bfloat16", 2), 3: ("float32", 4)}
+DTYPE_BY_NAME = {v[0]: k for k, v in DTYPE_CODES.items()}
+PARAM_DTYPES = {1: np.dtype("<f2"), 2: np.dtype("<f4")}
+
+_PREAMBLE = struct.Struct("<4sBBHII")        # magic, version, mode, flags, header_size, header_crc
+_FIXED = struct.Struct("<BBBBIIIIIII")         # see codec_spec/FORMAT.md, "Header"
+_LAYER = struct.Struct("<IHHHHBBH")
+_CHUNK = struct.Struct("<QII")
+PREAMBLE_SIZE = _PREAMBLE.size  # 16
+FIXED_SIZE = _FIXED.size        # 32
+LAYER_SIZE = _LAYER.size        # 16
+CHUNK_ENTRY_SIZE = _CHUNK.size  # 16
+
+
+def crc32(data) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Limits a decoder enforces before allocating (codec_spec/FORMAT.md, "Decoder limits")."""
+    max_layers: int = 4096
+    max_batch: int = 4096
+    max_tokens: int = 1 << 24
+    max_channels: int = 1 << 20          # heads * head_dim of one K or V
+    max_output_bytes: int = 1 << 36      # 64 GiB of decoded cache
+    max_expansion: int = 1 << 16         # decoded bytes per container byte
+    max_model_bytes: int = 64 << 20      # decompressed model section
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    tokens: int
+    k_heads: int
+    k_dim: int
+    v_heads: int
+    v_dim: int
+    k_bits: int = 0
+    v_bits: int = 0
+
+    def channels(self, kv: int) -> int:
+        return self.k_heads * self.k_dim if kv == 0 else self.v_heads * self.v_dim
+
+    def heads_dim(self, kv: int) -> tuple[int, int]:
+        return (self.k_heads, self.k_dim) if kv == 0 else (self.v_heads, self.v_dim)
+
+    def bits(self, kv: int) -> int:
+        return self.k_bits if kv == 0 else self.v_bits
+
+
+@dataclass(frozen=True)
+class ChunkEntry:
+    offset: int
+    size: int
+    crc: int
+
+
+@dataclass
+class Header:
+    mode: int
+    dtype: int
+    batch: int
+    chunk_tokens: int
+    layers: list[LayerInfo]
+    param_dtype: int = 0
+    group_size: int = 1
+    channels_per_stream: int = 1
+    # Model section (lossy only): stored counts per table, and per (layer, kv) the table ids,
+    # shaped [channels, roles] (roles: 1 without grouping, 2 = anchor, delta).
+    table_counts: list[np.ndarray] = field(default_factory=list)
+    table_ids: list[list[np.ndarray]] = field(default_factory=list)
+    # Derived on parse: exact 24-bit frequencies and cdfs per table.
+    freqs: list[np.ndarray] = field(default_factory=list)
+    cdfs: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def max_tokens(self) -> int:
+        return max(l.tokens for l in self.layers)
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.max_tokens // self.chunk_tokens)
+
+    @property
+    def roles(self) -> int:
+        return 2 if self.group_size > 1 else 1
+
+    @property
+    def elem_bytes(self) -> int:
+        return DTYPE_CODES[self.dtype][1]
+
+    def decoded_bytes(self, n_chunks: Optional[int] = None) -> int:
+        total = 0
+        for l in self.layers:
+            t = l.tokens if n_chunks is None else min(l.tokens, n_chunks * self.chunk_tokens)
+            total += self.batch * t * (l.channels(0) + l.channels(1))
+        return total * self.elem_bytes
+
+
+@dataclass
+class Container:
+    header: Header
+    chunks: list[ChunkEntry]
+    data: memoryview
+    payload_start: int
+    partial: bool = False  # True when only a prefix of the chunks was present
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.chunks)
+
+    def chunk_bytes(self, k: int, verify: bool = True) -> memoryview:
+        e = self.chunks[k]
+        start = self.payload_start + e.offset
+        view = self.data[start:start + e.size]
+        if verify and crc32(view) != e.crc:
+            raise ChecksumError(f"chunk {k}: checksum mismatch")
+        return view
+
+    def tokens(self) -> list[int]:
+        """Tokens of each layer covered by the chunks present."""
+        n = self.n_chunks * self.header.chunk_tokens
+        return [min(l.tokens, n) for l in self.header.layers]
+
+
+def chunk_token_count(layer_tokens: int, chunk: int, chunk_tokens: int) -> int:
+    return max(0, min(chunk_tokens, layer_tokens - chunk * chunk_tokens))
+
+
+# ----------------------------------------------------------------------------------- writing
+
+def pack_model_section(header: Header) -> bytes:
+    parts = [struct.pack("<I", len(header.table_counts))]
+    for c in header.table_counts:
+        parts.append(struct.pack("<H", c.size))
+        parts.append(np.asarray(c, dtype="<u2").tobytes())
+    for per_layer in header.table_ids:
+        for ids in per_layer:
+            parts.append(np.ascontiguousarray(ids, dtype="<u2").tobytes())
+    return b"".join(parts)
+
+
+def build_container(header: Header, chunk_payloads: Sequence[bytes], zstd_level: int = 19) -> bytes:
+    """Assemble a container from a header and the already-encoded chunk payloads."""
+    if header.mode == MODE_LOSSY:
+        raw = pack_model_section(header)
+        comp = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True).compress(raw)
+        model_raw, model_comp = len(raw), len(comp)
+    else:
+        comp, model_raw, model_comp = b"", 0, 0
+    fixed = _FIXED.pack(header.dtype, header.param_dtype, header.group_size,
+                        header.channels_per_stream, header.batch, header.chunk_tokens,
+                        len(header.layers), len(chunk_payloads), model_raw, model_comp, 0)
+    layers = b"".join(_LAYER.pack(l.tokens, l.k_heads, l.k_dim, l.v_heads, l.v_dim,
+                                  l.k_bits, l.v_bits, 0) for l in header.layers)
+    index, off = [], 0
+    for p in chunk_payloads:
+        index.append(_CHUNK.pack(off, len(p), crc32(p)))
+        off += len(p)
+    body = fixed + layers + b"".join(index) + comp
+    pre = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, header.mode, 0, len(body), crc32(body))
+    return b"".join([pre, body, *chunk_payloads])
+
+
+# ----------------------------------------------------------------------------------- parsing
+
+def _need(cond: bool, msg: str, exc=FormatError) -> None:
+    if not cond:
+        raise exc(msg)
+
+
+def parse_container(data, limits: Optional[DecodeLimits] = None, partial: bool = False) -> Container:
+    """Parse and validate everything but the chunk contents.
+
+    With ``partial=True`` a container cut short after its header is accepted and only the
+    complete chunks present are exposed (a prefix of the cache).
+    """
+    limits = limits or DecodeLimits()
+    if isinstance(data, (bytes, bytearray)):
+        data = memoryview(data)
+    elif not isinstance(data, memoryview):
+        try:
+            data = memoryview(data)
+        except TypeError:
+            raise FormatError(f"expected bytes-like data, got {type(data).__name__}") from None
+    data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    _need(len(data) >= PREAMBLE_SIZE, f"data too short for a container ({len(data)} bytes)")
+    magic, version, mode, flags, header_size, header_crc = _PREAMBLE.unpack_from(data, 0)
+    _need(magic == MAGIC, "not a cachegen container (bad magic)")
+    _need(version == FORMAT_VERSION,
+          f"container format version {version} is not supported (this decoder reads {FORMAT_VERSION})",
+          UnsupportedVersionError)
+    _need(mode in (MODE_LOSSY, MODE_LOSSLESS), f"unknown mode {mode}")
+    _need(flags == 0, f"reserved flags set ({flags:#x})")
+    _need(FIXED_SIZE <= header_size <= len(data) - PREAMBLE_SIZE, "header size out of range (truncated?)")
+    body = data[PREAMBLE_SIZE:PREAMBLE_SIZE + header_size]
+    _need(crc32(body) == header_crc, "header checksum mismatch", ChecksumError)
+
+    (dtype, param_dtype, group_size, cps, batch, chunk_tokens, n_layers, n_chunks,
+     model_raw, model_comp, reserved) = _FIXED.unpack_from(body, 0)
+    _need(reserved == 0, "reserved header field is not zero")
+    _need(dtype in DTYPE_CODES, f"unknown dtype code {dtype}")
+    _need(1 <= n_layers <= limits.max_layers, f"layer count {n_layers} outside [1, {limits.max_layers}]",
+          LimitExceededError if n_layers > limits.max_layers else FormatError)
+    _need(1 <= batch <= limits.max_batch, f"batch {batch} outside [1, {limits.max_batch}]", LimitExceededError)
+    _need(1 <= chunk_tokens <= 65536, f"chunk_tokens {chunk_tokens} outside [1, 65536]")
+    _need(1 <= group_size <= 255, f"group_size {group_size} invalid")
+    expect = FIXED_SIZE + LAYER_SIZE * n_layers + CHUNK_ENTRY_SIZE * n_chunks + model_comp
+    _need(header_size == expect, f"header size {header_size} != {expect} implied by its counts")
+
+    layers = []
+    for i in range(n_layers):
+        t, kh, kd, vh, vd, kb, vb, res = _LAYER.unpack_from(body, FIXED_SIZE + i * LAYER_SIZE)
+        _need(res == 0, f"layer {i}: reserved field not zero")
+        _need(1 <= t <= limits.max_tokens, f"layer {i}: token count {t} outside [1, {limits.max_tokens}]",
+              LimitExceededError if t > limits.max_tokens else FormatError)
+        for h, d in ((kh, kd), (vh, vd)):
+            _need(h >= 1 and d >= 1, f"layer {i}: zero heads or head_dim")
+            _need(h * d <= limits.max_channels, f"layer {i}: {h}x{d} channels over limit", LimitExceededError)
+        if mode == MODE_LOSSY:
+            _need(1 <= kb <= 10 and 1 <= vb <= 10, f"layer {i}: bit widths {kb}/{vb} outside [1, 10]")
+        else:
+            _need(kb == 0 and vb == 0, f"layer {i}: lossless layers carry no bit widths")
+        layers.append(LayerInfo(t, kh, kd, vh, vd, kb, vb))
+
+    header = Header(mode=mode, dtype=dtype, batch=batch, chunk_tokens=chunk_tokens, layers=layers,
+                    param_dtype=param_dtype, group_size=group_size, channels_per_stream=cps)
+    _need(n_chunks == header.n_chunks, f"chunk count {n_chunks} != {header.n_chunks} implied by tokens")
+    if mode == MODE_LOSSY:
+        _need(param_dtype in PARAM_DTYPES, f"unknown parameter dtype code {param_dtype}")
+        _need(1 <= cps <= 255, f"channels_per_stream {cps} invalid")
+    else:
+        _need(param_dtype == 0 and cps == 0 and group_size == 1 and model_raw == 0 and model_comp == 0,
+              "lossless header carries lossy fields")
+
+    full_bytes = header.decoded_bytes()
+    _need(full_bytes <= limits.max_output_bytes,
+          f"decoded cache would take {full_bytes} bytes (limit {limits.max_output_bytes})", LimitExceededError)
+
+    chunks, pos, off = [], FIXED_SIZE + LAYER_SIZE * n_layers, 0
+    for k in range(n_chunks):
+        o, s, c = _CHUNK.unpack_from(body, pos + k * CHUNK_ENTRY_SIZE)
+        _need(o == off, f"chunk {k}: offset {o} != {off} (chunks must be contiguous)")
+        chunks.append(ChunkEntry(o, s, c))
+        off += s
+    payload_start = PREAMBLE_SIZE + header_size
+    available = len(data) - payload_start
+    is_partial = False
+    if off != available:
+        _need(partial and off > available,
+              f"payload is {available} bytes, chunk index says {off}" + ("" if off < available else " (truncated?)"))
+        chunks = [e for e in chunks if e.offset + e.size <= available]
+        _need(len(chunks) >= 1, "no complete chunk present")
+        is_partial = True
+
+    if mode == MODE_LOSSY:
+        _parse_model_section(header, body[pos + n_chunks * CHUNK_ENTRY_SIZE:], model_raw, model_comp, limits)
+
+    decoded = header.decoded_bytes(len(chunks))
+    _need(decoded <= limits.max_expansion * max(len(data), 1),
+          f"decoded size {decoded} exceeds {limits.max_expansion}x the container size", LimitExceededError)
+    return Container(header, chunks, data, payload_start, is_partial)
+
+
+def _parse_model_section(header: Header, comp: memoryview, raw_size: int, comp_size: int,
+                         limits: DecodeLimits) -> None:
+    _need(len(comp) == comp_size, "model section size mismatch")
+    _need(0 < raw_size <= limits.max_model_bytes, f"model section size {raw_size} out of range", LimitExceededError)
+    try:
+        params = zstandard.get_frame_parameters(bytes(comp[:18]))
+    except zstandard.ZstdError as e:
+        raise FormatError(f"model section is not a zstd frame: {e}") from None
+    _need(params.content_size == raw_size, "model section frame does not declare its exact size")
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(bytes(comp), max_output_size=raw_size)
+    except zstandard.ZstdError as e:
+        raise FormatError(f"model section does not decompress: {e}") from None
+    _need(len(raw) == raw_size, "model section decompressed to the wrong size")
+    pos = 0
+
+    def take(n: int) -> bytes:
+        nonlocal pos
+        _need(pos + n <= raw_size, "model section truncated")
+        b = raw[pos:pos + n]
+        pos += n
+        return b
+
+    (n_tables,) = struct.unpack("<I", take(4))
+    _need(1 <= n_tables <= 65535, f"table count {n_tables} outside [1, 65535]")
+    counts, freqs, cdfs = [], [], []
+    for t in range(n_tables):
+        (a,) = struct.unpack("<H", take(2))
+        _need(1 <= a <= MAX_ALPHABET, f"table {t}: alphabet {a} outside [1, {MAX_ALPHABET}]")
+        c = np.frombuffer(take(2 * a), dtype="<u2")
+        f = expand_counts(c)
+        counts.append(c)
+        freqs.append(f)
+        cdfs.append(cdf_of(f))
+    roles = header.roles
+    ids = []
+    for i, l in enumerate(header.layers):
+        per_layer = []
+        for kv in (0, 1):
+            ch = l.channels(kv)
+            arr = np.frombuffer(take(2 * ch * roles), dtype="<u2").reshape(ch, roles)
+            _need(int(arr.max()) < n_tables, f"layer {i}: table id out of range")
+            levels = 1 << l.bits(kv)
+            want = [levels, 2 * levels - 1][:roles]
+            sizes = np.array([c.size for c in counts])
+            for r in range(roles):
+                _need(bool(np.all(sizes[arr[:, r]] == want[r])),
+                      f"layer {i} {'KV'[kv]}: table alphabet does not match {l.bits(kv)}-bit symbols")
+            per_layer.append(arr)
+        ids.append(per_layer)
+    _need(pos == raw_size, "model section has trailing bytes")
+    header.table_counts, header.freqs, header.cdfs, header.table_ids = counts, freqs, cdfs, ids
+
+
+# ------------------------------------------------------------------------------ lossy chunks
+
+@dataclass
+class LossyChunk:
+    """A validated view of one lossy chunk."""
+    index: int
+    # One entry per (layer, kv) with tokens in this chunk, in stream order.
+    blocks: list[tuple[int, int, int]]          # (layer, kv, tokens in chunk)
+    lo: list[np.ndarray]                        # float32 [channels]
+    step: list[np.ndarray]                      # float32 [channels]
+    stream_lengths: np.ndarray                  # uint32 [n_streams], in words
+    stream_ends: np.ndarray                     # int64 [n_streams], exclusive end word index
+    words: np.ndarray                           # uint32, all streams back to back
+    first_stream: list[int]                     # index of each block's first stream
+
+
+def chunk_blocks(header: Header, k: int) -> list[tuple[int, int, int]]:
+    out = []
+    for i, l in enumerate(header.layers):
+        n = chunk_token_count(l.tokens, k, header.chunk_tokens)
+        if n:
+            out.extend((i, kv, n) for kv in (0, 1))
+    return out
+
+
+def pack_lossy_chunk(header: Header, k: int, lo: Sequence[np.ndarray], step: Sequence[np.ndarray],
+                     streams: Sequence[np.ndarray]) -> bytes:
+    pdt = PARAM_DTYPES[header.param_dtype]
+    parts = []
+    for a, b in zip(lo, step):
+        parts.append(np.asarray(a, dtype=pdt).tobytes())
+        parts.append(np.asarray(b, dtype=pdt).tobytes())
+    parts.append(np.array([s.size for s in streams], dtype="<u4").tobytes())
+    parts.extend(np.asarray(s, dtype="<u4").tobytes() for s in streams)
+    return b"".join(parts)
+
+
+def parse_lossy_chunk(container: Container, k: int, verify: bool = True) -> LossyChunk:
+    h = container.header
+    raw = container.chunk_bytes(k, verify)
+    pdt = PARAM_DTYPES[h.param_dtype]
+    blocks = chunk_blocks(h, k)
+    pos, lo, step, first, n_streams = 0, [], [], [], 0
+    for (i, kv, n) in blocks:
+        ch = h.layers[i].channels(kv)
+        nb = ch * pdt.itemsize
+        _need(pos + 2 * nb <= len(raw), f"chunk {k}: truncated parameters")
+        a = np.frombuffer(raw, dtype=pdt, count=ch, offset=pos).astype(np.float32)
+        b = np.frombuffer(raw, dtype=pdt, count=ch, offset=pos + nb).astype(np.float32)
+        _need(bool(np.all(np.isfinite(a)) and np.all(np.isfinite(b)) and np.all(b >= 0)),
+              f"chunk {k}: invalid quantizer parameters")
+        lo.append(a)
+        step.append(b)
+        pos += 2 * nb
+        first.append(n_streams)
+        n_streams += -(-ch // h.channels_per_stream)
+    _need(pos + 4 * n_streams <= len(raw), f"chunk {k}: truncated stream directory")
+    lengths = np.frombuffer(raw, dtype="<u4", count=n_streams, offset=pos)
+    pos += 4 * n_streams
+    total_words = int(lengths.sum(dtype=np.int64))
+    _need(pos + 4 * total_words == len(raw), f"chunk {k}: stream lengths do not add up to the chunk size")
+    words = np.frombuffer(raw, dtype="<u4", count=total_words, offset=pos)
+    ends = np.cumsum(lengths, dtype=np.int64)
+    return LossyChunk(k, blocks, lo, step, lengths, ends, words, first)
