@@ -1,0 +1,310 @@
+"""Byte stores behind one small interface: a local directory (default) and Redis.
+
+A backend maps string keys to ``bytes``. It never raises for an unavailable or missing entry:
+``get`` returns ``None`` (a miss) and ``put`` returns ``False``; integrity checking is done by
+the caller (:mod:`cachegen.store.entry`), which calls ``delete`` on a corrupt entry.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["Backend", "DirectoryBackend", "RedisBackend", "MemoryBackend"]
+
+log = logging.getLogger("cachegen.store")
+
+
+class Backend:
+    """Interface. Subclasses implement get/put/delete; get_many may be batched."""
+
+    def __init__(self) -> None:
+        self.stats = {"gets": 0, "hits": 0, "puts": 0, "errors": 0, "evicted": 0, "bytes_read": 0}
+
+    def get(self, key: str) -> Optional[bytes]:
+        raise NotImplementedError
+
+    def get_many(self, keys: Sequence[str]) -> list[Optional[bytes]]:
+        return [self.get(k) for k in keys]
+
+    def put(self, key: str, data: bytes) -> bool:
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class MemoryBackend(Backend):
+    """A dict (tests, single process)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data: dict[str, bytes] = {}
+
+    def get(self, key: str) -> Optional[bytes]:
+        self.stats["gets"] += 1
+        v = self.data.get(key)
+        if v is not None:
+            self.stats["hits"] += 1
+            self.stats["bytes_read"] += len(v)
+        return v
+
+    def put(self, key: str, data: bytes) -> bool:
+        self.stats["puts"] += 1
+        self.data[key] = bytes(data)
+        return True
+
+    def delete(self, key: str) -> None:
+        self.data.pop(key, None)
+
+
+class DirectoryBackend(Backend):
+    """Entries as files under ``root/<2 hex>/<key>``.
+
+    * Writes are atomic: a temp file in the same folder, fsync (optional), ``os.replace``.
+      Readers see the old entry or the new one, never a half-written file, with any number of
+      processes reading and writing.
+    * LRU across processes: a read sets the file's mtime to now (``os.utime``); eviction deletes
+      the least recently used files (oldest mtime) until the total is at most
+      ``low_water * max_bytes``. Eviction runs under an ``fcntl`` lock on ``root/.evict.lock`` so
+      concurrent writers do not evict twice; a reader holding a deleted file open still reads it.
+    """
+
+    def __init__(self, root: Union[str, os.PathLike], max_bytes: Optional[int] = None,
+                 low_water: float = 0.9, fsync: bool = False) -> None:
+        super().__init__()
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self.low_water = low_water
+        self.fsync = fsync
+        self._since_scan = 0
+        self._approx = None  # bytes at the last scan + bytes written since
+
+    def path(self, key: str) -> Path:
+        if not key or "/" in key or key.startswith("."):
+            raise ValueError(f"bad key {key!r}")
+        return self.root / key[:2] / key
+
+    def get(self, key: str) -> Optional[bytes]:
+        self.stats["gets"] += 1
+        p = self.path(key)
+        try:
+            with open(p, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            self.stats["errors"] += 1
+            log.warning("store: reading %s failed: %s", p, e)
+            return None
+        try:
+            os.utime(p, None)  # LRU clock, visible to every process
+        except OSError:
+            pass
+        self.stats["hits"] += 1
+        self.stats["bytes_read"] += len(data)
+        return data
+
+    def put(self, key: str, data: bytes) -> bool:
+        self.stats["puts"] += 1
+        p = self.path(key)
+        try:
+            p.parent.mkdir(exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=p.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    if self.fsync:
+                        f.flush()
+                        os.fsync(f.fileno())
+                os.replace(tmp, p)
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
+        except OSError as e:
+            self.stats["errors"] += 1
+            log.warning("store: writing %s failed: %s", p, e)
+            if e.errno == errno.ENOSPC and self.max_bytes is None:
+                return False
+            return False
+        if self.max_bytes is not None:
+            self._approx = (self._approx or 0) + len(data)
+            self._since_scan += 1
+            if self._approx > self.max_bytes or self._since_scan >= 16:
+                self.evict()
+        return True
+
+    def delete(self, key: str) -> None:
+        try:
+            os.unlink(self.path(key))
+        except OSError:
+            pass
+
+    def _entries(self) -> list[tuple[float, int, str]]:
+        out = []
+        for d in os.scandir(self.root):
+            if not d.is_dir(follow_symlinks=False):
+                continue
+            for e in os.scandir(d.path):
+                if e.name.startswith("."):
+                    # stale temp files of crashed writers (older than a minute) count and go
+                    try:
+                        st = e.stat()
+                        if time.time() - st.st_mtime > 60:
+                            os.unlink(e.path)
+                    except OSError:
+                        pass
+                    continue
+                try:
+                    st = e.stat()
+                except OSError:
+                    continue
+                out.append((st.st_mtime_ns, st.st_size, e.path))
+        return out
+
+    def total_bytes(self) -> int:
+        return sum(s for _, s, _ in self._entries())
+
+    def evict(self) -> int:
+        """Delete least recently used entries until under the low-water mark; returns bytes freed."""
+        if self.max_bytes is None:
+            return 0
+        lockf = None
+        try:
+            if fcntl is not None:
+                lockf = open(self.root / ".evict.lock", "a+b")
+                fcntl.flock(lockf, fcntl.LOCK_EX)
+            entries = self._entries()
+            total = sum(s for _, s, _ in entries)
+            freed = 0
+            if total > self.max_bytes:
+                target = self.low_water * self.max_bytes
+                for _, size, path in sorted(entries):
+                    if total - freed <= target:
+                        break
+                    try:
+                        os.unlink(path)
+                        freed += size
+                        self.stats["evicted"] += 1
+                    except OSError:
+                        pass
+            self._approx = total - freed
+            self._since_scan = 0
+            return freed
+        finally:
+            if lockf is not None:
+                fcntl.flock(lockf, fcntl.LOCK_UN)
+                lockf.close()
+
+
+class RedisBackend(Backend):
+    """Entries in Redis (``SET``/``MGET``), keys prefixed by ``prefix``.
+
+    Never raises and never hangs: every command runs with ``socket_timeout`` and
+    ``socket_connect_timeout``; any Redis or socket error counts as a miss (``get``) or a failed
+    write (``put``) and marks the server down for ``down_backoff_s`` seconds, during which calls
+    return at once instead of waiting for another timeout. Eviction is the server's
+    (``maxmemory`` + ``maxmemory-policy allkeys-lru``); an evicted entry is simply a miss.
+    """
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", prefix: str = "cachegen:",
+                 socket_timeout: float = 2.0, connect_timeout: float = 0.5, ttl_s: Optional[int] = None,
+                 down_backoff_s: float = 2.0, client=None) -> None:
+        super().__init__()
+        import redis  # the PyPI client
+
+        self._redis = redis
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+        self.down_backoff_s = down_backoff_s
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+        self.client = client or redis.Redis.from_url(
+            url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
+            retry_on_timeout=False, health_check_interval=0)
+
+    def _available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _failed(self, op: str, e: BaseException) -> None:
+        self.stats["errors"] += 1
+        self._down_until = time.monotonic() + self.down_backoff_s
+        log.warning("store: redis %s failed (%s: %s); treating as a miss for %.1fs",
+                    op, type(e).__name__, e, self.down_backoff_s)
+        try:
+            self.client.connection_pool.disconnect()
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+
+    _ERRORS: tuple = ()
+
+    def _errors(self) -> tuple:
+        return (self._redis.exceptions.RedisError, OSError)
+
+    def get(self, key: str) -> Optional[bytes]:
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: Sequence[str]) -> list[Optional[bytes]]:
+        self.stats["gets"] += len(keys)
+        if not keys or not self._available():
+            return [None] * len(keys)
+        try:
+            vals = self.client.mget([self.prefix + k for k in keys])
+        except self._errors() as e:
+            self._failed("MGET", e)
+            return [None] * len(keys)
+        out = []
+        for v in vals:
+            if v is not None:
+                self.stats["hits"] += 1
+                self.stats["bytes_read"] += len(v)
+            out.append(v)
+        return out
+
+    def put(self, key: str, data: bytes) -> bool:
+        self.stats["puts"] += 1
+        if not self._available():
+            return False
+        try:
+            self.client.set(self.prefix + key, bytes(data), ex=self.ttl_s)
+            return True
+        except self._errors() as e:
+            self._failed("SET", e)
+            return False
+
+    def delete(self, key: str) -> None:
+        if not self._available():
+            return
+        try:
+            self.client.delete(self.prefix + key)
+        except self._errors() as e:
+            self._failed("DEL", e)
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:  # noqa: BLE001
+            pass

@@ -1,0 +1,287 @@
+"""A KV store keyed by token prefix: per-chunk entries, several quality levels per chunk.
+
+Layout in the backend, for chunk ``k`` of a prompt with chained hash ``h_k`` (see
+:mod:`cachegen.store.keys`):
+
+* ``<h_k hex>.<level>``: the KV of that chunk's tokens only (``[B, H, C, D]`` per layer),
+  encoded on its own at ``level`` (a codec preset name, or ``"raw"`` for plain fp16);
+* ``<h_k hex>.idx``: a small index entry listing the levels stored for the chunk and their
+  sizes (the streaming planner needs them before fetching anything); written after the data.
+
+Why per-chunk containers rather than one container per prompt: any prefix of any stored prompt
+is served without re-encoding, two prompts that share a prefix share its entries, eviction of
+one chunk costs one chunk (the loader recomputes it from its tokens and goes on), and every
+chunk can have its own level, which is what bandwidth adaptation needs. The price is one
+container header per chunk (about 0.5-1 KB against ~1.5-3 MB of payload for SmolLM2) and one
+request per chunk (batched with MGET for the index lookup).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..api import decode as cg_decode, encode as cg_encode
+from ..config import CodecConfig, get_config
+from ..errors import CacheGenError
+from .backends import Backend, DirectoryBackend
+from .entry import (KIND_DATA, KIND_INDEX, CorruptEntryError, decode_raw, encode_raw, pack_entry,
+                    pack_index, unpack_entry, unpack_index)
+from .keys import Fingerprint, chunk_hashes
+
+__all__ = ["KVStore", "ChunkRef", "PrefixMatch", "concat_kv", "slice_kv", "prefill_with_reuse"]
+
+log = logging.getLogger("cachegen.store")
+TorchKV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    index: int                 # chunk number in the prompt
+    hash: bytes                # chained hash h_k
+    levels: Mapping[str, int]  # level -> stored bytes (entry payload)
+    tokens: int                # tokens in the chunk
+
+
+@dataclass
+class PrefixMatch:
+    """The longest stored prefix of a prompt: ``tokens`` = sum of the matched chunks' tokens."""
+    chunks: list[ChunkRef]
+    chunk_tokens: int
+    lookup_s: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        return sum(c.tokens for c in self.chunks)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+
+def slice_kv(kv: Sequence[Sequence[Any]], a: int, b: int) -> list:
+    return [(k[:, :, a:b], v[:, :, a:b]) for k, v in kv]
+
+
+def _to_torch(x: Any) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+
+
+def concat_kv(parts: Sequence[Sequence[Sequence[Any]]]) -> TorchKV:
+    """Concatenate per-chunk caches along tokens (torch tensors out)."""
+    if not parts:
+        return []
+    if len(parts) == 1:
+        return [(_to_torch(k), _to_torch(v)) for k, v in parts[0]]
+    out = []
+    for layer in zip(*parts):
+        out.append((torch.cat([_to_torch(p[0]) for p in layer], dim=2),
+                    torch.cat([_to_torch(p[1]) for p in layer], dim=2)))
+    return out
+
+
+class KVStore:
+    """Save and find compressed KV caches by token prefix.
+
+    ``backend``: a :class:`~cachegen.store.backends.Backend`, or a folder path for a
+    :class:`DirectoryBackend`. ``levels``: the levels :meth:`put` writes by default (preset names,
+    ``"raw"``, or names given in ``configs``), best quality first is customary.
+    """
+
+    def __init__(self, backend: Union[Backend, str, Any], fingerprint: Fingerprint,
+                 levels: Sequence[str] = ("default",), configs: Optional[Mapping[str, CodecConfig]] = None,
+                 kv_dtype: torch.dtype = torch.float32) -> None:
+        self.backend = backend if isinstance(backend, Backend) else DirectoryBackend(backend)
+        self.fp = fingerprint
+        self.levels = tuple(levels)
+        self.configs = dict(configs or {})
+        self.kv_dtype = kv_dtype
+        self.stats = {"corrupt": 0, "chunks_written": 0, "chunks_loaded": 0}
+        for lv in self.levels:
+            self.config_for(lv)
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self.fp.chunk_tokens
+
+    # ---------------------------------------------------------------- keys and entries
+    @staticmethod
+    def data_key(h: bytes, level: str) -> str:
+        return f"{h.hex()}.{level}"
+
+    @staticmethod
+    def index_key(h: bytes) -> str:
+        return f"{h.hex()}.idx"
+
+    def config_for(self, level: str) -> Optional[CodecConfig]:
+        if level == "raw":
+            return None
+        if level in self.configs:
+            return self.configs[level]
+        return get_config(level)
+
+    def encode_chunk(self, kv: Sequence[Sequence[Any]], level: str) -> bytes:
+        cfg = self.config_for(level)
+        if cfg is None:
+            return encode_raw(kv)
+        return cg_encode(kv, cfg)
+
+    def decode_chunk(self, payload: Any, level: str, device: str = "cpu") -> TorchKV:
+        """Payload -> KV. Raises CacheGenError on bad data."""
+        if level == "raw":
+            kv = decode_raw(payload, self.fp.layer_shapes, dtype=self.kv_dtype)
+        else:
+            kv = cg_decode(payload, device)
+        if len(kv) != self.fp.num_layers:
+            raise CorruptEntryError(f"chunk has {len(kv)} layers, the model {self.fp.num_layers}")
+        return kv
+
+    def _read(self, key: str, kind: int, data: Optional[bytes]) -> Optional[memoryview]:
+        if data is None:
+            return None
+        try:
+            return unpack_entry(key, data, kind)
+        except CorruptEntryError as e:
+            self.drop(key, e)
+            return None
+
+    def drop(self, key: str, why: Any) -> None:
+        """Remove a corrupt entry (it is a miss from now on)."""
+        self.stats["corrupt"] += 1
+        log.warning("store: dropping corrupt entry %s: %s", key, why)
+        self.backend.delete(key)
+
+    # ---------------------------------------------------------------- write
+    def put(self, tokens: Any, kv: Sequence[Sequence[Any]], levels: Optional[Sequence[str]] = None,
+            start_chunk: int = 0, skip_existing: bool = True) -> int:
+        """Store the full chunks of ``tokens`` covered by ``kv`` (``kv`` holds at least those tokens,
+        position 0 first). Chunks before ``start_chunk`` are left alone (already stored). Returns
+        the number of chunks written."""
+        levels = tuple(levels or self.levels)
+        C = self.chunk_tokens
+        kv_len = min(int(k.shape[2]) for k, _ in kv)
+        hashes = chunk_hashes(self.fp, tokens, max_chunks=kv_len // C)
+        existing: list[Optional[dict]] = [None] * len(hashes)
+        if skip_existing and start_chunk < len(hashes):
+            keys = [self.index_key(h) for h in hashes[start_chunk:]]
+            for i, (key, raw) in enumerate(zip(keys, self.backend.get_many(keys))):
+                p = self._read(key, KIND_INDEX, raw)
+                if p is not None:
+                    try:
+                        existing[start_chunk + i] = unpack_index(key, p)
+                    except CorruptEntryError as e:
+                        self.drop(key, e)
+        written = 0
+        for k in range(start_chunk, len(hashes)):
+            h = hashes[k]
+            have = dict(existing[k]["levels"]) if existing[k] else {}
+            todo = [lv for lv in levels if lv not in have]
+            if not todo:
+                continue
+            chunk = slice_kv(kv, k * C, (k + 1) * C)
+            ok = False
+            for lv in todo:
+                payload = self.encode_chunk(chunk, lv)
+                if self.backend.put(self.data_key(h, lv), pack_entry(self.data_key(h, lv), KIND_DATA, payload)):
+                    have[lv] = len(payload)
+                    ok = True
+            if ok:
+                ikey = self.index_key(h)
+                self.backend.put(ikey, pack_entry(ikey, KIND_INDEX, pack_index({"tokens": C, "levels": have})))
+                written += 1
+        self.stats["chunks_written"] += written
+        return written
+
+    # ---------------------------------------------------------------- lookup and read
+    def lookup(self, tokens: Any, max_tokens: Optional[int] = None) -> PrefixMatch:
+        """The longest stored chunk-aligned prefix of ``tokens`` (at most ``max_tokens`` tokens)."""
+        t0 = time.perf_counter()
+        C = self.chunk_tokens
+        hashes = chunk_hashes(self.fp, tokens, None if max_tokens is None else max_tokens // C)
+        keys = [self.index_key(h) for h in hashes]
+        raws = self.backend.get_many(keys) if keys else []
+        chunks = []
+        for k, (h, key, raw) in enumerate(zip(hashes, keys, raws)):
+            p = self._read(key, KIND_INDEX, raw)
+            if p is None:
+                break
+            try:
+                info = unpack_index(key, p)
+            except CorruptEntryError as e:
+                self.drop(key, e)
+                break
+            if not info["levels"] or info["tokens"] != C:
+                break
+            chunks.append(ChunkRef(k, h, info["levels"], C))
+        return PrefixMatch(chunks, C, time.perf_counter() - t0)
+
+    def fetch(self, ref: ChunkRef, level: str) -> Optional[memoryview]:
+        """The verified payload of a chunk at a level, or None (missing, evicted, unreachable, corrupt)."""
+        key = self.data_key(ref.hash, level)
+        return self._read(key, KIND_DATA, self.backend.get(key))
+
+    def get_chunk(self, ref: ChunkRef, level: str, device: str = "cpu") -> Optional[TorchKV]:
+        payload = self.fetch(ref, level)
+        if payload is None:
+            return None
+        try:
+            kv = self.decode_chunk(payload, level, device)
+        except CacheGenError as e:
+            self.drop(self.data_key(ref.hash, level), e)
+            return None
+        if any(int(k.shape[2]) != ref.tokens for k, _ in kv):
+            self.drop(self.data_key(ref.hash, level), "wrong token count")
+            return None
+        self.stats["chunks_loaded"] += 1
+        return kv
+
+    def pick_level(self, ref: ChunkRef, prefer: Sequence[str]) -> Optional[str]:
+        for lv in prefer:
+            if lv in ref.levels:
+                return lv
+        return next(iter(ref.levels), None)
+
+    def load(self, match: PrefixMatch, level: Union[str, Sequence[str]] = "default",
+             device: str = "cpu") -> tuple[TorchKV, int]:
+        """Load the matched chunks in order, stopping at the first one that cannot be served.
+        ``level``: one level or a preference list. Returns ``(kv, tokens loaded)``."""
+        prefer = [level] if isinstance(level, str) else list(level)
+        parts = []
+        for ref in match.chunks:
+            lv = self.pick_level(ref, prefer)
+            kv = self.get_chunk(ref, lv, device) if lv is not None else None
+            if kv is None:
+                break
+            parts.append(kv)
+        return concat_kv(parts), sum(int(p[0][0].shape[2]) for p in parts)
+
+
+def prefill_with_reuse(runner: Any, store: KVStore, tokens: Any, level: Union[str, Sequence[str]] = "default",
+                       save: bool = True, save_levels: Optional[Sequence[str]] = None) -> tuple[Any, Any, dict]:
+    """Prefill ``tokens`` with ``runner`` (an object with ``prefill(ids)`` and
+    ``continue_from(kv, ids)``), reusing the longest stored prefix and storing the new chunks.
+
+    At least one token is always run through the model (its logits are needed), so a prompt
+    that is entirely stored reuses all but its last chunk-aligned part. Returns
+    ``(logits of the new tokens, kv of the whole prompt, info)``.
+    """
+    ids = np.asarray(tokens.detach().cpu().numpy() if isinstance(tokens, torch.Tensor) else tokens).reshape(-1)
+    t0 = time.perf_counter()
+    match = store.lookup(ids, max_tokens=len(ids) - 1)
+    t1 = time.perf_counter()
+    kv, n = store.load(match, level) if len(match) else ([], 0)
+    t2 = time.perf_counter()
+    if n:
+        logits, full = runner.continue_from(kv, ids[n:])
+    else:
+        logits, full = runner.prefill(ids)
+    t3 = time.perf_counter()
+    written = store.put(ids, full, levels=save_levels, start_chunk=n // store.chunk_tokens) if save else 0
+    t4 = time.perf_counter()
+    info = {"prompt_tokens": len(ids), "reused_tokens": n, "matched_tokens": match.tokens,
+            "lookup_s": t1 - t0, "load_s": t2 - t1, "compute_s": t3 - t2, "ttft_s": t3 - t0,
+            "store_s": t4 - t3, "chunks_written": written}
+    return logits, full, info
