@@ -31,7 +31,7 @@ def demo_text() -> str:
     try:
         from importlib.resources import files
 
-        return files("cachegen").joinpath("data", "demo_text.txt").read_text(encoding="utf-8")
+        return (files("cachegen") / "data" / "demo_text.txt").read_text(encoding="utf-8")
     except (FileNotFoundError, ModuleNotFoundError, TypeError):  # pragma: no cover
         return (Path(__file__).parent / "data" / "demo_text.txt").read_text(encoding="utf-8")
 
