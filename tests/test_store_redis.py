@@ -121,29 +121,37 @@ def test_redis_unreachable_is_fast():
 
 
 def test_redis_eviction_allkeys_lru():
-    with RedisServer(maxmemory="3mb", policy="allkeys-lru") as srv:
+    # Redis' LRU clock ticks once a second and its LRU is sampled, so the phases are a second
+    # apart: old prompts, then one of them read again, then enough new prompts to force eviction.
+    with RedisServer(maxmemory="5mb", policy="allkeys-lru", extra_args=["--maxmemory-samples", "10"]) as srv:
         r = FakeRunner(num_layers=4, num_kv_heads=4, head_dim=64)  # raw chunks of 64 KB
         store = KVStore(RedisBackend(srv.url, socket_timeout=0.5), fingerprint_from_runner(r, "fake", chunk_tokens=C),
                         levels=("raw",))
-        prompts = [prompt(8 * C, s) for s in range(24)]
-        for p in prompts:
-            store.put(p, r.prefill(p)[1])                           # 0.5 MB per prompt: must evict
-        info = store.backend.client.info("stats")
-        assert info["evicted_keys"] > 0
-        assert store.lookup(prompts[-1]).tokens == 8 * C            # recent prompts survive
-        served = 0
-        for p in prompts:                                           # evicted = miss or shorter prefix
+        old = [prompt(8 * C, s) for s in range(6)]                  # 0.5 MB each
+        new = [prompt(8 * C, 100 + s) for s in range(3)]      # about 6 prompts fit
+        for p in old:
+            store.put(p, r.prefill(p)[1])
+        assert all(store.lookup(p).tokens == 8 * C for p in old)
+        time.sleep(2.2)
+        kv, n = store.load(store.lookup(old[0]), "raw")             # touch old[0]
+        assert n == 8 * C
+        time.sleep(1.1)
+        for p in new:
+            store.put(p, r.prefill(p)[1])
+        assert store.backend.client.info("stats")["evicted_keys"] > 0
+        served = {}
+        for name, p in [("old0", old[0])] + [(f"old{i}", old[i]) for i in range(1, 6)] + [("new5", new[-1])]:
             m = store.lookup(p)
-            kv, n = store.load(m)
-            served += n
+            kv, n = store.load(m)                                   # evicted = miss or shorter prefix
             assert n <= m.tokens
             if n:
-                ref = r.kv_for(p[:n])
-                assert np.abs(ref[0][0] - kv[0][0].numpy()).max() < 0.05
-        assert 0 < served < sum(len(p) for p in prompts)
-        # the streaming loader recomputes chunks whose data was evicted after the lookup
-        m = store.lookup(prompts[-1])
+                assert np.abs(r.kv_for(p[:n])[0][0] - kv[0][0].numpy()).max() < 0.05
+            served[name] = n
+        assert served["old0"] == 8 * C and served["new5"] == 8 * C, served      # recently used survive
+        assert sum(served[f"old{i}"] for i in range(1, 6)) < 5 * 8 * C, served  # least recently used went
+        # the streaming loader recomputes a chunk whose data was evicted after the lookup
+        m = store.lookup(new[-1])
         store.backend.client.delete("cachegen:" + store.data_key(m.chunks[3].hash, "raw"))
         loader = StreamingLoader(store, r, BandwidthEstimator(1e9), CostModel(recompute_s=1.0), allow_text=False)
-        kv, rep = loader.restore(prompts[-1])
+        kv, rep = loader.restore(new[-1])
         assert [e.used for e in rep.events][3] == "text" and rep.restored_tokens == 7 * C  # all but the last token

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -30,7 +30,9 @@ def free_port() -> int:
 
 class RedisServer:
     def __init__(self, port: Optional[int] = None, maxmemory: Optional[str] = None,
-                 policy: str = "allkeys-lru", executable: Optional[str] = None) -> None:
+                 policy: str = "allkeys-lru", executable: Optional[str] = None,
+                 extra_args: Sequence[str] = ()) -> None:
+        self.extra_args = list(extra_args)
         self.executable = executable or shutil.which("redis-server") or (
             "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
         if self.executable is None:
@@ -53,6 +55,7 @@ class RedisServer:
                 "--logfile", os.path.join(self.dir, "redis.log")]
         if self.maxmemory:
             args += ["--maxmemory", self.maxmemory, "--maxmemory-policy", self.policy]
+        args += self.extra_args
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
