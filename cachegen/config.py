@@ -69,6 +69,14 @@ class CodecConfig:
     channels_per_stream: int = 8
     # Probability tables the encoder may build per (alphabet, K/V) class; each channel picks one.
     tables_per_class: int = 16
+    # How quantization steps are shared across the channels of one (layer, K/V, chunk):
+    # 0 = each channel's own range / (2**bits - 1); 1 = the widest channel's step for all (equal
+    # absolute error everywhere, like a per-layer scale); in between = geometric blend.
+    # Encoder-only: the container stores each channel's step either way.
+    scale_sharing: float = 0.0
+    # Divide each token's vector (per layer, K/V, batch item) by a stored power-of-2**(1/8) close
+    # to its RMS before quantizing: per-token magnitude, per-channel offsets.
+    token_scaling: bool = False
     zstd_level: int = 3  # lossless mode only
 
     def __post_init__(self) -> None:
@@ -81,6 +89,9 @@ class CodecConfig:
             v = getattr(self, fname)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 bad(f"{fname} must be an int in [{lo}, {hi}], got {v!r}")
+        if isinstance(self.scale_sharing, bool) or not isinstance(self.scale_sharing, (int, float)) \
+                or not 0.0 <= float(self.scale_sharing) <= 1.0:
+            bad(f"scale_sharing must be a number in [0, 1], got {self.scale_sharing!r}")
         # Validate the schedules early (against an arbitrary layer count for strings/ints).
         for spec in (self.key_bits, self.value_bits):
             if isinstance(spec, (str, int)):
@@ -115,13 +126,19 @@ class CodecConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
+# Presets measured on SmolLM2-135M (benches/RESULTS.md): per-token scaling with one shared step
+# per (layer, K/V, chunk) beats per-channel ranges at every rate; anchor-delta grouping costs
+# ~6% size on real caches, so only the paper preset keeps it.
+_MODERN = dict(group_size=1, token_scaling=True, scale_sharing=1.0)
 PRESETS: dict[str, CodecConfig] = {
-    "default": CodecConfig(name="default", key_bits="8/6/4", value_bits="8/6/4", group_size=10),
-    # The CacheGen paper's layout, kept verbatim even if "default" moves.
+    "default": CodecConfig(name="default", key_bits=6, value_bits=5, **_MODERN),
+    "high": CodecConfig(name="high", key_bits=8, value_bits=7, **_MODERN),
+    "small": CodecConfig(name="small", key_bits=5, value_bits=4, **_MODERN),
+    "tiny": CodecConfig(name="tiny", key_bits=4, value_bits=4, **_MODERN),
+    # The CacheGen paper's layout (8/6/4 bits by layer thirds, anchor-delta groups of 10,
+    # per-channel ranges), kept verbatim even as "default" moves.
     "cachegen-paper": CodecConfig(name="cachegen-paper", key_bits="8/6/4", value_bits="8/6/4",
                                   group_size=10),
-    "small": CodecConfig(name="small", key_bits="6/5/4", value_bits="5/4/3", group_size=10),
-    "high": CodecConfig(name="high", key_bits="8/8/7", value_bits="8/7/6", group_size=10),
     "lossless": CodecConfig(name="lossless", lossless=True),
 }
 

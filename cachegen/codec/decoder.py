@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import StreamError
 from ..format.container import Container, LossyChunk, parse_lossy_chunk
+from ..format.tables import TOKEN_SCALES
 from . import entropy, grouping, quantize
 from .layout import segment_counts, stream_groups
 
@@ -26,7 +27,9 @@ def _finish_block(container: Container, chunk: LossyChunk, b: int, v: np.ndarray
     levels = 1 << layer.bits(kvi)
     if v.size and (int(v.min()) < 0 or int(v.max()) >= levels):
         raise StreamError(f"chunk {chunk.index} layer {i}: reconstructed index outside [0, {levels - 1}]")
-    x = quantize.dequantize(v, chunk.lo[b], chunk.step[b])
+    e = chunk.token_exp[b]
+    ts = None if e is None else TOKEN_SCALES[e].reshape(1, h.batch, n)
+    x = quantize.dequantize(v, chunk.lo[b], chunk.step[b], ts)
     heads, dim = layer.heads_dim(kvi)
     sink(i, kvi, chunk.index, n, x.reshape(heads, dim, h.batch, n).transpose(2, 0, 3, 1))
 

@@ -8,7 +8,7 @@ import numpy as np
 from ..config import CodecConfig
 from ..errors import InputError
 from ..format.container import MODE_LOSSY, Header, LayerInfo, build_container, pack_lossy_chunk, chunk_token_count
-from ..format.tables import expand_counts
+from ..format.tables import TOKEN_SCALES, expand_counts
 from . import entropy, grouping, quantize
 from .layout import channels_first, describe, segment_counts, stream_groups, to_float32
 
@@ -22,7 +22,8 @@ def encode_lossy(kv: Sequence[Sequence[Any]], config: CodecConfig, progress: Pro
              for l, kb, vb in zip(infos, kbits, vbits)]
     C, g = config.chunk_tokens, config.group_size
     header = Header(mode=MODE_LOSSY, dtype=dtype, batch=batch, chunk_tokens=C, layers=infos,
-                    group_size=g, channels_per_stream=config.channels_per_stream)
+                    group_size=g, channels_per_stream=config.channels_per_stream,
+                    token_scaling=int(bool(config.token_scaling)))
     roles = header.roles
 
     # Pass 1: quantize every (layer, kv, chunk); collect per-channel symbol histograms.
@@ -39,6 +40,7 @@ def encode_lossy(kv: Sequence[Sequence[Any]], config: CodecConfig, progress: Pro
     header.param_dtype = quantize.choose_param_dtype(max_abs)
 
     params = {}     # (layer, kv, chunk) -> (lo, step)
+    exps = {}       # (layer, kv, chunk) -> u8 token scale codes [batch * n]
     symbols = {}    # (layer, kv, chunk) -> (anchors, deltas) uint16 [channels, n]
     hists = {}      # (layer, kv) -> [roles] of [channels, A] counts
     for i, l in enumerate(infos):
@@ -53,7 +55,12 @@ def encode_lossy(kv: Sequence[Sequence[Any]], config: CodecConfig, progress: Pro
                 if not n:
                     break
                 xk = x[:, :, k * C:k * C + n]
-                lo, step = quantize.quantizer_params(xk.reshape(ch, -1), bits, header.param_dtype)
+                if header.token_scaling:
+                    e = quantize.token_scale_codes(xk.reshape(ch, -1))
+                    exps[i, kvi, k] = e
+                    xk = xk / TOKEN_SCALES[e].reshape(1, batch, n)
+                lo, step = quantize.quantizer_params(xk.reshape(ch, -1), bits, header.param_dtype,
+                                                     float(config.scale_sharing))
                 q = quantize.quantize(xk.reshape(ch, -1), lo, step, bits).reshape(xk.shape)
                 a, d = grouping.split(q, g, levels)
                 params[i, kvi, k] = (lo, step)
@@ -92,7 +99,7 @@ def encode_lossy(kv: Sequence[Sequence[Any]], config: CodecConfig, progress: Pro
     # Pass 2: entropy-code each chunk's streams.
     payloads = []
     for k in range(header.n_chunks):
-        los, steps, streams = [], [], []
+        los, steps, streams, es = [], [], [], []
         for i, l in enumerate(infos):
             if not chunk_token_count(l.tokens, k, C):
                 continue
@@ -100,6 +107,7 @@ def encode_lossy(kv: Sequence[Sequence[Any]], config: CodecConfig, progress: Pro
                 lo, step = params.pop((i, kvi, k))
                 a, d = symbols.pop((i, kvi, k))
                 los.append(lo)
+                es.append(exps.pop((i, kvi, k), None))
                 steps.append(step)
                 ids = table_ids[i][kvi]
                 a = a.astype(np.int32)
@@ -111,7 +119,7 @@ def encode_lossy(kv: Sequence[Sequence[Any]], config: CodecConfig, progress: Pro
                         if roles == 2:
                             segs.append((d[c], models[ids[c, 1]]))
                     streams.append(entropy.encode_stream(segs))
-        payloads.append(pack_lossy_chunk(header, k, los, steps, streams))
+        payloads.append(pack_lossy_chunk(header, k, los, steps, streams, es))
         if progress:
             progress(k + 1, header.n_chunks)
     return build_container(header, payloads)

@@ -28,29 +28,27 @@ def model_for(freqs: np.ndarray):
 
 # ------------------------------------------------------------------------------ dictionary
 
-def build_dictionary(hists: np.ndarray, n_tables: int, iterations: int = 4) -> tuple[list[np.ndarray], np.ndarray]:
-    """Cluster channel histograms [N, A] into at most n_tables tables (Lloyd on cross-entropy).
+def _cluster_sums(h: np.ndarray, assign: np.ndarray, k: int) -> np.ndarray:
+    onehot = np.zeros((k, h.shape[0]))
+    onehot[assign, np.arange(h.shape[0])] = 1.0
+    return onehot @ h
 
-    Returns (stored uint16 counts per table, table index per channel). Encoder-only heuristic:
-    the decoder just reads the tables it is given.
-    """
-    h = hists.astype(np.float64)
+
+def _lloyd(h: np.ndarray, k: int, iterations: int) -> tuple[np.ndarray, float]:
+    """Cluster histograms [N, A] into k groups minimising total cross-entropy (bits)."""
     n, a = h.shape
-    k = max(1, min(n_tables, n))
     tot = h.sum(axis=1)
-    # Initial clusters: quantiles of each channel's spread (std of its symbol index).
     idx = np.arange(a, dtype=np.float64)
     w = h / np.maximum(tot, 1)[:, None]
     mean = w @ idx
-    spread = np.sqrt(np.maximum(w @ (idx ** 2) - mean ** 2, 0)) + 1e-3 * mean
-    order = np.argsort(spread, kind="stable")
+    spread = np.sqrt(np.maximum(w @ (idx ** 2) - mean ** 2, 0))
+    # Initial clusters: quantiles of each channel's spread, then of its mean.
+    order = np.lexsort((mean, spread))
     assign = np.empty(n, dtype=np.int64)
     assign[order] = (np.arange(n) * k) // n
     for _ in range(iterations):
-        sums = np.zeros((k, a))
-        np.add.at(sums, assign, h)
-        used = sums.sum(axis=1) > 0
-        sums = sums[used]
+        sums = _cluster_sums(h, assign, k)
+        sums = sums[sums.sum(axis=1) > 0]
         probs = (sums + 1e-3) / (sums + 1e-3).sum(axis=1, keepdims=True)
         ce = h @ (-np.log2(probs)).T
         new = np.argmin(ce, axis=1)
@@ -58,10 +56,36 @@ def build_dictionary(hists: np.ndarray, n_tables: int, iterations: int = 4) -> t
         if np.array_equal(new, assign):
             break
         assign = new
-    sums = np.zeros((k, a))
-    np.add.at(sums, assign, h)
-    keep = sums.sum(axis=1) > 0
-    sums = sums[keep]
+    return assign, float(ce[np.arange(n), assign].sum())
+
+
+def build_dictionary(hists: np.ndarray, max_tables: int, iterations: int = 4) -> tuple[list[np.ndarray], np.ndarray]:
+    """Cluster channel histograms [N, A] into tables (Lloyd on cross-entropy), choosing the
+    table count that minimises coded bits + stored table bits.
+
+    Returns (stored uint16 counts per table, table index per channel). Encoder-only heuristic:
+    the decoder just reads the tables it is given.
+    """
+    h = hists.astype(np.float64)
+    n, a = h.shape
+    table_bits = 6.0 * a + 16  # rough cost of one stored table after zstd
+    best = None
+    k = 1
+    while True:
+        kk = min(k, n, max_tables)
+        assign, bits = _lloyd(h, kk, iterations)
+        cost = bits + table_bits * (int(assign.max()) + 1)
+        if best is None or cost < best[0]:
+            best = (cost, assign)
+        elif cost > best[0] * 1.001:
+            break
+        if kk >= min(n, max_tables):
+            break
+        k *= 2
+    assign = best[1]
+    k = int(assign.max()) + 1
+    sums = _cluster_sums(h, assign, k)
+    sums = sums[sums.sum(axis=1) > 0]
     counts = [counts_from_probabilities(s / s.sum()) for s in sums]
     # Final assignment against the exact tables the decoder will use.
     exact = np.stack([expand_counts(c) for c in counts]).astype(np.float64) / TOTAL
@@ -114,7 +138,9 @@ def lockstep_decode(words: np.ndarray, ends: np.ndarray, lengths: np.ndarray,
     start = (ends - lengths).astype(np.int64)
     ptr = ends.astype(np.int64).copy()          # next word to read is ptr-1
     x = np.zeros(n_streams, dtype=np.uint64)
-    rows = np.arange(n_streams)
+    nonempty = lengths > 0
+    if nonempty.any() and (words[ends[nonempty] - 1] == 0).any():
+        raise StreamError("ANS stream ends in a zero word (not a canonical stream)")
     for _ in range(2):                           # initial state: up to two words
         need = (x < _LOW) & (ptr > start)
         if need.any():

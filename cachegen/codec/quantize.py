@@ -34,13 +34,22 @@ def _round_up(x: np.ndarray, dt: np.dtype) -> np.ndarray:
     return r
 
 
-def quantizer_params(x: np.ndarray, bits: int, param_dtype: int) -> tuple[np.ndarray, np.ndarray]:
-    """x: [channels, n] float32 -> (lo, step) in the parameter dtype, one per channel."""
+def quantizer_params(x: np.ndarray, bits: int, param_dtype: int,
+                     sharing: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """x: [channels, n] float32 -> (lo, step) in the parameter dtype, one per channel.
+
+    The step is at least range / (2**bits - 1) so every index fits the alphabet; `sharing`
+    blends it geometrically towards the largest step among the channels (see CodecConfig).
+    """
     dt = PARAM_DTYPES[param_dtype]
     lo = _round_down(x.min(axis=1).astype(np.float64), dt)
     hi = x.max(axis=1).astype(np.float64)
-    step = _round_up((hi - lo.astype(np.float64)) / ((1 << bits) - 1), dt)
-    return lo, step
+    step = (hi - lo.astype(np.float64)) / ((1 << bits) - 1)
+    if sharing > 0 and step.size:
+        top = step.max()
+        if top > 0:
+            step = np.maximum(step, np.maximum(step, top * 1e-12) ** (1.0 - sharing) * top ** sharing)
+    return lo, _round_up(step, dt)
 
 
 def quantize(x: np.ndarray, lo: np.ndarray, step: np.ndarray, bits: int) -> np.ndarray:
@@ -55,10 +64,22 @@ def quantize(x: np.ndarray, lo: np.ndarray, step: np.ndarray, bits: int) -> np.n
     return u.astype(np.int32)
 
 
-def dequantize(v: np.ndarray, lo: np.ndarray, step: np.ndarray) -> np.ndarray:
-    """v: [channels, ...] integer indices -> float32, exactly fl32(fl32(step*v) + lo)."""
+def token_scale_codes(x: np.ndarray) -> np.ndarray:
+    """x: [channels, tokens] -> u8 codes e with 2**((e-128)/8) close to each token's RMS."""
+    rms = np.sqrt(np.mean(np.square(x, dtype=np.float64), axis=0))
+    with np.errstate(divide="ignore"):
+        e = np.rint(8.0 * np.log2(rms)) + 128
+    return np.clip(np.nan_to_num(e, nan=0, neginf=0), 0, 255).astype(np.uint8)
+
+
+def dequantize(v: np.ndarray, lo: np.ndarray, step: np.ndarray,
+               token_scale: np.ndarray | None = None) -> np.ndarray:
+    """v: [channels, ...] integer indices -> float32, exactly fl32(fl32(step*v) + lo), then
+    times the token scale (fp32, broadcast over the trailing axes) when there is one."""
     shape = (-1,) + (1,) * (v.ndim - 1)
     out = v.astype(np.float32)
     out *= step.astype(np.float32).reshape(shape)
     out += lo.astype(np.float32).reshape(shape)
+    if token_scale is not None:
+        out *= token_scale.astype(np.float32, copy=False)
     return out

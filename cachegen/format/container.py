@@ -28,7 +28,7 @@ DTYPE_BY_NAME = {v[0]: k for k, v in DTYPE_CODES.items()}
 PARAM_DTYPES = {1: np.dtype("<f2"), 2: np.dtype("<f4")}
 
 _PREAMBLE = struct.Struct("<4sBBHII")        # magic, version, mode, flags, header_size, header_crc
-_FIXED = struct.Struct("<BBBBIIIIIII")         # see codec_spec/FORMAT.md, "Header"
+_FIXED = struct.Struct("<BBBBIIIIIIBBH")       # see codec_spec/FORMAT.md, "Header"
 _LAYER = struct.Struct("<IHHHHBBH")
 _CHUNK = struct.Struct("<QII")
 PREAMBLE_SIZE = _PREAMBLE.size  # 16
@@ -90,6 +90,7 @@ class Header:
     param_dtype: int = 0
     group_size: int = 1
     channels_per_stream: int = 1
+    token_scaling: int = 0   # 1: each chunk carries a u8 scale exponent per (layer, kv, batch, token)
     # Model section (lossy only): stored counts per table, and per (layer, kv) the table ids,
     # shaped [channels, roles] (roles: 1 without grouping, 2 = anchor, delta).
     table_counts: list[np.ndarray] = field(default_factory=list)
@@ -175,7 +176,8 @@ def build_container(header: Header, chunk_payloads: Sequence[bytes], zstd_level:
         comp, model_raw, model_comp = b"", 0, 0
     fixed = _FIXED.pack(header.dtype, header.param_dtype, header.group_size,
                         header.channels_per_stream, header.batch, header.chunk_tokens,
-                        len(header.layers), len(chunk_payloads), model_raw, model_comp, 0)
+                        len(header.layers), len(chunk_payloads), model_raw, model_comp,
+                        header.token_scaling, 0, 0)
     layers = b"".join(_LAYER.pack(l.tokens, l.k_heads, l.k_dim, l.v_heads, l.v_dim,
                                   l.k_bits, l.v_bits, 0) for l in header.layers)
     index, off = [], 0
@@ -222,12 +224,14 @@ def parse_container(data, limits: Optional[DecodeLimits] = None, partial: bool =
     _need(crc32(body) == header_crc, "header checksum mismatch", ChecksumError)
 
     (dtype, param_dtype, group_size, cps, batch, chunk_tokens, n_layers, n_chunks,
-     model_raw, model_comp, reserved) = _FIXED.unpack_from(body, 0)
-    _need(reserved == 0, "reserved header field is not zero")
+     model_raw, model_comp, token_scaling, res8, res16) = _FIXED.unpack_from(body, 0)
+    _need(res8 == 0 and res16 == 0, "reserved header field is not zero")
+    _need(token_scaling in (0, 1), f"unknown token scaling mode {token_scaling}")
     _need(dtype in DTYPE_CODES, f"unknown dtype code {dtype}")
     _need(1 <= n_layers <= limits.max_layers, f"layer count {n_layers} outside [1, {limits.max_layers}]",
           LimitExceededError if n_layers > limits.max_layers else FormatError)
-    _need(1 <= batch <= limits.max_batch, f"batch {batch} outside [1, {limits.max_batch}]", LimitExceededError)
+    _need(batch >= 1, "batch is zero")
+    _need(batch <= limits.max_batch, f"batch {batch} over limit {limits.max_batch}", LimitExceededError)
     _need(1 <= chunk_tokens <= 65536, f"chunk_tokens {chunk_tokens} outside [1, 65536]")
     _need(1 <= group_size <= 255, f"group_size {group_size} invalid")
     expect = FIXED_SIZE + LAYER_SIZE * n_layers + CHUNK_ENTRY_SIZE * n_chunks + model_comp
@@ -249,13 +253,15 @@ def parse_container(data, limits: Optional[DecodeLimits] = None, partial: bool =
         layers.append(LayerInfo(t, kh, kd, vh, vd, kb, vb))
 
     header = Header(mode=mode, dtype=dtype, batch=batch, chunk_tokens=chunk_tokens, layers=layers,
-                    param_dtype=param_dtype, group_size=group_size, channels_per_stream=cps)
+                    param_dtype=param_dtype, group_size=group_size, channels_per_stream=cps,
+                    token_scaling=token_scaling)
     _need(n_chunks == header.n_chunks, f"chunk count {n_chunks} != {header.n_chunks} implied by tokens")
     if mode == MODE_LOSSY:
         _need(param_dtype in PARAM_DTYPES, f"unknown parameter dtype code {param_dtype}")
         _need(1 <= cps <= 255, f"channels_per_stream {cps} invalid")
     else:
-        _need(param_dtype == 0 and cps == 0 and group_size == 1 and model_raw == 0 and model_comp == 0,
+        _need(param_dtype == 0 and cps == 0 and group_size == 1 and model_raw == 0 and model_comp == 0
+              and token_scaling == 0,
               "lossless header carries lossy fields")
 
     full_bytes = header.decoded_bytes()
@@ -297,9 +303,12 @@ def _parse_model_section(header: Header, comp: memoryview, raw_size: int, comp_s
         raise FormatError(f"model section is not a zstd frame: {e}") from None
     _need(params.content_size == raw_size, "model section frame does not declare its exact size")
     try:
-        raw = zstandard.ZstdDecompressor().decompress(bytes(comp), max_output_size=raw_size)
+        obj = zstandard.ZstdDecompressor().decompressobj()
+        raw = obj.decompress(bytes(comp))
+        clean = obj.eof and not obj.unused_data
     except zstandard.ZstdError as e:
         raise FormatError(f"model section does not decompress: {e}") from None
+    _need(clean, "model section must be exactly one zstd frame")
     _need(len(raw) == raw_size, "model section decompressed to the wrong size")
     pos = 0
 
@@ -349,6 +358,7 @@ class LossyChunk:
     index: int
     # One entry per (layer, kv) with tokens in this chunk, in stream order.
     blocks: list[tuple[int, int, int]]          # (layer, kv, tokens in chunk)
+    token_exp: list[Optional[np.ndarray]]       # uint8 [batch * tokens] scale codes, or None
     lo: list[np.ndarray]                        # float32 [channels]
     step: list[np.ndarray]                      # float32 [channels]
     stream_lengths: np.ndarray                  # uint32 [n_streams], in words
@@ -367,10 +377,12 @@ def chunk_blocks(header: Header, k: int) -> list[tuple[int, int, int]]:
 
 
 def pack_lossy_chunk(header: Header, k: int, lo: Sequence[np.ndarray], step: Sequence[np.ndarray],
-                     streams: Sequence[np.ndarray]) -> bytes:
+                     streams: Sequence[np.ndarray], token_exp: Sequence[np.ndarray] = ()) -> bytes:
     pdt = PARAM_DTYPES[header.param_dtype]
     parts = []
-    for a, b in zip(lo, step):
+    for j, (a, b) in enumerate(zip(lo, step)):
+        if header.token_scaling:
+            parts.append(np.asarray(token_exp[j], dtype=np.uint8).tobytes())
         parts.append(np.asarray(a, dtype=pdt).tobytes())
         parts.append(np.asarray(b, dtype=pdt).tobytes())
     parts.append(np.array([s.size for s in streams], dtype="<u4").tobytes())
@@ -383,9 +395,16 @@ def parse_lossy_chunk(container: Container, k: int, verify: bool = True) -> Loss
     raw = container.chunk_bytes(k, verify)
     pdt = PARAM_DTYPES[h.param_dtype]
     blocks = chunk_blocks(h, k)
-    pos, lo, step, first, n_streams = 0, [], [], [], 0
+    pos, lo, step, first, n_streams, exps = 0, [], [], [], 0, []
     for (i, kv, n) in blocks:
         ch = h.layers[i].channels(kv)
+        if h.token_scaling:
+            nt = h.batch * n
+            _need(pos + nt <= len(raw), f"chunk {k}: truncated token scales")
+            exps.append(np.frombuffer(raw, dtype=np.uint8, count=nt, offset=pos))
+            pos += nt
+        else:
+            exps.append(None)
         nb = ch * pdt.itemsize
         _need(pos + 2 * nb <= len(raw), f"chunk {k}: truncated parameters")
         a = np.frombuffer(raw, dtype=pdt, count=ch, offset=pos).astype(np.float32)
@@ -404,4 +423,4 @@ def parse_lossy_chunk(container: Container, k: int, verify: bool = True) -> Loss
     _need(pos + 4 * total_words == len(raw), f"chunk {k}: stream lengths do not add up to the chunk size")
     words = np.frombuffer(raw, dtype="<u4", count=total_words, offset=pos)
     ends = np.cumsum(lengths, dtype=np.int64)
-    return LossyChunk(k, blocks, lo, step, lengths, ends, words, first)
+    return LossyChunk(k, blocks, exps, lo, step, lengths, ends, words, first)

@@ -43,3 +43,19 @@ def counts_from_probabilities(p: np.ndarray) -> np.ndarray:
     if not np.isfinite(m) or m <= 0:
         return np.ones(p.size, dtype=np.uint16)
     return np.clip(np.rint(p / m * 65535.0), 0, 65535).astype(np.uint16)
+
+
+# Per-token scales (token_scaling = 1): an 8-bit exponent code e stands for 2**((e - 128) / 8).
+# The eight fractional powers are fixed fp32 bit patterns, so every decoder builds the same table.
+TOKEN_SCALE_FRACTIONS = (0x3F800000, 0x3F8B95C2, 0x3F9837F0, 0x3FA5FED7,
+                         0x3FB504F3, 0x3FC5672A, 0x3FD744FD, 0x3FEAC0C7)
+
+
+def token_scale_table() -> np.ndarray:
+    """float32[256]: scale for each exponent code (exact: fraction times a power of two)."""
+    frac = np.array(TOKEN_SCALE_FRACTIONS, dtype=np.uint32).view(np.float32)
+    e = np.arange(256) - 128
+    return np.ldexp(frac[e % 8], e // 8).astype(np.float32)
+
+
+TOKEN_SCALES = token_scale_table()
