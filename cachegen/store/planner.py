@@ -191,21 +191,27 @@ def _finish(cur, t, fits, opts, NET, CMP, Q, rows) -> Plan:
 
 
 class BandwidthEstimator:
-    """EWMA of measured throughput (bytes/s). ``observe(nbytes, seconds)`` after each transfer;
+    """Bandwidth estimate from measured transfers: an EWMA of *seconds per byte* (so a slow
+    sample pulls the estimate down at once, which is what a deadline needs; an EWMA of bytes/s
+    would be dominated by the fast samples). ``observe(nbytes, seconds)`` after each transfer;
     transfers smaller than ``min_bytes`` are ignored (they measure latency, not bandwidth)."""
 
-    def __init__(self, initial_Bps: float, alpha: float = 0.5, min_bytes: int = 16384) -> None:
+    def __init__(self, initial_Bps: float, alpha: float = 0.5, min_bytes: int = 4096) -> None:
         if not initial_Bps > 0:
             raise ValueError("initial bandwidth must be > 0")
-        self.Bps = float(initial_Bps)
+        self._spb = 1.0 / float(initial_Bps)
         self.alpha = alpha
         self.min_bytes = min_bytes
         self.samples: list[tuple[int, float]] = []
 
+    @property
+    def Bps(self) -> float:
+        return 1.0 / self._spb
+
     def observe(self, nbytes: int, seconds: float) -> float:
         if nbytes >= self.min_bytes and seconds > 0:
             self.samples.append((nbytes, seconds))
-            self.Bps = self.alpha * (nbytes / seconds) + (1 - self.alpha) * self.Bps
+            self._spb = self.alpha * (seconds / nbytes) + (1 - self.alpha) * self._spb
         return self.Bps
 
     @property
