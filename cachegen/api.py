@@ -43,7 +43,7 @@ def _fill(c: Container, bufs: list[tuple[torch.Tensor, torch.Tensor]], decoder: 
     C = h.chunk_tokens
     if h.mode == MODE_LOSSLESS:
         def raw_sink(i, kvi, k, n, b):
-            ints = torch.from_numpy(b.view(_INT_VIEW[h.dtype])[..., 0])
+            ints = torch.from_numpy(np.require(b.view(_INT_VIEW[h.dtype])[..., 0], requirements='W'))
             bufs[i][kvi][:, :, k * C:k * C + n, :].view(_TORCH_INT[h.dtype]).copy_(ints)
         decode_lossless(c, raw_sink, verify)
         return
@@ -155,14 +155,28 @@ def inspect(data: Any, limits: Optional[DecodeLimits] = None) -> dict[str, Any]:
     h = c.header
     elements = [h.batch * t * (l.channels(0) + l.channels(1)) for l, t in zip(h.layers, c.tokens())]
     layer_bytes = [0] * len(h.layers)
+    # Where the bytes go: entropy-coded payload vs everything around it.
+    parts = {"streams": 0, "stream_directory": 0, "quantizer_params": 0, "token_scales": 0,
+             "model_section": 0, "header_and_index": c.payload_start}
     if h.mode == MODE_LOSSY:
+        parts["model_section"] = _model_section_size(c)
+        parts["header_and_index"] = c.payload_start - parts["model_section"]
+        pbytes = 2 if h.param_dtype == 1 else 4
         for k in range(c.n_chunks):
             ch = parse_lossy_chunk(c, k, verify=False)
-            pbytes = 2 if h.param_dtype == 1 else 4
             for b, (i, kvi, n) in enumerate(ch.blocks):
                 s0 = ch.first_stream[b]
                 s1 = ch.first_stream[b + 1] if b + 1 < len(ch.blocks) else ch.stream_lengths.size
-                layer_bytes[i] += 2 * pbytes * h.layers[i].channels(kvi) + 4 * int(ch.stream_lengths[s0:s1].sum()) + 4 * (s1 - s0)
+                words = 4 * int(ch.stream_lengths[s0:s1].sum())
+                params = 2 * pbytes * h.layers[i].channels(kvi)
+                scales = 0 if ch.token_exp[b] is None else ch.token_exp[b].size
+                layer_bytes[i] += params + scales + words + 4 * (s1 - s0)
+                parts["streams"] += words
+                parts["stream_directory"] += 4 * (s1 - s0)
+                parts["quantizer_params"] += params
+                parts["token_scales"] += scales
+    else:
+        parts["streams"] = sum(e.size for e in c.chunks)
     total_el = sum(elements)
     size = c.payload_start + sum(e.size for e in c.chunks)
     return {
@@ -183,10 +197,18 @@ def inspect(data: Any, limits: Optional[DecodeLimits] = None) -> dict[str, Any]:
                        "k_bits": l.k_bits, "v_bits": l.v_bits, "bytes": lb,
                        "bits_per_element": (8 * lb / el) if (el and lb) else None}
                       for l, t, lb, el in zip(h.layers, c.tokens(), layer_bytes, elements)],
+        "breakdown": parts,
         "elements": total_el,
         "bits_per_element": 8 * size / total_el,
         "ratio_vs_fp16": 2 * total_el / size,
     }
+
+
+def _model_section_size(c: Container) -> int:
+    from .format.container import FIXED_SIZE, LAYER_SIZE, CHUNK_ENTRY_SIZE, PREAMBLE_SIZE
+    h = c.header
+    n_index = h.n_chunks  # the index always lists every chunk, even in a partial container
+    return c.payload_start - PREAMBLE_SIZE - FIXED_SIZE - LAYER_SIZE * len(h.layers) - CHUNK_ENTRY_SIZE * n_index
 
 
 # ------------------------------------------------------------------ numcodecs-style Codec
