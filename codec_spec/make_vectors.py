@@ -11,7 +11,8 @@ Every input KV cache is built from a seeded numpy RNG. The .cgk bytes are whatev
 zstd level, table clustering and even the zstd library version can change the bytes), so a
 later re-run may legitimately produce different bytes. The committed files are the reference:
 a golden vector only changes together with a container format version bump
-(codec_spec/FORMAT.md, "Versioning").
+(codec_spec/FORMAT.md, "Versioning"). The one exception so far: all vectors were regenerated with
+--force by the pre-release revision of v1 that added token scaling (FORMAT.md section 17).
 
 Expected outputs (NAME.expected.npz) are the decoded arrays ``layer{i}.key`` / ``layer{i}.value``
 with shape [batch, heads, tokens, head_dim]; float16 and float32 are stored as such, bfloat16 as
@@ -74,7 +75,17 @@ def v_default_fp16():
     # 4 layers, GQA-style 2 KV heads of dim 16, 300 tokens: chunks of 256 + 44 (partial last).
     kv = [layer_pair(rng, 1, 2, 300, 16) for _ in range(4)]
     return to_torch(kv, torch.float16), "default", {}, \
-        "preset default (8/6/4 bits, group 10, 8 channels/stream), fp16, 4 layers, 2 chunks (256 + 44 tokens)"
+        "preset default (K 6 / V 5 bits, token scaling, shared step, group 1, 8 channels/stream), fp16, 4 layers, " \
+        "2 chunks (256 + 44 tokens)"
+
+
+def v_paper_fp16():
+    rng = np.random.default_rng(1008)
+    # The CacheGen paper layout: 8/6/4 bits by layer thirds, anchor-delta groups of 10, per-channel ranges.
+    kv = [layer_pair(rng, 1, 2, 300, 16) for _ in range(3)]
+    return to_torch(kv, torch.float16), "cachegen-paper", {}, \
+        "preset cachegen-paper (8/6/4 bits by layer thirds, anchor-delta groups of 10, no token scaling), fp16, " \
+        "3 layers, 2 chunks (256 + 44 tokens)"
 
 
 def v_small_batch2_fp32():
@@ -85,7 +96,7 @@ def v_small_batch2_fp32():
     # Layer 2: value heads/dim differ from key heads/dim (allowed by the format).
     kv[2] = layer_pair(rng, 2, 2, 37, 8, v_heads=1, v_dim=12)
     return to_torch(kv, torch.float32), "small", {}, \
-        "preset small (6/5/4 K, 5/4/3 V), fp32, batch 2, 37 tokens, fp32 quantizer parameters, K/V shapes differ in layer 2"
+        "preset small (K 5 / V 4 bits, token scaling, shared step), fp32, batch 2, 37 tokens, fp32 quantizer parameters, K/V shapes differ in layer 2"
 
 
 HYBRID_CONFIG = CodecConfig(name="hybrid-g1", key_bits=(8, 8, 6, 6, 5, 4), value_bits=(6, 6, 5, 5, 4, 3),
@@ -136,7 +147,7 @@ def v_prefix_partial():
         "3-chunk lossy container (chunk 64, 150 tokens) cut in the middle of chunk 1; decode with partial=True -> first 64 tokens"
 
 
-TINY_CONFIG = CodecConfig(name="tiny", key_bits=2, value_bits=3, group_size=2, chunk_tokens=4,
+TINY_CONFIG = CodecConfig(name="worked-example", key_bits=2, value_bits=3, group_size=2, chunk_tokens=4,
                           channels_per_stream=1, tables_per_class=1)
 
 
@@ -148,14 +159,40 @@ def v_tiny_example():
         "worked example of FORMAT.md: 1 layer, 1 head x 2, 5 tokens, chunk 4, group 2, 2/3 bits, fp16"
 
 
+TOKEN_SCALED_CONFIG = CodecConfig(name="token-scaled-g4", key_bits=6, value_bits=(5, 4), group_size=4,
+                                  chunk_tokens=32, channels_per_stream=4, tables_per_class=4,
+                                  token_scaling=True, scale_sharing=0.5)
+
+
+def v_token_scaled_fp16():
+    rng = np.random.default_rng(1007)
+    # batch 2, 75 tokens: chunks of 32 + 32 + 11 (partial last chunk, short last group of 3).
+    kv = [layer_pair(rng, 2, 2, 75, 8) for _ in range(2)]
+    # Per-token magnitudes spread over a wide range of scale codes: an all-zero token (code 0),
+    # a loud token (code > 200), a quiet one, and per-token gain drift.
+    for k, v in kv:
+        gain = np.exp(rng.normal(0.0, 0.7, size=(2, 1, 75, 1))).astype(np.float32)
+        k *= gain
+        v *= gain
+    kv[0][0][1, :, 70, :] = 0.0
+    kv[0][1][0, :, 5, :] *= 1000.0
+    kv[1][0][0, :, 33, :] *= 1e-3
+    return to_torch(kv, torch.float16), TOKEN_SCALED_CONFIG, {}, \
+        "custom config with token_scaling=1 (K 6 bits, V 5/4 bits, group 4, scale_sharing 0.5, chunk 32, " \
+        "4 channels/stream), fp16, batch 2, 2 layers x 2 heads x 8, 75 tokens (32 + 32 + 11, partial last chunk); " \
+        "scale codes from 0 (an all-zero token) to > 200"
+
+
 VECTORS = {
     "default_fp16": v_default_fp16,
+    "paper_fp16": v_paper_fp16,
     "small_batch2_fp32": v_small_batch2_fp32,
     "hybrid_sliding_bf16": v_hybrid_sliding_bf16,
     "lossless_fp16": v_lossless_fp16,
     "lossless_bf16": v_lossless_bf16,
     "prefix_partial": v_prefix_partial,
     "tiny_example": v_tiny_example,
+    "token_scaled_fp16": v_token_scaled_fp16,
 }
 
 

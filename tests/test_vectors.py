@@ -24,8 +24,8 @@ VECTORS = SPEC / "vectors"
 MANIFEST = json.loads((VECTORS / "MANIFEST.json").read_text())
 ENTRIES = {e["name"]: e for e in MANIFEST["vectors"]}
 LOSSY = [n for n, e in ENTRIES.items() if e["mode"] == "lossy"]
-REQUIRED = {"default_fp16", "small_batch2_fp32", "hybrid_sliding_bf16", "lossless_fp16", "lossless_bf16",
-            "prefix_partial"}
+REQUIRED = {"default_fp16", "paper_fp16", "small_batch2_fp32", "hybrid_sliding_bf16", "lossless_fp16",
+            "lossless_bf16", "prefix_partial", "tiny_example", "token_scaled_fp16"}
 
 
 def _sha(path: Path) -> str:
@@ -148,3 +148,69 @@ def test_worked_example_decoded_values():
     for name, t in zip(("key", "value"), kv[0]):
         bits = [f"{b:04x}" for b in t.view(torch.int16).numpy().view(np.uint16).ravel()]
         assert rows[name].split() == bits, name
+
+
+# ------------------------------------------------------------------ token scaling (FORMAT.md 9, 12, 19.5)
+
+def _fixed_header(data: bytes) -> tuple:
+    """(dtype, param_dtype, group_size, cps, batch, chunk_tokens, n_layers, n_chunks, model_raw,
+    model_comp, token_scaling, reserved8, reserved16) of FORMAT.md section 6.1."""
+    return struct.unpack_from("<BBBBIIIIIIBBH", data, 16)
+
+
+def test_token_scale_table_matches_spec():
+    from cachegen.format.tables import TOKEN_SCALE_FRACTIONS, token_scale_table
+
+    text = (SPEC / "FORMAT.md").read_text()
+    sec = text[text.index("### 12.1 The token scale table"):text.index("## 13. Lossless chunk payload")]
+    rows = re.findall(r"^\| (\d) \| `0x([0-9A-F]{8})` \| ([0-9.]+) \|$", sec, re.M)
+    assert [int(j) for j, _, _ in rows] == list(range(8))
+    frac = [int(b, 16) for _, b, _ in rows]
+    assert tuple(frac) == tuple(TOKEN_SCALE_FRACTIONS)
+    for j, (_, b, val) in enumerate(rows):
+        f = np.uint32(int(b, 16)).view(np.float32)
+        assert float(f) == float(val)
+        # the binary32 nearest to 2**(j/8)
+        assert abs(float(f) - 2.0 ** (j / 8)) <= 2.0 ** -24
+    table = token_scale_table()
+    bits = np.array([frac[e & 7] + ((e >> 3) - 16) * (1 << 23) for e in range(256)], dtype=np.uint32)
+    assert table.dtype == np.float32 and table.view(np.uint32).tolist() == bits.tolist()
+    assert table[128] == 1.0 and table[0] == 2.0 ** -16 and table.view(np.uint32)[255] == 0x476AC0C7
+
+
+def test_vector_coverage_token_scaling_and_paper():
+    for name in ("default_fp16", "small_batch2_fp32", "token_scaled_fp16"):
+        h = _fixed_header((VECTORS / ENTRIES[name]["file"]).read_bytes())
+        assert h[10] == 1 and h[11] == 0 and h[12] == 0, name
+    for name in ("paper_fp16", "hybrid_sliding_bf16", "prefix_partial", "tiny_example", "lossless_fp16",
+                 "lossless_bf16"):
+        assert _fixed_header((VECTORS / ENTRIES[name]["file"]).read_bytes())[10] == 0, name
+    e = ENTRIES["token_scaled_fp16"]
+    h = _fixed_header((VECTORS / e["file"]).read_bytes())
+    assert h[4] == e["batch"] == 2 and h[2] > 1
+    assert all(t % e["chunk_tokens"] for t in e["tokens"])            # partial last chunk
+    e = ENTRIES["paper_fp16"]
+    assert e["encoder_config"] == {"preset": "cachegen-paper"}
+    assert _fixed_header((VECTORS / e["file"]).read_bytes())[2] == 10  # anchor-delta groups of 10
+    assert ENTRIES["default_fp16"]["encoder_config"] == {"preset": "default"}
+
+
+def test_token_scaled_worked_element():
+    """FORMAT.md section 19.5: chunk 2 of token_scaled_fp16 and one dequantized element."""
+    data = (VECTORS / "token_scaled_fp16.cgk").read_bytes()
+    header_size = struct.unpack_from("<I", data, 8)[0]
+    n_layers, n_chunks = _fixed_header(data)[6:8]
+    assert 16 + header_size == 630
+    offset, size, _ = struct.unpack_from("<QII", data, 16 + 32 + 16 * n_layers + 16 * 2)
+    assert offset == 5820
+    start = 630 + offset
+    assert data[start:start + 22] == bytes.fromhex("7b758d88807a7d7a819691" "838d907f7e870088898a81")
+    assert data[start + 22:start + 26] == bytes.fromhex("0abb56c2")
+    assert data[start + 22 + 32:start + 22 + 34] == bytes.fromhex("8928")    # step[0] = f16 0x2889
+    with np.load(VECTORS / "token_scaled_fp16.expected.npz") as exp:
+        assert exp["layer0.key"][1, 0, 74, 0].view(np.uint16) == 0x3127
+    # The three separately rounded fp32 operations of section 12, step 3.
+    st, lo = np.float32(np.uint16(0x2889).view(np.float16)), np.float32(np.uint16(0xBB0A).view(np.float16))
+    scale = np.uint32(0x3F8B95C2).view(np.float32)
+    y = np.float32(np.float32(np.float32(st * np.float32(29)) + lo) * scale)
+    assert y.view(np.uint32) == 0x3E24D64A and np.float16(y).view(np.uint16) == 0x3127
