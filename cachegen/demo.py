@@ -255,7 +255,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2")
     ap.add_argument("--preset", default="default")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--text-file", default=None)
+    ap.add_argument("--text", "--text-file", dest="text_file", default=None, metavar="FILE",
+                    help="use this text file instead of the built-in text")
     ap.add_argument("--out", dest="out_path", default=None)
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--no-trim-window", action="store_true")
