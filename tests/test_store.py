@@ -94,7 +94,7 @@ def test_prefix_matching_full_partial_none_divergent(tmp_path, backend):
     # the loaded prefix equals the original cache (lossy codec: small error)
     kv2, n = store.load(store.lookup(div))
     assert n == 2 * C
-    kv_close(kv2, [(k[:, :, :n], v[:, :, :n]) for k, v in kv], 0.05)
+    kv_close(kv2, [(k[:, :, :n], v[:, :, :n]) for k, v in kv], 0.15)
 
 
 def test_levels_and_raw(tmp_path):
@@ -109,7 +109,7 @@ def test_levels_and_raw(tmp_path):
     ref = [(k[:, :, :C], v[:, :, :C]) for k, v in kv]
     kv_close(store.get_chunk(m.chunks[0], "lossless"), ref, 0.0)
     kv_close(store.get_chunk(m.chunks[0], "raw"), ref, 2e-3)      # fp16
-    kv_close(store.get_chunk(m.chunks[0], "high"), ref, 0.03)
+    kv_close(store.get_chunk(m.chunks[0], "high"), ref, 0.06)
     kv_close(store.get_chunk(m.chunks[0], "small"), ref, 0.3)
     # adding a level later merges into the chunk's index
     store.put(ids, kv, levels=["default"])
@@ -240,7 +240,7 @@ def _worker(root, wid, rounds, q):
             kv, n = store.load(m)
             if n:
                 hits += 1
-                kv_close(kv, [(k[:, :, :n], v[:, :, :n]) for k, v in r.kv_for(ids[:n])], 0.05)
+                kv_close(kv, [(k[:, :, :n], v[:, :, :n]) for k, v in r.kv_for(ids[:n])], 0.15)
             store.put(ids, r.prefill(ids)[1], start_chunk=n // C)
         q.put(("ok", wid, hits, store.stats["corrupt"]))
     except BaseException as e:  # noqa: BLE001

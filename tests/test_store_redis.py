@@ -46,7 +46,7 @@ def test_redis_round_trip(redis_server):
     kv2, n = store2.load(m, "default")
     assert n == 3 * C
     for (k, v), (k2, v2) in zip(kv, kv2):
-        assert np.abs(k[:, :, :n] - k2.numpy()).max() < 0.05 and np.abs(v[:, :, :n] - v2.numpy()).max() < 0.1
+        assert np.abs(k[:, :, :n] - k2.numpy()).max() < 0.15 and np.abs(v[:, :, :n] - v2.numpy()).max() < 0.3
     # reuse through the store
     _, _, info = prefill_with_reuse(r, store2, np.concatenate([ids, prompt(5, 1)]))
     assert info["reused_tokens"] == 3 * C
@@ -109,7 +109,7 @@ def test_redis_killed_during_streaming_restore(redis_server):
     assert used[:2] == ["default", "default"] and set(used[2:]) == {"text"}
     ref = r.kv_for(ids[:6 * C])
     for (k, v), (k2, v2) in zip(ref, kv2):
-        assert np.abs(k - k2.numpy()).max() < 0.05
+        assert np.abs(k - k2.numpy()).max() < 0.15
 
 
 def test_redis_unreachable_is_fast():

@@ -261,10 +261,10 @@ def test_throttled_redis_link_and_bandwidth_estimate():
         kv, rep = loader.restore(ids)
         dt = time.perf_counter() - t
         assert rep.counts() == {"raw": 8}
-        assert rep.bytes / dt == pytest.approx(20e6, rel=0.35)       # the link's speed
-        assert bw.Bps == pytest.approx(20e6, rel=0.35)               # and the estimate follows it
+        assert rep.bytes / dt == pytest.approx(20e6, rel=0.5)       # the link's speed
+        assert bw.Bps == pytest.approx(20e6, rel=0.5)               # and the estimate follows it
         px.set_rate(5e6)
         t = time.perf_counter()
         loader.restore(ids)
-        assert rep.bytes / (time.perf_counter() - t) == pytest.approx(5e6, rel=0.35)
-        assert bw.Bps < 8e6
+        assert rep.bytes / (time.perf_counter() - t) == pytest.approx(5e6, rel=0.5)
+        assert bw.Bps < 10e6

@@ -6,7 +6,6 @@ the caller (:mod:`cachegen.store.entry`), which calls ``delete`` on a corrupt en
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import tempfile
@@ -147,8 +146,6 @@ class DirectoryBackend(Backend):
         except OSError as e:
             self.stats["errors"] += 1
             log.warning("store: writing %s failed: %s", p, e)
-            if e.errno == errno.ENOSPC and self.max_bytes is None:
-                return False
             return False
         if self.max_bytes is not None:
             self._approx = (self._approx or 0) + len(data)
@@ -258,8 +255,6 @@ class RedisBackend(Backend):
             self.client.connection_pool.disconnect()
         except Exception:  # noqa: BLE001 - best effort
             pass
-
-    _ERRORS: tuple = ()
 
     def _errors(self) -> tuple:
         return (self._redis.exceptions.RedisError, OSError)
