@@ -13,9 +13,10 @@ from .config import CodecConfig, get_config
 from .errors import CacheGenError, ConfigError, FormatError, InputError
 from .format.container import (DTYPE_CODES, MODE_LOSSLESS, MODE_LOSSY, Container, DecodeLimits,
                                parse_container, parse_lossy_chunk)
-from .codec.decoder import decode_lockstep, decode_reference
+from .codec.decoder import decode_lockstep, decode_reference, work_items
+from .codec.parallel import parallel_map, worker_count
 from .codec.encoder import encode_lossy
-from .codec.lossless import decode_lossless, encode_lossless
+from .codec.lossless import decode_lossless, encode_lossless, lossless_items
 
 KVCache = Sequence[Sequence[Any]]            # [(key, value)] per layer, each [B, H, T, D]
 TorchKV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -38,24 +39,40 @@ def _container(data: Any, limits: Optional[DecodeLimits], partial: bool) -> Cont
     return parse_container(data, limits, partial)
 
 
+def _f32_to(x: np.ndarray, dtype: int) -> np.ndarray:
+    """float32 -> the container dtype in numpy, round-to-nearest-even (bf16 as int16 bits)."""
+    if dtype == 1:
+        return x.astype(np.float16)
+    if dtype == 2:
+        u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+        return ((u + (((u >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16).view(np.int16)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _decode_item(state: tuple, item: tuple[int, int, int]) -> list:
+    """One unit of CPU decode work, runnable in a forked worker (numpy + constriction only)."""
+    c, method, verify = state
+    if c.header.mode == MODE_LOSSLESS:
+        return list(decode_lossless(c, item, verify))
+    run = decode_reference if method == "reference" else decode_lockstep
+    return [(i, kvi, k, n, _f32_to(x, c.header.dtype)) for i, kvi, k, n, x in run(c, item, verify)]
+
+
 def _fill(c: Container, bufs: list[tuple[torch.Tensor, torch.Tensor]], decoder: str, verify: bool) -> None:
     h = c.header
-    C = h.chunk_tokens
-    if h.mode == MODE_LOSSLESS:
-        def raw_sink(i, kvi, k, n, b):
-            ints = torch.from_numpy(np.require(b.view(_INT_VIEW[h.dtype])[..., 0], requirements='W'))
-            bufs[i][kvi][:, :, k * C:k * C + n, :].view(_TORCH_INT[h.dtype]).copy_(ints)
-        decode_lossless(c, raw_sink, verify)
-        return
-
-    def sink(i, kvi, k, n, x):
-        bufs[i][kvi][:, :, k * C:k * C + n, :].copy_(torch.from_numpy(x))
-    if decoder == "reference":
-        decode_reference(c, sink, verify)
-    elif decoder == "lockstep":
-        decode_lockstep(c, sink, verify)
-    else:
+    if decoder not in ("reference", "lockstep"):
         raise ConfigError(f"unknown CPU decoder {decoder!r} (reference, lockstep)")
+    items = lossless_items(c) if h.mode == MODE_LOSSLESS else work_items(c, pieces_per_chunk=2)
+    workers = worker_count(h.decoded_bytes(c.n_chunks), len(items))
+    C = h.chunk_tokens
+    for result in parallel_map(_decode_item, (c, decoder, verify), items, workers):
+        for i, kvi, k, n, arr in result:
+            dst = bufs[i][kvi][:, :, k * C:k * C + n, :]
+            src = torch.from_numpy(np.require(arr, requirements="W"))
+            if h.mode == MODE_LOSSLESS or h.dtype == 2:   # bit patterns
+                dst.view(_TORCH_INT[h.dtype]).copy_(src)
+            else:
+                dst.copy_(src)
 
 
 def decode(data: Any, device: Union[str, torch.device] = "cpu", *, decoder: str = "auto",

@@ -1,4 +1,9 @@
-"""CPU encoder: quantize -> group -> build tables -> rANS streams -> container."""
+"""CPU encoder: quantize -> group -> build tables -> rANS streams -> container.
+
+Pass 1 (per layer, in parallel): token scales, quantizer parameters, indices, symbol histograms.
+Then the table dictionary (one clustering per (K/V, role, alphabet) class).
+Pass 2 (per chunk, in parallel): one rANS stream per group of channels.
+"""
 from __future__ import annotations
 
 from typing import Any, Callable, Optional, Sequence
@@ -7,12 +12,115 @@ import numpy as np
 
 from ..config import CodecConfig
 from ..errors import InputError
-from ..format.container import MODE_LOSSY, Header, LayerInfo, build_container, pack_lossy_chunk, chunk_token_count
+from ..format.container import (MODE_LOSSY, Header, LayerInfo, build_container, chunk_token_count,
+                                pack_lossy_chunk)
 from ..format.tables import TOKEN_SCALES, expand_counts
 from . import entropy, grouping, quantize
-from .layout import channels_first, describe, segment_counts, stream_groups, to_float32
+from .layout import channels_first, describe, host_array, stream_groups
+from .parallel import parallel_map, worker_count
 
 Progress = Optional[Callable[[int, int], None]]
+
+
+def _to_f32(a: np.ndarray, bf16: bool) -> np.ndarray:
+    if bf16:  # bfloat16 bit patterns -> float32 (exact)
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32, copy=False)
+
+
+def _quantize_layer(state: tuple, i: int) -> dict:
+    """Pass 1 for one layer: everything pass 2 and the dictionary need."""
+    hosts, header, config, param_dtype = state
+    l = header.layers[i]
+    C, g, roles, batch = header.chunk_tokens, header.group_size, header.roles, header.batch
+    out = {"params": {}, "exps": {}, "symbols": {}, "hists": {}, "max_abs": 0.0}
+    for kvi in (0, 1):
+        a, bf16 = hosts[i][kvi]
+        x = channels_first(_to_f32(a, bf16))
+        bits = l.bits(kvi)
+        levels = 1 << bits
+        ch = x.shape[0]
+        alph = (levels, 2 * levels - 1)
+        hist = [np.zeros((ch, alph[r]), dtype=np.int64) for r in range(roles)]
+        offsets = [np.arange(ch, dtype=np.int64)[:, None] * alph[r] for r in range(roles)]
+        for k in range(header.n_chunks):
+            n = chunk_token_count(l.tokens, k, C)
+            if not n:
+                break
+            xk = x[:, :, k * C:k * C + n].reshape(ch, batch * n)
+            lo_raw, hi_raw = float(xk.min()), float(xk.max())
+            if not (np.isfinite(lo_raw) and np.isfinite(hi_raw)):
+                raise InputError(f"layer {i} {'kv'[kvi]}: non-finite values (use the lossless preset)")
+            out["max_abs"] = max(out["max_abs"], abs(lo_raw), abs(hi_raw))
+            if header.token_scaling:
+                e = quantize.token_scale_codes(xk)
+                out["exps"][kvi, k] = e
+                xk = xk / TOKEN_SCALES[e][None, :]
+            lo, step = quantize.quantizer_params(xk, bits, param_dtype, float(config.scale_sharing))
+            q = quantize.quantize(xk, lo, step, bits).reshape(ch, batch, n)
+            syms = grouping.split(q, g, levels)
+            out["params"][kvi, k] = (lo, step)
+            out["symbols"][kvi, k] = tuple(s.astype(np.uint16) for s in syms)
+            for r in range(roles):
+                if syms[r].size:
+                    hist[r] += np.bincount((offsets[r] + syms[r]).ravel(),
+                                           minlength=ch * alph[r]).reshape(ch, alph[r])
+        out["hists"][kvi] = hist
+    return out
+
+
+def _code_chunk(state: tuple, k: int) -> bytes:
+    """Pass 2 for one chunk: entropy-code every stream and pack the chunk."""
+    header, layers_out, table_ids, freqs, cps = state
+    models = [entropy.model_for(f) for f in freqs]
+    roles = header.roles
+    los, steps, streams, es = [], [], [], []
+    for i, l in enumerate(header.layers):
+        if not chunk_token_count(l.tokens, k, header.chunk_tokens):
+            continue
+        res = layers_out[i]
+        for kvi in (0, 1):
+            lo, step = res["params"][kvi, k]
+            los.append(lo)
+            steps.append(step)
+            es.append(res["exps"].get((kvi, k)))
+            a, d = (s.astype(np.int32) for s in res["symbols"][kvi, k])
+            ids = table_ids[i][kvi]
+            for c0, c1 in stream_groups(l.channels(kvi), cps):
+                segs = []
+                for c in range(c0, c1):
+                    segs.append((a[c], models[ids[c, 0]]))
+                    if roles == 2:
+                        segs.append((d[c], models[ids[c, 1]]))
+                streams.append(entropy.encode_stream(segs))
+    return pack_lossy_chunk(header, k, los, steps, streams, es)
+
+
+def _build_tables(header: Header, layers_out: list, tables_per_class: int):
+    roles = header.roles
+    table_counts: list[np.ndarray] = []
+    table_ids = [[np.zeros((l.channels(kvi), roles), dtype=np.uint16) for kvi in (0, 1)]
+                 for l in header.layers]
+    classes: dict[tuple[int, int, int], list[int]] = {}
+    for i, res in enumerate(layers_out):
+        for kvi in (0, 1):
+            for r in range(roles):
+                classes.setdefault((kvi, r, res["hists"][kvi][r].shape[1]), []).append(i)
+    for (kvi, r, _a), members in sorted(classes.items()):
+        H = np.concatenate([layers_out[i]["hists"][kvi][r] for i in members])
+        if H.sum() == 0:       # e.g. chunks of one token have no deltas
+            H[:, 0] = 1
+        counts, assign = entropy.build_dictionary(H, tables_per_class)
+        base = len(table_counts)
+        table_counts.extend(counts)
+        pos = 0
+        for i in members:
+            ch = header.layers[i].channels(kvi)
+            table_ids[i][kvi][:, r] = base + assign[pos:pos + ch]
+            pos += ch
+    if len(table_counts) > 65535:
+        raise InputError("too many probability tables for the format (reduce tables_per_class)")
+    return table_counts, table_ids
 
 
 def encode_lossy(kv: Sequence[Sequence[Any]], config: CodecConfig, progress: Progress = None) -> bytes:
@@ -20,106 +128,30 @@ def encode_lossy(kv: Sequence[Sequence[Any]], config: CodecConfig, progress: Pro
     kbits, vbits = config.layer_bits(len(infos))
     infos = [LayerInfo(l.tokens, l.k_heads, l.k_dim, l.v_heads, l.v_dim, kb, vb)
              for l, kb, vb in zip(infos, kbits, vbits)]
-    C, g = config.chunk_tokens, config.group_size
-    header = Header(mode=MODE_LOSSY, dtype=dtype, batch=batch, chunk_tokens=C, layers=infos,
-                    group_size=g, channels_per_stream=config.channels_per_stream,
+    header = Header(mode=MODE_LOSSY, dtype=dtype, batch=batch, chunk_tokens=config.chunk_tokens,
+                    layers=infos, group_size=config.group_size,
+                    channels_per_stream=config.channels_per_stream,
                     token_scaling=int(bool(config.token_scaling)))
-    roles = header.roles
+    hosts = [tuple(host_array(t) for t in pair) for pair in kv]
+    work = header.decoded_bytes()
 
-    # Pass 1: quantize every (layer, kv, chunk); collect per-channel symbol histograms.
-    arrays, max_abs = [], 0.0
-    for i, (k, v) in enumerate(kv):
-        pair = []
-        for name, t in (("key", k), ("value", v)):
-            x = to_float32(t)
-            if not np.isfinite(x).all():
-                raise InputError(f"layer {i} {name}: non-finite values (use the lossless preset)")
-            max_abs = max(max_abs, float(np.abs(x).max()))
-            pair.append(channels_first(x))
-        arrays.append(pair)
-    header.param_dtype = quantize.choose_param_dtype(max_abs)
+    header.param_dtype = 1
+    n1 = worker_count(work, len(infos))
+    layers_out = parallel_map(_quantize_layer, (hosts, header, config, 1), range(len(infos)), n1)
+    if max(r["max_abs"] for r in layers_out) >= quantize.FP16_SAFE:
+        header.param_dtype = 2  # values too large for fp16 parameters: redo with fp32 ones
+        layers_out = parallel_map(_quantize_layer, (hosts, header, config, 2), range(len(infos)), n1)
 
-    params = {}     # (layer, kv, chunk) -> (lo, step)
-    exps = {}       # (layer, kv, chunk) -> u8 token scale codes [batch * n]
-    symbols = {}    # (layer, kv, chunk) -> (anchors, deltas) uint16 [channels, n]
-    hists = {}      # (layer, kv) -> [roles] of [channels, A] counts
-    for i, l in enumerate(infos):
-        for kvi in (0, 1):
-            x, bits = arrays[i][kvi], l.bits(kvi)
-            levels = 1 << bits
-            ch = x.shape[0]
-            alph = [levels, 2 * levels - 1]
-            hist = [np.zeros((ch, alph[r]), dtype=np.int64) for r in range(roles)]
-            for k in range(header.n_chunks):
-                n = chunk_token_count(l.tokens, k, C)
-                if not n:
-                    break
-                xk = x[:, :, k * C:k * C + n]
-                if header.token_scaling:
-                    e = quantize.token_scale_codes(xk.reshape(ch, -1))
-                    exps[i, kvi, k] = e
-                    xk = xk / TOKEN_SCALES[e].reshape(1, batch, n)
-                lo, step = quantize.quantizer_params(xk.reshape(ch, -1), bits, header.param_dtype,
-                                                     float(config.scale_sharing))
-                q = quantize.quantize(xk.reshape(ch, -1), lo, step, bits).reshape(xk.shape)
-                a, d = grouping.split(q, g, levels)
-                params[i, kvi, k] = (lo, step)
-                symbols[i, kvi, k] = (a.astype(np.uint16), d.astype(np.uint16))
-                for r, s in enumerate((a, d)[:roles]):
-                    if s.size:
-                        hist[r] += np.bincount((np.arange(ch)[:, None] * alph[r] + s).ravel(),
-                                               minlength=ch * alph[r]).reshape(ch, alph[r])
-            hists[i, kvi] = hist
-        arrays[i] = None  # free as we go
+    header.table_counts, header.table_ids = _build_tables(header, layers_out, config.tables_per_class)
+    freqs = [expand_counts(c) for c in header.table_counts]
 
-    # Table dictionary: one set of tables per (kv, role, alphabet) class, chosen per channel.
-    table_counts: list[np.ndarray] = []
-    table_ids = [[np.zeros((l.channels(kvi), roles), dtype=np.uint16) for kvi in (0, 1)] for l in infos]
-    classes: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
-    for (i, kvi), hist in hists.items():
-        for r in range(roles):
-            classes.setdefault((kvi, r, hist[r].shape[1]), []).append((i, r))
-    for (kvi, r, a), members in sorted(classes.items()):
-        H = np.concatenate([hists[i, kvi][rr] for i, rr in members])
-        if H.sum() == 0:       # e.g. chunks of one token have no deltas
-            H[:, 0] = 1
-        counts, assign = entropy.build_dictionary(H, config.tables_per_class)
-        base = len(table_counts)
-        table_counts.extend(counts)
-        pos = 0
-        for i, rr in members:
-            ch = infos[i].channels(kvi)
-            table_ids[i][kvi][:, rr] = base + assign[pos:pos + ch]
-            pos += ch
-    if len(table_counts) > 65535:
-        raise InputError("too many probability tables for the format (reduce tables_per_class)")
-    header.table_counts, header.table_ids = table_counts, table_ids
-    models = [entropy.model_for(expand_counts(c)) for c in table_counts]
-
-    # Pass 2: entropy-code each chunk's streams.
+    state = (header, layers_out, header.table_ids, freqs, config.channels_per_stream)
+    n2 = worker_count(work, header.n_chunks)
     payloads = []
-    for k in range(header.n_chunks):
-        los, steps, streams, es = [], [], [], []
-        for i, l in enumerate(infos):
-            if not chunk_token_count(l.tokens, k, C):
-                continue
-            for kvi in (0, 1):
-                lo, step = params.pop((i, kvi, k))
-                a, d = symbols.pop((i, kvi, k))
-                los.append(lo)
-                es.append(exps.pop((i, kvi, k), None))
-                steps.append(step)
-                ids = table_ids[i][kvi]
-                a = a.astype(np.int32)
-                d = d.astype(np.int32)
-                for c0, c1 in stream_groups(l.channels(kvi), config.channels_per_stream):
-                    segs = []
-                    for c in range(c0, c1):
-                        segs.append((a[c], models[ids[c, 0]]))
-                        if roles == 2:
-                            segs.append((d[c], models[ids[c, 1]]))
-                    streams.append(entropy.encode_stream(segs))
-        payloads.append(pack_lossy_chunk(header, k, los, steps, streams, es))
+    step = max(n2, 1) * 2
+    for start in range(0, header.n_chunks, step):   # in batches, so progress can be reported
+        ks = range(start, min(start + step, header.n_chunks))
+        payloads.extend(parallel_map(_code_chunk, state, ks, min(n2, len(ks))))
         if progress:
-            progress(k + 1, header.n_chunks)
+            progress(len(payloads), header.n_chunks)
     return build_container(header, payloads)

@@ -43,6 +43,19 @@ def raw_bytes(t: Any) -> np.ndarray:
     return a.view(np.uint8).reshape(a.shape + (a.dtype.itemsize,))
 
 
+def host_array(t: Any) -> tuple[np.ndarray, bool]:
+    """A CPU numpy view of a K/V tensor and whether it holds bfloat16 bit patterns (uint16).
+    Done in the parent process: workers then only touch numpy (fork-safe)."""
+    if torch is not None and isinstance(t, torch.Tensor):
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(np.uint16), True
+        return t.numpy(), False
+    return np.asarray(t), False
+
+
 def describe(kv: Sequence[Sequence[Any]]) -> tuple[list[LayerInfo], int, int]:
     """Validate a KV cache and return (layer infos without bits, batch, dtype code)."""
     if isinstance(kv, (np.ndarray, str, bytes)) or not hasattr(kv, "__len__"):

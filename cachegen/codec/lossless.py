@@ -45,31 +45,36 @@ def encode_lossless(kv: Sequence[Sequence[Any]], config: CodecConfig,
     return build_container(header, payloads)
 
 
-def decode_lossless(container: Container, sink: RawSink, verify: bool = True) -> None:
+def lossless_items(container: Container) -> list[tuple[int, int, int]]:
+    return [(k, 0, 0) for k in range(container.n_chunks)]
+
+
+def decode_lossless(container: Container, item: tuple[int, int, int], verify: bool = True):
+    """Yields (layer, kv, chunk, n, elements [B, H, n, D] as int16/int32 bit patterns)."""
     h = container.header
     s = h.elem_bytes
-    dctx = zstandard.ZstdDecompressor()
-    for k in range(container.n_chunks):
-        blob = container.chunk_bytes(k, verify)
-        shapes, expect = [], 0
-        for i, l in enumerate(h.layers):
-            n = chunk_token_count(l.tokens, k, h.chunk_tokens)
-            if n:
-                for kvi in (0, 1):
-                    heads, dim = l.heads_dim(kvi)
-                    shapes.append((i, kvi, n, (h.batch, heads, n, dim)))
-                    expect += h.batch * heads * n * dim * s
-        try:
-            if zstandard.get_frame_parameters(bytes(blob[:18])).content_size != expect:
-                raise FormatError(f"chunk {k}: zstd frame does not declare the expected size {expect}")
-            obj = dctx.decompressobj()
-            raw = obj.decompress(bytes(blob))
-            if len(raw) != expect or obj.unused_data or not obj.eof:
-                raise FormatError(f"chunk {k}: zstd frame decodes to the wrong size or has trailing data")
-        except zstandard.ZstdError as e:
-            raise FormatError(f"chunk {k}: zstd frame does not decode: {e}") from None
-        mv, pos = memoryview(raw), 0
-        for i, kvi, n, shape in shapes:
-            nb = int(np.prod(shape)) * s
-            sink(i, kvi, k, n, _unshuffle(mv[pos:pos + nb], shape, s))
-            pos += nb
+    k = item[0]
+    blob = container.chunk_bytes(k, verify)
+    shapes, expect = [], 0
+    for i, l in enumerate(h.layers):
+        n = chunk_token_count(l.tokens, k, h.chunk_tokens)
+        if n:
+            for kvi in (0, 1):
+                heads, dim = l.heads_dim(kvi)
+                shapes.append((i, kvi, n, (h.batch, heads, n, dim)))
+                expect += h.batch * heads * n * dim * s
+    try:
+        if zstandard.get_frame_parameters(bytes(blob[:18])).content_size != expect:
+            raise FormatError(f"chunk {k}: zstd frame does not declare the expected size {expect}")
+        obj = zstandard.ZstdDecompressor().decompressobj()
+        raw = obj.decompress(bytes(blob))
+        if len(raw) != expect or obj.unused_data or not obj.eof:
+            raise FormatError(f"chunk {k}: zstd frame decodes to the wrong size or has trailing data")
+    except zstandard.ZstdError as e:
+        raise FormatError(f"chunk {k}: zstd frame does not decode: {e}") from None
+    mv, pos = memoryview(raw), 0
+    ints = np.int16 if s == 2 else np.int32
+    for i, kvi, n, shape in shapes:
+        nb = int(np.prod(shape)) * s
+        yield i, kvi, k, n, _unshuffle(mv[pos:pos + nb], shape, s).view(ints)[..., 0]
+        pos += nb
