@@ -1,0 +1,170 @@
+"""Triton kernels of the GPU decoder.
+
+Phase 1 (``ans_decode_kernel``): one lane per ANS stream, the arithmetic of
+``cachegen.codec.entropy.lockstep_decode`` exactly (64-bit state, 32-bit words, 24-bit
+precision). Symbols go to a buffer laid out [step, stream], so the lanes of a warp store
+consecutive bytes at every step. Every read is bounded: words only inside the stream
+(the pointer never goes below the stream's first word), tables only at ids/symbols the host
+validated (a symbol found by the search is always < the table's alphabet). A stream that does
+not end in the initial state sets its error flag.
+
+Phase 2 (``dequant_kernel``): one program per (block, batch item, token tile, channel tile):
+gathers symbols, undoes anchor-delta grouping, checks the index range, dequantizes exactly
+fl32(fl32(fl32(step * v) + lo) * token_scale) (the launch turns FMA contraction off) and
+stores the destination dtype (round to nearest even) at [b, h, token, d] of the caller's
+tensor, whatever its strides.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _word(blob_ptr, wb, idx, mask):
+    """Little-endian u32 at byte offset wb + 4 * idx of the container bytes, as uint64."""
+    p = blob_ptr + wb + idx.to(tl.int64) * 4
+    b0 = tl.load(p, mask=mask, other=0).to(tl.uint64)
+    b1 = tl.load(p + 1, mask=mask, other=0).to(tl.uint64)
+    b2 = tl.load(p + 2, mask=mask, other=0).to(tl.uint64)
+    b3 = tl.load(p + 3, mask=mask, other=0).to(tl.uint64)
+    return b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)
+
+
+@triton.jit
+def ans_decode_kernel(blob_ptr, wbyte_ptr, wcnt_ptr, nsym_ptr, per_ptr, na_ptr, tbase_ptr,
+                      ids_ptr, lut_ptr, cdf_ptr, steps_ptr, sym_ptr, err_ptr,
+                      n_streams, cdf_stride, search_iters,
+                      CPS: tl.constexpr, ROLES: tl.constexpr, LUT_BITS: tl.constexpr,
+                      SEARCH_WHILE: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    lane = pid * BLOCK + tl.arange(0, BLOCK)
+    m = lane < n_streams
+    wb = tl.load(wbyte_ptr + lane, mask=m, other=0)
+    ptr = tl.load(wcnt_ptr + lane, mask=m, other=0)
+    nsym = tl.load(nsym_ptr + lane, mask=m, other=0)
+    per = tl.load(per_ptr + lane, mask=m, other=1)
+    na = tl.load(na_ptr + lane, mask=m, other=0)
+    tb = tl.load(tbase_ptr + lane, mask=m, other=0)
+
+    last = _word(blob_ptr, wb, ptr - 1, ptr > 0)
+    bad = (ptr > 0) & (last == 0)
+    x = tl.zeros([BLOCK], dtype=tl.uint64)
+    for _ in tl.static_range(2):
+        need = ((x >> 32) == 0) & (ptr > 0)
+        w = _word(blob_ptr, wb, ptr - 1, need)
+        x = tl.where(need, (x << 32) | w, x)
+        ptr = ptr - need.to(tl.int32)
+
+    j = tl.zeros([BLOCK], dtype=tl.int32)
+    pos = tl.zeros([BLOCK], dtype=tl.int32)
+    n_steps = tl.load(steps_ptr + pid)
+    srow = lane.to(tl.int64)            # symbol buffer offset of (step s, this stream)
+    for s in range(0, n_steps):
+        active = s < nsym
+        # Prefetch the word a refill would take (independent of the state).
+        w = _word(blob_ptr, wb, ptr - 1, ptr > 0)
+        if ROLES == 2:
+            role = (pos >= na).to(tl.int32)
+        else:
+            role = tl.zeros([BLOCK], dtype=tl.int32)
+        tid = tl.load(ids_ptr + tb + j * ROLES + role, mask=m, other=0)
+        q = (x & 0xFFFFFF).to(tl.int32)
+        e = tl.load(lut_ptr + tid * (1 << LUT_BITS) + (q >> (24 - LUT_BITS)))
+        lo = e & 0xFFFF
+        hi = e >> 16
+        crow = cdf_ptr + tid * cdf_stride
+        if SEARCH_WHILE:
+            while tl.max(hi - lo, axis=0) > 0:
+                mid = (lo + hi + 1) >> 1
+                go = tl.load(crow + mid, mask=hi > lo, other=0) <= q
+                lo = tl.where(go, mid, lo)
+                hi = tl.where(go, hi, mid - 1)
+        else:
+            for _ in range(search_iters):
+                mid = (lo + hi + 1) >> 1
+                go = tl.load(crow + mid, mask=hi > lo, other=0) <= q
+                lo = tl.where(go, mid, lo)
+                hi = tl.where(go, hi, mid - 1)
+        c0 = tl.load(crow + lo)
+        c1 = tl.load(crow + lo + 1)
+        nx = (x >> 24) * (c1 - c0).to(tl.uint64) + (q - c0).to(tl.uint64)
+        x = tl.where(active, nx, x)
+        tl.store(sym_ptr + srow, lo.to(sym_ptr.dtype.element_ty), mask=m & active)
+        srow = srow + n_streams
+        need = active & ((x >> 32) == 0) & (ptr > 0)
+        x = tl.where(need, (x << 32) | w, x)
+        ptr = ptr - need.to(tl.int32)
+        pos = pos + 1
+        wrap = pos == per
+        j = j + wrap.to(tl.int32)
+        pos = tl.where(wrap, 0, pos)
+    bad = bad | (x != 0) | (ptr != 0)
+    tl.store(err_ptr + lane, bad.to(tl.int8), mask=m)
+
+
+@triton.jit
+def dequant_kernel(sym_ptr, n_streams, tiles_ptr, blk_ptr, out_ptr, obase_ptr, ostride_ptr, hdim_ptr,
+                   lo_ptr, step_ptr, exp_ptr, scale_ptr, err_ptr, batch,
+                   CPS: tl.constexpr, G: tl.constexpr, HAS_TS: tl.constexpr, OUT_BF16: tl.constexpr, BLK_COLS: tl.constexpr,
+                   BT: tl.constexpr, BC: tl.constexpr):
+    pid = tl.program_id(0)
+    blk = tl.load(tiles_ptr + pid * 4)
+    b = tl.load(tiles_ptr + pid * 4 + 1).to(tl.int64)
+    t0 = tl.load(tiles_ptr + pid * 4 + 2)
+    c0 = tl.load(tiles_ptr + pid * 4 + 3)
+    row = blk_ptr + blk.to(tl.int64) * BLK_COLS
+    lk = tl.load(row + 0)
+    n = tl.load(row + 1)
+    tok0 = tl.load(row + 2)
+    fs = tl.load(row + 3)
+    na = tl.load(row + 4)
+    nd = tl.load(row + 5)
+    levels = tl.load(row + 6)
+    poff = tl.load(row + 7)
+    eoff = tl.load(row + 8)
+    nch = tl.load(row + 9)
+
+    t = (t0 + tl.arange(0, BT)).to(tl.int64)[:, None]
+    c = (c0 + tl.arange(0, BC)).to(tl.int64)[None, :]
+    msk = (t < n) & (c < nch)
+    stream = fs + c // CPS
+    jj = c % CPS
+    per = batch * (na + nd)
+    if G == 1:
+        v = tl.load(sym_ptr + (jj * per + b * n + t) * n_streams + stream, mask=msk, other=0).to(tl.int32)
+    else:
+        g = t // G
+        r = t - g * G
+        a = tl.load(sym_ptr + (jj * per + b * na + g) * n_streams + stream, mask=msk, other=0).to(tl.int32)
+        d = tl.load(sym_ptr + (jj * per + batch * na + b * nd + (t - g - 1)) * n_streams + stream,
+                    mask=msk & (r > 0), other=0).to(tl.int32)
+        v = tl.where(r == 0, a, d - (levels.to(tl.int32) - 1) + a)
+    bad = msk & ((v < 0) | (v >= levels))
+    nbad = tl.sum(tl.sum(bad.to(tl.int32), axis=1), axis=0)
+    tl.store(err_ptr + pid, (nbad > 0).to(tl.int8))
+
+    lo = tl.load(lo_ptr + poff + c, mask=c < nch, other=0.0)
+    st = tl.load(step_ptr + poff + c, mask=c < nch, other=0.0)
+    xv = v.to(tl.float32) * st
+    xv = xv + lo
+    if HAS_TS:
+        e = tl.load(exp_ptr + eoff + b * n + t, mask=t < n, other=0).to(tl.int32)
+        xv = xv * tl.load(scale_ptr + e)
+    optr = out_ptr + tl.load(obase_ptr + lk)   # element offset of this (layer, kv) tensor
+    sb = tl.load(ostride_ptr + lk * 4)
+    sh = tl.load(ostride_ptr + lk * 4 + 1)
+    stt = tl.load(ostride_ptr + lk * 4 + 2)
+    sd = tl.load(ostride_ptr + lk * 4 + 3)
+    hd = tl.load(hdim_ptr + lk)
+    hh = c // hd
+    dd = c - hh * hd
+    off = b * sb + hh * sh + (tok0 + t) * stt + dd * sd
+    if OUT_BF16:
+        # fp32 -> bf16, round to nearest even, on the bits (out_ptr is the buffer viewed as int16)
+        u = xv.to(tl.uint32, bitcast=True)
+        r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x40, r)
+        tl.store(optr + off, r.to(tl.uint16).to(tl.int16, bitcast=True), mask=msk)
+    else:
+        tl.store(optr + off, xv.to(optr.dtype.element_ty), mask=msk)
