@@ -185,7 +185,9 @@ def inspect(data: Any, limits: Optional[DecodeLimits] = None) -> dict[str, Any]:
                 s0 = ch.first_stream[b]
                 s1 = ch.first_stream[b + 1] if b + 1 < len(ch.blocks) else ch.stream_lengths.size
                 words = 4 * int(ch.stream_lengths[s0:s1].sum())
-                params = 2 * pbytes * h.layers[i].channels(kvi)
+                ch_n = h.layers[i].channels(kvi)
+                shared = ch_n > 1 and bool(np.all(ch.step[b] == ch.step[b][0]))
+                params = 1 + pbytes * (ch_n + (1 if shared else ch_n))
                 scales = 0 if ch.token_exp[b] is None else ch.token_exp[b].size
                 layer_bytes[i] += params + scales + words + 4 * (s1 - s0)
                 parts["streams"] += words

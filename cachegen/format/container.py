@@ -26,6 +26,8 @@ MODE_LOSSLESS = 1
 DTYPE_CODES = {1: ("float16", 2), 2: ("bfloat16", 2), 3: ("float32", 4)}
 DTYPE_BY_NAME = {v[0]: k for k, v in DTYPE_CODES.items()}
 PARAM_DTYPES = {1: np.dtype("<f2"), 2: np.dtype("<f4")}
+# Per block, how quantization steps are stored: one per channel, or one for all channels.
+STEP_PER_CHANNEL, STEP_SHARED = 0, 1
 
 _PREAMBLE = struct.Struct("<4sBBHII")        # magic, version, mode, flags, header_size, header_crc
 _FIXED = struct.Struct("<BBBBIIIIIIBBH")       # see codec_spec/FORMAT.md, "Header"
@@ -383,8 +385,11 @@ def pack_lossy_chunk(header: Header, k: int, lo: Sequence[np.ndarray], step: Seq
     for j, (a, b) in enumerate(zip(lo, step)):
         if header.token_scaling:
             parts.append(np.asarray(token_exp[j], dtype=np.uint8).tobytes())
+        steps = np.asarray(b, dtype=pdt)
+        shared = steps.size > 0 and bool(np.all(steps.view(f"u{pdt.itemsize}") == steps.view(f"u{pdt.itemsize}")[0]))
+        parts.append(bytes([STEP_SHARED if shared else STEP_PER_CHANNEL]))
         parts.append(np.asarray(a, dtype=pdt).tobytes())
-        parts.append(np.asarray(b, dtype=pdt).tobytes())
+        parts.append(steps[:1].tobytes() if shared else steps.tobytes())
     parts.append(np.array([s.size for s in streams], dtype="<u4").tobytes())
     parts.extend(np.asarray(s, dtype="<u4").tobytes() for s in streams)
     return b"".join(parts)
@@ -405,15 +410,20 @@ def parse_lossy_chunk(container: Container, k: int, verify: bool = True) -> Loss
             pos += nt
         else:
             exps.append(None)
+        _need(pos + 1 <= len(raw), f"chunk {k}: truncated parameters")
+        mode = raw[pos]
+        _need(mode in (STEP_PER_CHANNEL, STEP_SHARED), f"chunk {k}: unknown step mode {mode}")
+        pos += 1
+        n_steps = ch if mode == STEP_PER_CHANNEL else 1
         nb = ch * pdt.itemsize
-        _need(pos + 2 * nb <= len(raw), f"chunk {k}: truncated parameters")
+        _need(pos + nb + n_steps * pdt.itemsize <= len(raw), f"chunk {k}: truncated parameters")
         a = np.frombuffer(raw, dtype=pdt, count=ch, offset=pos).astype(np.float32)
-        b = np.frombuffer(raw, dtype=pdt, count=ch, offset=pos + nb).astype(np.float32)
+        b = np.frombuffer(raw, dtype=pdt, count=n_steps, offset=pos + nb).astype(np.float32)
         _need(bool(np.all(np.isfinite(a)) and np.all(np.isfinite(b)) and np.all(b >= 0)),
               f"chunk {k}: invalid quantizer parameters")
         lo.append(a)
-        step.append(b)
-        pos += 2 * nb
+        step.append(b if mode == STEP_PER_CHANNEL else np.full(ch, b[0], dtype=np.float32))
+        pos += nb + n_steps * pdt.itemsize
         first.append(n_streams)
         n_streams += -(-ch // h.channels_per_stream)
     _need(pos + 4 * n_streams <= len(raw), f"chunk {k}: truncated stream directory")
