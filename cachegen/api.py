@@ -42,7 +42,7 @@ def _container(data: Any, limits: Optional[DecodeLimits], partial: bool) -> Cont
 def _f32_to(x: np.ndarray, dtype: int) -> np.ndarray:
     """float32 -> the container dtype in numpy, round-to-nearest-even (bf16 as int16 bits)."""
     if dtype == 1:
-        return x.astype(np.float16)
+        return x.astype(np.float16, order="C")
     if dtype == 2:
         u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
         return ((u + (((u >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16).view(np.int16)
@@ -65,14 +65,12 @@ def _fill(c: Container, bufs: list[tuple[torch.Tensor, torch.Tensor]], decoder: 
     items = lossless_items(c) if h.mode == MODE_LOSSLESS else work_items(c, pieces_per_chunk=2)
     workers = worker_count(h.decoded_bytes(c.n_chunks), len(items))
     C = h.chunk_tokens
+    bits = h.mode == MODE_LOSSLESS or h.dtype == 2      # results come as integer bit patterns
+    # numpy views of the destination: plain memory copies, no torch intra-op threads
+    views = [tuple((t.view(_TORCH_INT[h.dtype]) if bits else t).numpy() for t in pair) for pair in bufs]
     for result in parallel_map(_decode_item, (c, decoder, verify), items, workers):
         for i, kvi, k, n, arr in result:
-            dst = bufs[i][kvi][:, :, k * C:k * C + n, :]
-            src = torch.from_numpy(np.require(arr, requirements="W"))
-            if h.mode == MODE_LOSSLESS or h.dtype == 2:   # bit patterns
-                dst.view(_TORCH_INT[h.dtype]).copy_(src)
-            else:
-                dst.copy_(src)
+            views[i][kvi][:, :, k * C:k * C + n, :] = arr
 
 
 def decode(data: Any, device: Union[str, torch.device] = "cpu", *, decoder: str = "auto",

@@ -56,6 +56,7 @@ def decode_reference(container: Container, item: tuple[int, int, int], verify: b
     if models is None:
         models = [entropy.model_for(f) for f in h.freqs]
     chunk = parse_lossy_chunk(container, k, verify)
+    roles = h.roles
     for b in range(b0, b1):
         i, kvi, n = chunk.blocks[b]
         layer = h.layers[i]
@@ -68,13 +69,12 @@ def decode_reference(container: Container, item: tuple[int, int, int], verify: b
             segs = []
             for c in range(c0, c1):
                 segs.append((na, models[ids[c, 0]]))
-                if h.roles == 2:
+                if roles == 2:
                     segs.append((nd, models[ids[c, 1]]))
             out = entropy.decode_stream(_stream_words(chunk, chunk.first_stream[b] + s), segs)
-            for j, c in enumerate(range(c0, c1)):
-                anchors[c] = out[j * h.roles]
-                if h.roles == 2:
-                    deltas[c] = out[j * 2 + 1]
+            anchors[c0:c1] = out[0::roles]
+            if roles == 2:
+                deltas[c0:c1] = out[1::2]
         v = grouping.join(anchors, deltas, h.batch, n, h.group_size, 1 << layer.bits(kvi))
         yield _finish_block(container, chunk, b, v)
 

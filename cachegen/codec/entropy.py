@@ -29,9 +29,14 @@ def model_for(freqs: np.ndarray):
 # ------------------------------------------------------------------------------ dictionary
 
 def _cluster_sums(h: np.ndarray, assign: np.ndarray, k: int) -> np.ndarray:
-    onehot = np.zeros((k, h.shape[0]))
-    onehot[assign, np.arange(h.shape[0])] = 1.0
-    return onehot @ h
+    """Sum of the rows of h in each cluster (a segmented sum: no BLAS, no scatter-add)."""
+    order = np.argsort(assign, kind="stable")
+    counts = np.bincount(assign, minlength=k)
+    out = np.zeros((k, h.shape[1]))
+    nz = counts > 0
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[nz]
+    out[nz] = np.add.reduceat(h[order], starts, axis=0)
+    return out
 
 
 def _lloyd(h: np.ndarray, k: int, iterations: int) -> tuple[np.ndarray, float]:

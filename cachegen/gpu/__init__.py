@@ -30,6 +30,7 @@ _TORCH_DTYPES = {1: torch.float16, 2: torch.bfloat16, 3: torch.float32}
 
 # Tunables (measured on the H100: benches/gpu_notes.md).
 LUT_BITS = 12
+PACKED = True
 BLOCK = 32          # streams per program of the ANS kernel
 NUM_WARPS = 1
 SEARCH_WHILE = True
@@ -45,6 +46,7 @@ class Prepared:
     arrays: dict
     sym_dtype: torch.dtype
     search_iters: int
+    packed: bool
 
 
 def _dev(a: np.ndarray, device, dtype=None) -> torch.Tensor:
@@ -53,11 +55,11 @@ def _dev(a: np.ndarray, device, dtype=None) -> torch.Tensor:
 
 
 def prepare(container: Container, device, verify: bool = True, lut_bits: int = LUT_BITS,
-            tile_t: int = TILE_T, tile_c: int = TILE_C, block: int = BLOCK) -> Prepared:
+            tile_t: int = TILE_T, tile_c: int = TILE_C, block: int = BLOCK, packed: bool = PACKED) -> Prepared:
     """Host work (parse + validate chunks, build metadata) and the uploads."""
     h = container.header
     plan = build_plan(container, verify, tile_t, tile_c)
-    cdf, lut, span = symbol_luts(h.freqs, h.cdfs, lut_bits)
+    cdf, lut, span = symbol_luts(h.freqs, h.cdfs, lut_bits, packed)
     end = container.payload_start + sum(e.size for e in container.chunks)
     raw = np.frombuffer(container.data[container.payload_start:end], dtype=np.uint8)
     with warnings.catch_warnings():
@@ -79,7 +81,7 @@ def prepare(container: Container, device, verify: bool = True, lut_bits: int = L
     }
     sym_dtype = torch.uint8 if plan.max_symbol < 256 else torch.int16
     search_iters = int(np.ceil(np.log2(span + 1))) if span > 0 else 0
-    return Prepared(plan, blob, a, sym_dtype, search_iters)
+    return Prepared(plan, blob, a, sym_dtype, search_iters, packed)
 
 
 def launch(prep: Prepared, bufs: Sequence[Sequence[torch.Tensor]], container: Container, *,
@@ -112,7 +114,7 @@ def launch(prep: Prepared, bufs: Sequence[Sequence[torch.Tensor]], container: Co
         ans_decode_kernel[(nprog,)](
             prep.blob, a["wbyte"], a["wcnt"], a["nsym"], a["per"], a["na"], a["tbase"], a["ids"],
             a["lut"], a["cdf"], a["steps"], sym, err1, S, a["cdf_stride"], prep.search_iters,
-            CPS=h.channels_per_stream, ROLES=h.roles, LUT_BITS=lut_bits, SEARCH_WHILE=search_while,
+            CPS=h.channels_per_stream, ROLES=h.roles, LUT_BITS=lut_bits, SEARCH_WHILE=search_while, PACKED=prep.packed,
             BLOCK=block, num_warps=num_warps)
     if nt:
         dequant_kernel[(nt,)](

@@ -36,7 +36,7 @@ def ans_decode_kernel(blob_ptr, wbyte_ptr, wcnt_ptr, nsym_ptr, per_ptr, na_ptr, 
                       ids_ptr, lut_ptr, cdf_ptr, steps_ptr, sym_ptr, err_ptr,
                       n_streams, cdf_stride, search_iters,
                       CPS: tl.constexpr, ROLES: tl.constexpr, LUT_BITS: tl.constexpr,
-                      SEARCH_WHILE: tl.constexpr, BLOCK: tl.constexpr):
+                      SEARCH_WHILE: tl.constexpr, PACKED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     lane = pid * BLOCK + tl.arange(0, BLOCK)
     m = lane < n_streams
@@ -68,26 +68,52 @@ def ans_decode_kernel(blob_ptr, wbyte_ptr, wcnt_ptr, nsym_ptr, per_ptr, na_ptr, 
             role = (pos >= na).to(tl.int32)
         else:
             role = tl.zeros([BLOCK], dtype=tl.int32)
-        tid = tl.load(ids_ptr + tb + j * ROLES + role, mask=m, other=0)
+        tid = tl.load(ids_ptr + tb + j * ROLES + role, mask=m & active, other=0)
         q = (x & 0xFFFFFF).to(tl.int32)
-        e = tl.load(lut_ptr + tid * (1 << LUT_BITS) + (q >> (24 - LUT_BITS)))
-        lo = e & 0xFFFF
-        hi = e >> 16
         crow = cdf_ptr + tid * cdf_stride
-        if SEARCH_WHILE:
-            while tl.max(hi - lo, axis=0) > 0:
-                mid = (lo + hi + 1) >> 1
-                go = tl.load(crow + mid, mask=hi > lo, other=0) <= q
-                lo = tl.where(go, mid, lo)
-                hi = tl.where(go, hi, mid - 1)
+        if PACKED:
+            # One 8-byte LUT entry: symbol | cdf << 11 | freq << 35 | ambiguous << 60; an
+            # ambiguous slot (several symbols) holds (first, last) symbol and is searched.
+            e = tl.load(lut_ptr + tid * (1 << LUT_BITS) + (q >> (24 - LUT_BITS)))
+            lo = (e & 0x7FF).to(tl.int32)
+            c0 = ((e >> 11) & 0xFFFFFF).to(tl.int32)
+            f = ((e >> 35) & 0x1FFFFFF).to(tl.int32)
+            amb = ((e >> 60) & 1) != 0
+            hi = tl.where(amb, c0, lo)
+            if SEARCH_WHILE:
+                while tl.max(hi - lo, axis=0) > 0:
+                    mid = (lo + hi + 1) >> 1
+                    go = tl.load(crow + mid, mask=hi > lo, other=0) <= q
+                    lo = tl.where(go, mid, lo)
+                    hi = tl.where(go, hi, mid - 1)
+            else:
+                for _ in range(search_iters):
+                    mid = (lo + hi + 1) >> 1
+                    go = tl.load(crow + mid, mask=hi > lo, other=0) <= q
+                    lo = tl.where(go, mid, lo)
+                    hi = tl.where(go, hi, mid - 1)
+            ca = tl.load(crow + lo, mask=amb, other=0)
+            cb = tl.load(crow + lo + 1, mask=amb, other=0)
+            c0 = tl.where(amb, ca, c0)
+            c1 = c0 + tl.where(amb, cb - ca, f)
         else:
-            for _ in range(search_iters):
-                mid = (lo + hi + 1) >> 1
-                go = tl.load(crow + mid, mask=hi > lo, other=0) <= q
-                lo = tl.where(go, mid, lo)
-                hi = tl.where(go, hi, mid - 1)
-        c0 = tl.load(crow + lo)
-        c1 = tl.load(crow + lo + 1)
+            e = tl.load(lut_ptr + tid * (1 << LUT_BITS) + (q >> (24 - LUT_BITS)))
+            lo = e & 0xFFFF
+            hi = e >> 16
+            if SEARCH_WHILE:
+                while tl.max(hi - lo, axis=0) > 0:
+                    mid = (lo + hi + 1) >> 1
+                    go = tl.load(crow + mid, mask=hi > lo, other=0) <= q
+                    lo = tl.where(go, mid, lo)
+                    hi = tl.where(go, hi, mid - 1)
+            else:
+                for _ in range(search_iters):
+                    mid = (lo + hi + 1) >> 1
+                    go = tl.load(crow + mid, mask=hi > lo, other=0) <= q
+                    lo = tl.where(go, mid, lo)
+                    hi = tl.where(go, hi, mid - 1)
+            c0 = tl.load(crow + lo)
+            c1 = tl.load(crow + lo + 1)
         nx = (x >> 24) * (c1 - c0).to(tl.uint64) + (q - c0).to(tl.uint64)
         x = tl.where(active, nx, x)
         tl.store(sym_ptr + srow, lo.to(sym_ptr.dtype.element_ty), mask=m & active)

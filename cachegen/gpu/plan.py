@@ -152,10 +152,12 @@ def build_plan(container: Container, verify: bool = True, bt: int = 32, bc: int 
     )
 
 
-def symbol_luts(freqs: list, cdfs: list, lut_bits: int) -> tuple[np.ndarray, np.ndarray, int]:
+def symbol_luts(freqs: list, cdfs: list, lut_bits: int, packed: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
     """Per table: cdf padded to a common stride (int32 [T, stride]) and a slot LUT int32
     [T, 2**lut_bits], slot j -> (first symbol s with cdf[s] <= j*W < cdf[s+1])
     | (symbol holding the slot's last value) << 16; W = 2**(24 - lut_bits).
+    packed: int64 entries, symbol | cdf << 11 | freq << 35 for a slot inside one symbol,
+    first | last << 11 | 1 << 60 for a slot over several.
     Also returns the widest slot span (symbols a search may have to look through)."""
     amax = max(f.size for f in freqs)
     stride = amax + 1
@@ -169,6 +171,11 @@ def symbol_luts(freqs: list, cdfs: list, lut_bits: int) -> tuple[np.ndarray, np.
         cdf[t, :c.size] = c
         lo = np.searchsorted(c, slots, side="right") - 1
         hi = np.searchsorted(c, slots + (w - 1), side="right") - 1
-        lut[t] = lo | (hi << 16)
+        if packed:
+            amb = hi > lo
+            f = np.asarray(freqs[t], dtype=np.int64)
+            lut[t] = np.where(amb, lo | (hi << 11) | (1 << 60), lo | (c[lo] << 11) | (f[lo] << 35))
+        else:
+            lut[t] = lo | (hi << 16)
         span = max(span, int((hi - lo).max()))
-    return cdf.astype(np.int32), lut.astype(np.int32), span
+    return cdf.astype(np.int32), (lut if packed else lut.astype(np.int32)), span

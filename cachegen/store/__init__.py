@@ -15,4 +15,4 @@ from .keys import Fingerprint, chunk_hashes, fingerprint_from_kv, fingerprint_fr
 from .kvstore import ChunkRef, KVStore, PrefixMatch, concat_kv, prefill_with_reuse, slice_kv  # noqa: F401
 from .planner import (DEFAULT_QUALITY, TEXT, BandwidthEstimator, ChunkCosts, Plan, makespan,  # noqa: F401
                       plan_stream)
-from .streaming import ChunkEvent, CostModel, RestoreReport, StreamingLoader  # noqa: F401
+from .streaming import ChunkEvent, CostModel, RecomputeModel, RestoreReport, StreamingLoader  # noqa: F401

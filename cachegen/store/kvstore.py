@@ -6,7 +6,9 @@ Layout in the backend, for chunk ``k`` of a prompt with chained hash ``h_k`` (se
 * ``<h_k hex>.<level>``: the KV of that chunk's tokens only (``[B, H, C, D]`` per layer),
   encoded on its own at ``level`` (a codec preset name, or ``"raw"`` for plain fp16);
 * ``<h_k hex>.idx``: a small index entry listing the levels stored for the chunk and their
-  sizes (the streaming planner needs them before fetching anything); written after the data.
+  sizes (the streaming planner needs them before fetching anything); written after the data,
+  by a merge (:meth:`Backend.update`: compare-and-set on Redis, a lock on a directory), so two
+  writers adding different levels of one chunk at once both end up listed.
 
 Why per-chunk containers rather than one container per prompt: any prefix of any stored prompt
 is served without re-encoding, two prompts that share a prefix share its entries, eviction of
@@ -189,11 +191,31 @@ class KVStore:
                     have[lv] = len(payload)
                     ok = True
             if ok:
-                ikey = self.index_key(h)
-                self.backend.put(ikey, pack_entry(ikey, KIND_INDEX, pack_index({"tokens": C, "levels": have})))
-                written += 1
+                if self._merge_index(h, have, C):
+                    written += 1
         self.stats["chunks_written"] += written
         return written
+
+    def _merge_index(self, h: bytes, levels: Mapping[str, int], tokens: int) -> bool:
+        """Add ``levels`` to the chunk's index entry, keeping what other writers listed."""
+        ikey = self.index_key(h)
+
+        def merge(old: Optional[bytes]) -> Optional[bytes]:
+            have: dict = {}
+            if old is not None:
+                try:
+                    info = unpack_index(ikey, unpack_entry(ikey, old, KIND_INDEX))
+                    if info["tokens"] == tokens:
+                        have = dict(info["levels"])
+                except CorruptEntryError as e:
+                    self.stats["corrupt"] += 1
+                    log.warning("store: replacing corrupt index entry %s: %s", ikey, e)
+            if have and all(have.get(lv) == b for lv, b in levels.items()):
+                return None                                   # nothing new
+            have.update(levels)
+            return pack_entry(ikey, KIND_INDEX, pack_index({"tokens": tokens, "levels": have}))
+
+        return self.backend.update(ikey, merge)
 
     # ---------------------------------------------------------------- lookup and read
     def lookup(self, tokens: Any, max_tokens: Optional[int] = None) -> PrefixMatch:

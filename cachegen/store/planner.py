@@ -11,15 +11,19 @@ the prefix (the part of TTFT this plan controls) is the makespan of a two-stage 
 
 (``overlap=False`` gives the plain sum instead.) :func:`plan_stream` picks an option per chunk:
 
-* with a budget: the highest total quality whose makespan fits the budget, found greedily:
+* with a budget: the highest total quality whose makespan *plus* ``tail_s`` (what follows the
+  restore on the critical path: the prefill of the prompt's suffix) fits the budget -- CacheGen's
+  rule "the best level whose transfer fits at the measured bandwidth, else text" -- found greedily:
   start from the best option everywhere, then repeatedly apply the single-chunk change that
   saves the most time per unit of quality lost, until the plan fits; if no plan fits, the
   fastest plan found (``fits=False``);
-* without a budget: the fastest plan (steepest descent on the makespan from the best-quality
-  plan; ties keep the better quality).
+* without a budget (or when none fits): the fastest plan (steepest descent on the makespan from
+  the best-quality plan; ties keep the better quality, and a quality loss must buy at least
+  ``min_gain`` of a chunk's mean time -- a lower level does not speed up a decode-bound stream).
 
 Recomputing from text is exact (quality 1.0); codec levels get a quality score (defaults below,
-or measured ones passed in ``quality``).
+or measured ones passed in ``quality``). Raw fp16 is scored just below text (it is near-exact but
+4x the bytes of "default"); the loader leaves it out unless it is asked for by name.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ TEXT = "text"
 
 #: Utility of a chunk restored at each level (1.0 = exact). Only the order and the rough gaps
 #: matter to the planner; pass measured values (e.g. 1 - normalized KL) to calibrate.
-DEFAULT_QUALITY: dict[str, float] = {TEXT: 1.0, "raw": 1.0, "lossless": 1.0, "high": 0.995,
+DEFAULT_QUALITY: dict[str, float] = {TEXT: 1.0, "raw": 0.999, "lossless": 0.999, "high": 0.995,
                                      "default": 0.99, "cachegen-paper": 0.99, "small": 0.97}
 _UNKNOWN_QUALITY = 0.95
 
@@ -104,16 +108,23 @@ def _batch_makespan(N: np.ndarray, P: np.ndarray, overlap: bool, s_net: float, s
 def plan_stream(chunks: Sequence[ChunkCosts], bandwidth_Bps: float, budget_s: Optional[float] = None, *,
                 quality: Optional[Mapping[str, float]] = None, levels: Optional[Sequence[str]] = None,
                 allow_text: bool = True, latency_s: float = 0.0, overlap: bool = True,
-                start_net_s: float = 0.0, start_comp_s: float = 0.0) -> Plan:
+                start_net_s: float = 0.0, start_comp_s: float = 0.0, tail_s: float = 0.0,
+                min_gain: float = 0.2) -> Plan:
     """Choose a level (or TEXT) per chunk. See the module docstring.
 
     ``bandwidth_Bps``: bytes per second; ``latency_s``: per-request overhead; ``levels``: the
     levels allowed (default: all stored); ``start_*_s``: when each stage becomes free (used when
-    re-planning the rest of a stream; the budget is measured from the same origin).
+    re-planning the rest of a stream; the budget is measured from the same origin); ``tail_s``:
+    seconds after the restore that the budget must also cover (the suffix prefill). ``est_s``
+    includes it.
     """
     n = len(chunks)
+    tail_s = max(0.0, float(tail_s))
     if n == 0:
-        return Plan([], max(start_net_s, start_comp_s), True, 1.0)
+        t = max(start_net_s, start_comp_s) + tail_s
+        return Plan([], t, budget_s is None or t <= budget_s, 1.0)
+    if budget_s is not None:
+        budget_s = budget_s - tail_s
     if not bandwidth_Bps > 0:
         bandwidth_Bps = 1e-9
     qmap = dict(DEFAULT_QUALITY)
@@ -152,6 +163,7 @@ def plan_stream(chunks: Sequence[ChunkCosts], bandwidth_Bps: float, budget_s: Op
         Pb[k, cand_i] = CMP[cand_i, cand_j]
         return _batch_makespan(Nb, Pb, overlap, start_net_s, start_comp_s), Q[cand_i, cand_j] - Q[cand_i, c[cand_i]]
 
+    best_q = cur.copy()
     t = evaluate(cur)
     eps = 1e-12
     if budget_s is not None:
@@ -170,23 +182,32 @@ def plan_stream(chunks: Sequence[ChunkCosts], bandwidth_Bps: float, budget_s: Op
             cur[cand_i[b]] = cand_j[b]
             t = float(ts[b])
         if t <= budget_s + eps:
-            return _finish(cur, t, True, opts, NET, CMP, Q, rows)
-    # fastest plan: steepest descent on the makespan
+            return _finish(cur, t, True, opts, NET, CMP, Q, rows, tail_s)
+    # fastest plan: steepest descent on the makespan from the best-quality plan. A change that
+    # loses quality must save at least ``min_gain`` of a chunk's mean time: when decoding, not
+    # the link, is the bottleneck, a smaller level saves next to nothing (and cost estimates are
+    # noisier than that), so the better level is kept.
+    if budget_s is not None:
+        cur = best_q.copy()
+        t = evaluate(cur)
     while True:
         ts, dq = candidates(cur)
         gain = t - ts
-        if not (gain > 1e-9).any():
+        need = np.where(dq < -1e-12, min_gain * t / n, 1e-9)
+        ok = gain > need
+        if not ok.any():
             break
-        top = gain.max()
-        best = np.flatnonzero(gain >= top - 1e-9)
+        g = np.where(ok, gain, -np.inf)
+        top = g.max()
+        best = np.flatnonzero(g >= top - 1e-9)
         b = best[np.argmax(dq[best])]
         cur[cand_i[b]] = cand_j[b]
         t = float(ts[b])
-    return _finish(cur, t, budget_s is None or t <= budget_s + eps, opts, NET, CMP, Q, rows)
+    return _finish(cur, t, budget_s is None or t <= budget_s + eps, opts, NET, CMP, Q, rows, tail_s)
 
 
-def _finish(cur, t, fits, opts, NET, CMP, Q, rows) -> Plan:
-    return Plan([opts[i][j] for i, j in enumerate(cur)], t, fits, float(Q[rows, cur].mean()),
+def _finish(cur, t, fits, opts, NET, CMP, Q, rows, tail_s=0.0) -> Plan:
+    return Plan([opts[i][j] for i, j in enumerate(cur)], t + tail_s, fits, float(Q[rows, cur].mean()),
                 float(NET[rows, cur].sum()), float(CMP[rows, cur].sum()))
 
 
@@ -196,10 +217,12 @@ class BandwidthEstimator:
     would be dominated by the fast samples). ``observe(nbytes, seconds)`` after each transfer;
     transfers smaller than ``min_bytes`` are ignored (they measure latency, not bandwidth)."""
 
-    def __init__(self, initial_Bps: float, alpha: float = 0.5, min_bytes: int = 4096) -> None:
+    def __init__(self, initial_Bps: float, alpha: float = 0.5, min_bytes: int = 4096,
+                 latency_s: float = 0.0) -> None:
         if not initial_Bps > 0:
             raise ValueError("initial bandwidth must be > 0")
         self._spb = 1.0 / float(initial_Bps)
+        self.latency_s = float(latency_s)   # per-request round trip (EWMA of small requests)
         self.alpha = alpha
         self.min_bytes = min_bytes
         self.samples: list[tuple[int, float]] = []
@@ -213,6 +236,12 @@ class BandwidthEstimator:
             self.samples.append((nbytes, seconds))
             self._spb = self.alpha * (seconds / nbytes) + (1 - self.alpha) * self._spb
         return self.Bps
+
+    def observe_latency(self, seconds: float) -> float:
+        """A small request's round trip (e.g. the index lookup): the per-request latency."""
+        if seconds >= 0:
+            self.latency_s = self.alpha * seconds + (1 - self.alpha) * self.latency_s
+        return self.latency_s
 
     @property
     def gbps(self) -> float:
