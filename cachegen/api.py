@@ -11,8 +11,8 @@ import torch
 
 from .config import CodecConfig, get_config
 from .errors import CacheGenError, ConfigError, FormatError, InputError
-from .format.container import (DTYPE_CODES, MODE_LOSSLESS, MODE_LOSSY, Container, DecodeLimits,
-                               parse_container, parse_lossy_chunk)
+from .format.container import (DTYPE_CODES, MODE_LOSSLESS, MODE_LOSSY, STEP_SHARED, Container,
+                               DecodeLimits, parse_container, parse_lossy_chunk)
 from .codec.decoder import decode_lockstep, decode_reference, work_items
 from .codec.parallel import parallel_map, worker_count
 from .codec.encoder import encode_lossy
@@ -184,7 +184,7 @@ def inspect(data: Any, limits: Optional[DecodeLimits] = None) -> dict[str, Any]:
                 s1 = ch.first_stream[b + 1] if b + 1 < len(ch.blocks) else ch.stream_lengths.size
                 words = 4 * int(ch.stream_lengths[s0:s1].sum())
                 ch_n = h.layers[i].channels(kvi)
-                shared = ch_n > 1 and bool(np.all(ch.step[b] == ch.step[b][0]))
+                shared = ch.step_modes[b] == STEP_SHARED
                 params = 1 + pbytes * (ch_n + (1 if shared else ch_n))
                 scales = 0 if ch.token_exp[b] is None else ch.token_exp[b].size
                 layer_bytes[i] += params + scales + words + 4 * (s1 - s0)

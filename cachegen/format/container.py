@@ -362,6 +362,7 @@ class LossyChunk:
     blocks: list[tuple[int, int, int]]          # (layer, kv, tokens in chunk)
     token_exp: list[Optional[np.ndarray]]       # uint8 [batch * tokens] scale codes, or None
     lo: list[np.ndarray]                        # float32 [channels]
+    step_modes: list[int]                       # STEP_PER_CHANNEL or STEP_SHARED per block
     step: list[np.ndarray]                      # float32 [channels]
     stream_lengths: np.ndarray                  # uint32 [n_streams], in words
     stream_ends: np.ndarray                     # int64 [n_streams], exclusive end word index
@@ -400,7 +401,7 @@ def parse_lossy_chunk(container: Container, k: int, verify: bool = True) -> Loss
     raw = container.chunk_bytes(k, verify)
     pdt = PARAM_DTYPES[h.param_dtype]
     blocks = chunk_blocks(h, k)
-    pos, lo, step, first, n_streams, exps = 0, [], [], [], 0, []
+    pos, lo, step, first, n_streams, exps, modes = 0, [], [], [], 0, [], []
     for (i, kv, n) in blocks:
         ch = h.layers[i].channels(kv)
         if h.token_scaling:
@@ -414,6 +415,7 @@ def parse_lossy_chunk(container: Container, k: int, verify: bool = True) -> Loss
         mode = raw[pos]
         _need(mode in (STEP_PER_CHANNEL, STEP_SHARED), f"chunk {k}: unknown step mode {mode}")
         pos += 1
+        modes.append(mode)
         n_steps = ch if mode == STEP_PER_CHANNEL else 1
         nb = ch * pdt.itemsize
         _need(pos + nb + n_steps * pdt.itemsize <= len(raw), f"chunk {k}: truncated parameters")
@@ -433,4 +435,4 @@ def parse_lossy_chunk(container: Container, k: int, verify: bool = True) -> Loss
     _need(pos + 4 * total_words == len(raw), f"chunk {k}: stream lengths do not add up to the chunk size")
     words = np.frombuffer(raw, dtype="<u4", count=total_words, offset=pos)
     ends = np.cumsum(lengths, dtype=np.int64)
-    return LossyChunk(k, blocks, exps, lo, step, lengths, ends, words, first)
+    return LossyChunk(k, blocks, exps, lo, modes, step, lengths, ends, words, first)
