@@ -11,8 +11,9 @@ Every input KV cache is built from a seeded numpy RNG. The .cgk bytes are whatev
 zstd level, table clustering and even the zstd library version can change the bytes), so a
 later re-run may legitimately produce different bytes. The committed files are the reference:
 a golden vector only changes together with a container format version bump
-(codec_spec/FORMAT.md, "Versioning"). The one exception so far: all vectors were regenerated with
---force by the pre-release revision of v1 that added token scaling (FORMAT.md section 17).
+(codec_spec/FORMAT.md, "Versioning"). The exceptions so far: all vectors were regenerated with
+--force by the two pre-release revisions of v1 (FORMAT.md section 17): the one that added token
+scaling, and the one that added the per-block step mode byte (one shared step stored once).
 
 Expected outputs (NAME.expected.npz) are the decoded arrays ``layer{i}.key`` / ``layer{i}.value``
 with shape [batch, heads, tokens, head_dim]; float16 and float32 are stored as such, bfloat16 as
@@ -75,7 +76,7 @@ def v_default_fp16():
     # 4 layers, GQA-style 2 KV heads of dim 16, 300 tokens: chunks of 256 + 44 (partial last).
     kv = [layer_pair(rng, 1, 2, 300, 16) for _ in range(4)]
     return to_torch(kv, torch.float16), "default", {}, \
-        "preset default (K 6 / V 5 bits, token scaling, shared step, group 1, 8 channels/stream), fp16, 4 layers, " \
+        "preset default (K 6 / V 5 bits, token scaling, shared step: step mode 1 in every block, group 1, 8 channels/stream), fp16, 4 layers, " \
         "2 chunks (256 + 44 tokens)"
 
 
@@ -84,7 +85,7 @@ def v_paper_fp16():
     # The CacheGen paper layout: 8/6/4 bits by layer thirds, anchor-delta groups of 10, per-channel ranges.
     kv = [layer_pair(rng, 1, 2, 300, 16) for _ in range(3)]
     return to_torch(kv, torch.float16), "cachegen-paper", {}, \
-        "preset cachegen-paper (8/6/4 bits by layer thirds, anchor-delta groups of 10, no token scaling), fp16, " \
+        "preset cachegen-paper (8/6/4 bits by layer thirds, anchor-delta groups of 10, no token scaling, per-channel steps: step mode 0 in every block), fp16, " \
         "3 layers, 2 chunks (256 + 44 tokens)"
 
 
@@ -96,7 +97,7 @@ def v_small_batch2_fp32():
     # Layer 2: value heads/dim differ from key heads/dim (allowed by the format).
     kv[2] = layer_pair(rng, 2, 2, 37, 8, v_heads=1, v_dim=12)
     return to_torch(kv, torch.float32), "small", {}, \
-        "preset small (K 5 / V 4 bits, token scaling, shared step), fp32, batch 2, 37 tokens, fp32 quantizer parameters, K/V shapes differ in layer 2"
+        "preset small (K 5 / V 4 bits, token scaling, shared step: step mode 1), fp32, batch 2, 37 tokens, fp32 quantizer parameters, K/V shapes differ in layer 2"
 
 
 HYBRID_CONFIG = CodecConfig(name="hybrid-g1", key_bits=(8, 8, 6, 6, 5, 4), value_bits=(6, 6, 5, 5, 4, 3),
@@ -156,7 +157,8 @@ def v_tiny_example():
     k = np.array([[[[0.0, 1.0], [0.5, 1.5], [1.0, 1.0], [1.5, 0.5], [-0.25, 2.0]]]], dtype=np.float32)
     v = np.array([[[[2.0, -1.0], [2.5, -1.0], [3.0, -0.5], [2.0, 0.0], [1.0, 1.0]]]], dtype=np.float32)
     return to_torch([(k, v)], torch.float16), TINY_CONFIG, {}, \
-        "worked example of FORMAT.md: 1 layer, 1 head x 2, 5 tokens, chunk 4, group 2, 2/3 bits, fp16"
+        "worked example of FORMAT.md: 1 layer, 1 head x 2, 5 tokens, chunk 4, group 2, 2/3 bits, fp16; " \
+        "step modes 0 and 1 in one chunk"
 
 
 TOKEN_SCALED_CONFIG = CodecConfig(name="token-scaled-g4", key_bits=6, value_bits=(5, 4), group_size=4,

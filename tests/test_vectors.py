@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -202,11 +203,12 @@ def test_token_scaled_worked_element():
     n_layers, n_chunks = _fixed_header(data)[6:8]
     assert 16 + header_size == 630
     offset, size, _ = struct.unpack_from("<QII", data, 16 + 32 + 16 * n_layers + 16 * 2)
-    assert offset == 5820
+    assert offset == 5828
     start = 630 + offset
     assert data[start:start + 22] == bytes.fromhex("7b758d88807a7d7a819691" "838d907f7e870088898a81")
-    assert data[start + 22:start + 26] == bytes.fromhex("0abb56c2")
-    assert data[start + 22 + 32:start + 22 + 34] == bytes.fromhex("8928")    # step[0] = f16 0x2889
+    assert data[start + 22] == 0                                             # step mode 0 (per-channel)
+    assert data[start + 23:start + 27] == bytes.fromhex("0abb56c2")          # lo[0..1], payload offset 5851
+    assert data[start + 23 + 32:start + 23 + 38] == bytes.fromhex("8928f52c5d29")  # step[0..2], step[0] = f16 0x2889
     with np.load(VECTORS / "token_scaled_fp16.expected.npz") as exp:
         assert exp["layer0.key"][1, 0, 74, 0].view(np.uint16) == 0x3127
     # The three separately rounded fp32 operations of section 12, step 3.
@@ -214,3 +216,150 @@ def test_token_scaled_worked_element():
     scale = np.uint32(0x3F8B95C2).view(np.float32)
     y = np.float32(np.float32(np.float32(st * np.float32(29)) + lo) * scale)
     assert y.view(np.uint32) == 0x3E24D64A and np.float16(y).view(np.uint16) == 0x3127
+
+
+# ------------------------------------------------------------------ step modes (FORMAT.md 9, 15.1 36a/36b)
+
+def _parse_lossy_blocks(data: bytes) -> list[dict]:
+    """Walk every complete chunk of a lossy container by FORMAT.md section 9 alone (no cachegen):
+    per block its chunk, layer, kv, channel count, file offset of the step-mode byte, the mode and
+    the stored steps. Also checks that the parameters, directory and words fill each chunk exactly
+    (the chunk size formula of section 9)."""
+    header_size = struct.unpack_from("<I", data, 8)[0]
+    pay = 16 + header_size
+    dt, pdt, g, cps, B, C, n_layers, n_chunks, _, _, ts, _, _ = _fixed_header(data)
+    layers = [struct.unpack_from("<IHHHHBBH", data, 48 + 16 * i) for i in range(n_layers)]
+    p = {1: 2, 2: 4}[pdt]
+    out = []
+    for k in range(n_chunks):
+        off, size, _ = struct.unpack_from("<QII", data, 48 + 16 * n_layers + 16 * k)
+        if pay + off + size > len(data):
+            break                                            # cut short (prefix_partial)
+        pos, end, n_streams, fixed = pay + off, pay + off + size, 0, 0
+        for i, (T, kh, kd, vh, vd, _, _, _) in enumerate(layers):
+            n = max(0, min(C, T - k * C))
+            if n == 0:
+                continue
+            for kv, ch in ((0, kh * kd), (1, vh * vd)):
+                pos += ts * B * n
+                mode = data[pos]
+                assert mode in (0, 1)
+                ns = ch if mode == 0 else 1
+                steps = data[pos + 1 + ch * p:pos + 1 + (ch + ns) * p]
+                out.append(dict(chunk=k, layer=i, kv=kv, channels=ch, at=pos, mode=mode, steps=steps, p=p))
+                fixed += ts * B * n + 1 + (ch + ns) * p
+                pos += 1 + (ch + ns) * p
+                n_streams += -(-ch // cps)
+        assert pos <= end
+        words = struct.unpack_from(f"<{n_streams}I", data, pos)
+        assert size == fixed + 4 * n_streams + 4 * sum(words)
+    return out
+
+
+def _rebuild(data: bytes, chunks: list[bytes]) -> bytes:
+    """A container with new chunk payloads: chunk index (offsets, sizes, CRCs) and header CRC redone."""
+    header_size = struct.unpack_from("<I", data, 8)[0]
+    n_layers, n_chunks = _fixed_header(data)[6:8]
+    header = bytearray(data[16:16 + header_size])
+    assert len(chunks) == n_chunks
+    off = 0
+    for k, c in enumerate(chunks):
+        struct.pack_into("<QII", header, 32 + 16 * n_layers + 16 * k, off, len(c), zlib.crc32(c) & 0xFFFFFFFF)
+        off += len(c)
+    pre = bytearray(data[:16])
+    struct.pack_into("<I", pre, 12, zlib.crc32(header) & 0xFFFFFFFF)
+    return bytes(pre) + bytes(header) + b"".join(chunks)
+
+
+def _chunks(data: bytes) -> list[bytes]:
+    header_size = struct.unpack_from("<I", data, 8)[0]
+    n_layers, n_chunks = _fixed_header(data)[6:8]
+    out = []
+    for k in range(n_chunks):
+        off, size, _ = struct.unpack_from("<QII", data, 48 + 16 * n_layers + 16 * k)
+        out.append(data[16 + header_size + off:16 + header_size + off + size])
+    return out
+
+
+def _restore_as_mode0(data: bytes) -> bytes:
+    """The container with every step-mode-1 block re-stored as step mode 0 (its step repeated per
+    channel), chunk index and CRCs redone: valid by FORMAT.md section 9, same decoded output."""
+    chunks = [bytearray(c) for c in _chunks(data)]
+    starts = [len(data) - sum(len(c) for c in chunks[k:]) for k in range(len(chunks))]
+    for blk in reversed(_parse_lossy_blocks(data)):             # back to front: offsets stay valid
+        if blk["mode"] != 1:
+            continue
+        c, at = chunks[blk["chunk"]], blk["at"] - starts[blk["chunk"]]
+        s_at = at + 1 + blk["channels"] * blk["p"]
+        c[at] = 0
+        c[s_at:s_at + blk["p"]] = blk["steps"] * blk["channels"]
+    return _rebuild(data, [bytes(c) for c in chunks])
+
+
+def test_vectors_cover_both_step_modes():
+    modes = {}
+    for name in LOSSY:
+        blocks = _parse_lossy_blocks((VECTORS / ENTRIES[name]["file"]).read_bytes())
+        assert blocks, name
+        modes[name] = {b["mode"] for b in blocks}
+        for b in blocks:
+            vals = [b["steps"][j:j + b["p"]] for j in range(0, len(b["steps"]), b["p"])]
+            # the reference encoder's rule (FORMAT.md 18): mode 1 iff all steps bitwise equal
+            assert b["mode"] == 0 and len(vals) == b["channels"] and len(set(vals)) > 1 or \
+                b["mode"] == 1 and len(vals) == 1, (name, b)
+    assert set().union(*modes.values()) == {0, 1}
+    assert modes["default_fp16"] == modes["small_batch2_fp32"] == {1}        # scale_sharing 1
+    assert modes["paper_fp16"] == modes["token_scaled_fp16"] == {0}          # scale_sharing 0 / 0.5
+    assert modes["tiny_example"] == {0, 1}                                   # both in one chunk (19.1)
+    tiny = _parse_lossy_blocks((VECTORS / "tiny_example.cgk").read_bytes())
+    assert [(b["chunk"], b["kv"], b["mode"], b["at"]) for b in tiny] == \
+        [(0, 0, 0, 0x9B), (0, 1, 1, 0xA4), (1, 0, 1, 0xCB), (1, 1, 1, 0xD2)]
+
+
+@pytest.mark.parametrize("decoder", ["reference", "lockstep"])
+@pytest.mark.parametrize("bad", [2, 0x80, 0xFF])
+def test_unknown_step_mode_rejected(decoder, bad):
+    data = (VECTORS / "tiny_example.cgk").read_bytes()
+    for blk in _parse_lossy_blocks(data):
+        chunks = _chunks(data)
+        k = blk["chunk"]
+        start = len(data) - sum(len(c) for c in chunks[k:])     # file offset of chunk k
+        c = bytearray(chunks[k])
+        c[blk["at"] - start] = bad
+        chunks[k] = bytes(c)
+        bad_data = _rebuild(data, chunks)                       # CRCs fixed: only the mode is wrong
+        with pytest.raises(cachegen.FormatError, match="unknown step mode"):
+            cachegen.decode(bad_data, decoder=decoder)          # verify (CRC checks) on, the default
+
+
+def test_step_mode_0_with_equal_steps_decodes_identically():
+    """A decoder must accept either mode in any block (FORMAT.md 9): re-store every mode-1 block of
+    tiny_example with mode 0 and its step repeated per channel; the output must not change."""
+    data = (VECTORS / "tiny_example.cgk").read_bytes()
+    widened = _restore_as_mode0(data)
+    assert len(widened) == len(data) + 3 * 2                    # three mode-1 blocks of 2 channels, f16
+    assert {b["mode"] for b in _parse_lossy_blocks(widened)} == {0}
+    with np.load(VECTORS / "tiny_example.expected.npz") as exp:
+        for decoder in ("reference", "lockstep"):
+            _check_equal(cachegen.decode(widened, decoder=decoder), exp, "tiny_example (mode 0)")
+
+
+@pytest.mark.parametrize("keep", [0, 1, 4, 6])
+def test_truncated_parameters_rejected(keep):
+    """Check 36a: chunk 1 of tiny_example cut to `keep` bytes (inside the first block's step mode,
+    lo or step), chunk size and CRCs fixed."""
+    data = (VECTORS / "tiny_example.cgk").read_bytes()
+    chunks = _chunks(data)
+    chunks[1] = chunks[1][:keep]
+    with pytest.raises(cachegen.FormatError, match="truncated parameters"):
+        cachegen.decode(_rebuild(data, chunks))
+
+
+def test_inspect_counts_stored_step_mode():
+    """inspect()'s byte accounting follows the stored step-mode byte, not the step values: a
+    mode-0 block with equal steps (valid, FORMAT.md 9) still counts N_ch stored steps."""
+    data = (VECTORS / "tiny_example.cgk").read_bytes()
+    assert sum(l["bytes"] for l in cachegen.inspect(data)["per_layer"]) == len(data) - 155
+    widened = _restore_as_mode0(data)
+    info = cachegen.inspect(widened)
+    assert sum(l["bytes"] for l in info["per_layer"]) == len(widened) - info["header_bytes"]
