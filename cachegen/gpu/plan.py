@@ -8,6 +8,8 @@ the chunk's layout (which layers have how many tokens) are built once per layout
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
@@ -104,8 +106,16 @@ def build_plan(container: Container, verify: bool = True, bt: int = 32, bc: int 
     parts = {k: [] for k in ("wbyte", "wcnt", "nsym", "per", "na", "tbase", "blk", "tiles", "lo", "step", "exps")}
     s_base = p_base = e_base = b_base = 0
     C = h.chunk_tokens
-    for k in range(container.n_chunks):
-        ch = parse_lossy_chunk(container, k, verify)
+    # Chunks are parsed and validated by the container parser, in parallel (CRC and numpy checks
+    # release the GIL); the plan is then assembled in chunk order.
+    n = container.n_chunks
+    if n > 2:
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
+            parsed = list(ex.map(lambda k: parse_lossy_chunk(container, k, verify), range(n)))
+    else:
+        parsed = [parse_lossy_chunk(container, k, verify) for k in range(n)]
+    for k in range(n):
+        ch = parsed[k]
         key = tuple(ch.blocks)
         lay = layouts.get(key)
         if lay is None:
