@@ -264,3 +264,53 @@ def test_concurrent_writers_and_readers(tmp_path):
     assert sum(r[3] for r in res) == 0                              # no torn/corrupt reads
     assert not [p for p in root.rglob(".tmp.*")]                    # no temp files left
     assert DirectoryBackend(root).total_bytes() <= 400_000 + 4 * 20_000
+
+
+# ----------------------------------------------------------------------------- index merge
+
+class _SlowIndexReads(DirectoryBackend):
+    """Reads of index entries take a while: two writers' read-modify-write cycles overlap."""
+
+    def get(self, key):
+        v = super().get(key)
+        if key.endswith(".idx"):
+            time.sleep(0.02)
+        return v
+
+
+@pytest.mark.parametrize("rounds", [3])
+def test_concurrent_writers_adding_different_levels_merge_the_index(tmp_path, rounds):
+    import threading
+    ids = prompt(4 * C + 1)
+    for rnd in range(rounds):
+        root = tmp_path / f"r{rnd}"
+        stores = [make_store(_SlowIndexReads(root), levels=(lv,))[0] for lv in ("default", "small")]
+        _, kv = FakeRunner().prefill(ids)
+        barrier = threading.Barrier(2)
+
+        def write(st):
+            barrier.wait()
+            st.put(ids, kv)
+
+        ths = [threading.Thread(target=write, args=(st,)) for st in stores]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join()
+        m = make_store(DirectoryBackend(root), levels=("default",))[0].lookup(ids)
+        assert len(m) == 4
+        for ref in m.chunks:
+            assert set(ref.levels) == {"default", "small"}, ref.levels   # neither level's listing lost
+
+
+def test_index_merge_keeps_other_levels_and_replaces_a_corrupt_index(tmp_path):
+    st, r = make_store(DirectoryBackend(tmp_path), levels=("default",))
+    ids = prompt(2 * C + 1)
+    _, kv = r.prefill(ids)
+    st.put(ids, kv)
+    st.put(ids, kv, levels=("small",))
+    assert all(set(c.levels) == {"default", "small"} for c in st.lookup(ids).chunks)
+    h = st.lookup(ids).chunks[0].hash
+    st.backend.put(st.index_key(h), b"garbage")
+    st.put(ids, kv, levels=("raw",), skip_existing=False)
+    assert set(st.lookup(ids).chunks[0].levels) == {"raw"}     # a corrupt index is replaced, not merged

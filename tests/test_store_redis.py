@@ -155,3 +155,33 @@ def test_redis_eviction_allkeys_lru():
         loader = StreamingLoader(store, r, BandwidthEstimator(1e9), CostModel(recompute_s=1.0), allow_text=False)
         kv, rep = loader.restore(new[-1])
         assert [e.used for e in rep.events][3] == "text" and rep.restored_tokens == 7 * C  # all but the last token
+
+
+def test_redis_concurrent_writers_adding_different_levels_merge_the_index(redis_server):
+    import threading
+
+    class SlowIndex(RedisBackend):
+        def get_many(self, keys):
+            v = super().get_many(keys)
+            if any(k.endswith(".idx") for k in keys):
+                time.sleep(0.02)
+            return v
+
+    r = FakeRunner()
+    fp = fingerprint_from_runner(r, "fake", chunk_tokens=C)
+    stores = [KVStore(SlowIndex(redis_server.url, socket_timeout=2), fp, levels=(lv,)) for lv in ("default", "small")]
+    ids = prompt(4 * C + 1)
+    _, kv = r.prefill(ids)
+    barrier = threading.Barrier(2)
+
+    def write(st):
+        barrier.wait()
+        st.put(ids, kv)
+
+    ths = [threading.Thread(target=write, args=(st,)) for st in stores]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join()
+    m = KVStore(RedisBackend(redis_server.url), fp).lookup(ids)
+    assert len(m) == 4 and all(set(c.levels) == {"default", "small"} for c in m.chunks)

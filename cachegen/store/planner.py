@@ -21,9 +21,13 @@ the prefix (the part of TTFT this plan controls) is the makespan of a two-stage 
   the best-quality plan; ties keep the better quality, and a quality loss must buy at least
   ``min_gain`` of a chunk's mean time -- a lower level does not speed up a decode-bound stream).
 
-Recomputing from text is exact (quality 1.0); codec levels get a quality score (defaults below,
-or measured ones passed in ``quality``). Raw fp16 is scored just below text (it is near-exact but
-4x the bytes of "default"); the loader leaves it out unless it is asked for by name.
+Codec levels get a quality score (defaults below, or measured ones passed in ``quality``).
+Recomputing from text is exact, but by default it is scored *below* every level: CacheGen's rule
+is "the best level whose transfer fits, else text" -- text is the fallback that takes the link off
+the critical path, not an upgrade (scored as exact, it was picked whenever the prediction said it
+"fit", and one mispredicted recompute on a loaded CPU costs seconds). Pass ``quality={TEXT: 1.0}``
+to prefer exact recompute when it fits. Raw fp16 is near-exact (0.999) but 4x the bytes of
+"default"; the loader leaves it out unless it is asked for by name.
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ TEXT = "text"
 
 #: Utility of a chunk restored at each level (1.0 = exact). Only the order and the rough gaps
 #: matter to the planner; pass measured values (e.g. 1 - normalized KL) to calibrate.
-DEFAULT_QUALITY: dict[str, float] = {TEXT: 1.0, "raw": 0.999, "lossless": 0.999, "high": 0.995,
+DEFAULT_QUALITY: dict[str, float] = {TEXT: 0.9, "raw": 0.999, "lossless": 0.999, "high": 0.995,
                                      "default": 0.99, "cachegen-paper": 0.99, "small": 0.97}
 _UNKNOWN_QUALITY = 0.95
 
@@ -187,22 +191,32 @@ def plan_stream(chunks: Sequence[ChunkCosts], bandwidth_Bps: float, budget_s: Op
     # loses quality must save at least ``min_gain`` of a chunk's mean time: when decoding, not
     # the link, is the bottleneck, a smaller level saves next to nothing (and cost estimates are
     # noisier than that), so the better level is kept.
-    if budget_s is not None:
-        cur = best_q.copy()
-        t = evaluate(cur)
-    while True:
-        ts, dq = candidates(cur)
-        gain = t - ts
-        need = np.where(dq < -1e-12, min_gain * t / n, 1e-9)
-        ok = gain > need
-        if not ok.any():
-            break
-        g = np.where(ok, gain, -np.inf)
-        top = g.max()
-        best = np.flatnonzero(g >= top - 1e-9)
-        b = best[np.argmax(dq[best])]
-        cur[cand_i[b]] = cand_j[b]
-        t = float(ts[b])
+    # (two starts: the best-quality plan and the per-chunk cheapest options; the faster result
+    # wins, ties to the better quality)
+    def descend(c: np.ndarray) -> tuple[np.ndarray, float]:
+        t = evaluate(c)
+        while True:
+            ts, dq = candidates(c)
+            gain = t - ts
+            need = np.where(dq < -1e-12, min_gain * t / n, 1e-9)
+            ok = gain > need
+            if not ok.any():
+                return c, t
+            g = np.where(ok, gain, -np.inf)
+            top = g.max()
+            best = np.flatnonzero(g >= top - 1e-9)
+            b = best[np.argmax(dq[best])]
+            c[cand_i[b]] = cand_j[b]
+            t = float(ts[b])
+
+    cheap = np.array([min(range(len(o)), key=lambda j, i=i: (NET[i, j] + CMP[i, j], -Q[i, j]))
+                      for i, o in enumerate(opts)])
+    results = [descend(best_q.copy()), descend(cheap)]
+    results.sort(key=lambda r: r[1])
+    cur, t = results[0]
+    for c2, t2 in results[1:]:
+        if t2 <= t + min_gain * t / n and Q[rows, c2].sum() > Q[rows, cur].sum():
+            cur, t = c2, t2
     return _finish(cur, t, budget_s is None or t <= budget_s + eps, opts, NET, CMP, Q, rows, tail_s)
 
 
