@@ -12,6 +12,8 @@ and the generated answer.
 """
 from __future__ import annotations
 
+from .errors import ConfigError
+
 import json
 import os
 import sys
@@ -86,7 +88,7 @@ def run_demo(model: str = "smollm2", text: Optional[str] = None, preset: str = "
             print(msg, file=sys.stderr, flush=True)
 
     if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        raise ConfigError(f"device must be 'cpu' or 'cuda', got {device!r}")
     precision = precision or ("fp32" if device == "cpu" else "fp16")
     builtin = text is None
     text = demo_text() if builtin else text

@@ -21,6 +21,8 @@ generation feeds ``x_0`` after the cache and decodes ``generate_tokens`` tokens.
 """
 from __future__ import annotations
 
+from .errors import InputError
+
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -139,7 +141,7 @@ def evaluate_kv(runner, kv, restored, continuation_ids: Sequence[int], generate_
     """Compare an original cache and its restored version (see module docstring)."""
     cont = [int(t) for t in continuation_ids]
     if len(cont) < 2:
-        raise ValueError("the continuation needs at least 2 tokens")
+        raise InputError("the continuation needs at least 2 tokens")
     lo = runner.score(kv, cont)
     lr = runner.score(restored, cont)
     cmp = compare_logits(lo[:-1], lr[:-1], cont[1:])
@@ -186,11 +188,11 @@ def evaluate(runner, text_or_ids: Union[str, Sequence[int]],
         if codec_round_trip is None:
             config = "default"
         else:
-            raise ValueError("give either codec_round_trip or config, not both")
+            raise InputError("give either codec_round_trip or config, not both")
     ids = runner.encode(text_or_ids) if isinstance(text_or_ids, str) else [int(t) for t in text_or_ids]
     n_cont = int(continuation_tokens)
     if len(ids) < n_cont + 2:
-        raise ValueError(f"need more than {n_cont + 2} tokens, got {len(ids)}")
+        raise InputError(f"need more than {n_cont + 2} tokens, got {len(ids)}")
     n_ctx = min(int(context_tokens), len(ids) - n_cont)
     ctx, cont = ids[:n_ctx], ids[n_ctx:n_ctx + n_cont]
 

@@ -25,6 +25,8 @@ renamed into place atomically, so a crashed build never leaves a half-written ca
 """
 from __future__ import annotations
 
+from ..errors import ConfigError
+
 import importlib.util
 import json
 import os
@@ -89,7 +91,7 @@ def gguf_path(name: str) -> Path:
 
 def _check_name(name: str) -> None:
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; expected one of {MODELS}")
+        raise ConfigError(f"unknown model {name!r}; expected one of {MODELS}")
 
 
 def _tool_versions() -> str:
@@ -274,11 +276,11 @@ def export_model(name: str = "smollm2", precision: str = "fp32", provider: str =
     """
     _check_name(name)
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if provider not in PROVIDERS:
-        raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+        raise ConfigError(f"provider must be one of {PROVIDERS}, got {provider!r}")
     if precision == "fp32" and provider == "cuda":
-        raise ValueError("the model builder produces an invalid fp32 CUDA graph; use precision='fp16'")
+        raise ConfigError("the model builder produces an invalid fp32 CUDA graph; use precision='fp16'")
 
     final = model_cache_path(name, precision, provider, cache_dir)
     if _is_complete(final) and not force:

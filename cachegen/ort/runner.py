@@ -22,6 +22,8 @@ so the attention kernel never reads them); outputs of such calls are trimmed aga
 """
 from __future__ import annotations
 
+from ..errors import InputError
+
 import json
 import os
 import re
@@ -88,7 +90,7 @@ class OrtRunner:
         if self.model_dir.is_file():
             self.model_dir = self.model_dir.parent
         if provider not in ("cpu", "cuda"):
-            raise ValueError(f"provider must be 'cpu' or 'cuda', got {provider!r}")
+            raise InputError(f"provider must be 'cpu' or 'cuda', got {provider!r}")
         self.provider = provider
         self.device_id = device_id
         so = session_options or ort.SessionOptions()
@@ -157,7 +159,7 @@ class OrtRunner:
             if m:
                 present[m] = n
         if not past:
-            raise ValueError(f"no past KV inputs found in {sorted(ins)}")
+            raise InputError(f"no past KV inputs found in {sorted(ins)}")
         n_layers = max(i for i, _ in past) + 1
         past_names, present_names = [], []
         for i in range(n_layers):
@@ -165,14 +167,14 @@ class OrtRunner:
                 past_names.append((past[(i, "key")], past[(i, "value")]))
                 present_names.append((present[(i, "key")], present[(i, "value")]))
             except KeyError as e:
-                raise ValueError(f"layer {i}: missing past/present KV name {e}") from None
+                raise InputError(f"layer {i}: missing past/present KV name {e}") from None
         first = ins[past_names[0][0]]
         shape = list(first.shape)
         dtype = np.dtype(_ORT_TO_NP.get(first.type, np.float32))
         heads = shape[1] if isinstance(shape[1], int) else self._meta.get("num_kv_heads")
         hd = shape[3] if isinstance(shape[3], int) else self._meta.get("head_dim")
         if heads is None or hd is None:
-            raise ValueError("cannot determine KV heads / head_dim from the graph or its configs")
+            raise InputError("cannot determine KV heads / head_dim from the graph or its configs")
         self._input_names = set(ins)
         self._logits_name = "logits" if "logits" in outs else next(iter(outs))
         logit_shape = outs[self._logits_name].shape
@@ -225,7 +227,7 @@ class OrtRunner:
         if a.ndim == 1:
             a = a[None, :]
         if a.ndim != 2 or a.shape[1] == 0:
-            raise ValueError(f"input_ids must be [T] or [B, T] with T >= 1, got shape {a.shape}")
+            raise InputError(f"input_ids must be [T] or [B, T] with T >= 1, got shape {a.shape}")
         return np.ascontiguousarray(a, dtype=self._ids_dtype)
 
     def _device_is_cuda(self) -> bool:
@@ -278,22 +280,22 @@ class OrtRunner:
     def _normalize_kv(self, kv, batch: int):
         """Check a cache; return (layers, total_length, trimmed?) with trimmed layers padded."""
         if len(kv) != self.num_layers:
-            raise ValueError(f"cache has {len(kv)} layers, the model {self.num_layers}")
+            raise InputError(f"cache has {len(kv)} layers, the model {self.num_layers}")
         total = self.kv_length(kv)
         trimmed = False
         out = []
         for i, (k, v) in enumerate(kv):
             ks, vs = tuple(k.shape), tuple(v.shape)
             if ks != vs or len(ks) != 4:
-                raise ValueError(f"layer {i}: key {ks} and value {vs} must both be [B, H, T, D]")
+                raise InputError(f"layer {i}: key {ks} and value {vs} must both be [B, H, T, D]")
             if ks[0] != batch or ks[1] != self.num_kv_heads or ks[3] != self.head_dim:
-                raise ValueError(f"layer {i}: KV shape {ks} does not fit batch {batch}, "
+                raise InputError(f"layer {i}: KV shape {ks} does not fit batch {batch}, "
                                  f"{self.num_kv_heads} heads, head_dim {self.head_dim}")
             t = ks[2]
             if t < total:
                 w = self.windows[i]
                 if w is None or t < min(w, total):
-                    raise ValueError(f"layer {i} has {t} tokens but the cache covers {total}; only "
+                    raise InputError(f"layer {i} has {t} tokens but the cache covers {total}; only "
                                      f"sliding-window layers may be trimmed (to >= their window)")
                 trimmed = True
                 k, v = self._pad_front(k, total), self._pad_front(v, total)
@@ -419,10 +421,10 @@ class OrtRunner:
         ``stop_at_eos``. With ``return_kv=True`` returns ``(tokens, kv)``.
         """
         if input_ids is None:
-            raise ValueError("generate needs input_ids (the prompt, or the tokens after kv)")
+            raise InputError("generate needs input_ids (the prompt, or the tokens after kv)")
         ids = self._ids_array(input_ids)
         if ids.shape[0] != 1:
-            raise ValueError("generate supports batch 1")
+            raise InputError("generate supports batch 1")
         rng = np.random.default_rng(seed)
         trimmed = False
         if kv is None:
