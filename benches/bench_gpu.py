@@ -257,7 +257,7 @@ def sweep(models, tokens: int = 8192) -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="*", default=[1024, 4096, 8192, 16384, 32768])
-    ap.add_argument("--models", nargs="*", default=list(MODELS))
+    ap.add_argument("--models", nargs="*", default=["smollm2", "gemma3"])
     ap.add_argument("--cpu-max", type=int, default=4096, help="run the CPU decoder up to this many tokens")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--make-data", action="store_true")

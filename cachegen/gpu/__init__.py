@@ -68,8 +68,19 @@ def prepare(container: Container, device, verify: bool = True, lut_bits: int = L
     nprog = -(-plan.n_streams // block)
     pad = nprog * block - plan.n_streams
     steps = np.pad(plan.nsym, (0, pad)).reshape(nprog, block).max(axis=1) if nprog else np.zeros(0, np.int32)
+    # Stream words as aligned 32-bit words: one copy of the payload per byte alignment in use
+    # (chunks start at any byte), each stream indexed into the copy that aligns it.
+    rel = plan.wbyte - container.payload_start
+    mis = rel % 4
+    segs, seg_base, off = [], np.zeros(4, dtype=np.int64), 0
+    for al in np.unique(mis) if mis.size else []:
+        nw = (raw.size - int(al)) // 4
+        segs.append(blob[int(al):int(al) + 4 * nw].clone().view(torch.int32))
+        seg_base[al] = off
+        off += nw
+    words = torch.cat(segs) if segs else torch.zeros(1, dtype=torch.int32, device=device)
     a = {
-        "wbyte": _dev(plan.wbyte - container.payload_start, device),
+        "wbyte": _dev(seg_base[mis] + (rel - mis) // 4, device),
         "wcnt": _dev(plan.wcnt, device), "nsym": _dev(plan.nsym, device), "per": _dev(plan.per, device),
         "na": _dev(plan.n_anchor, device), "tbase": _dev(plan.tbase, device), "ids": _dev(plan.ids, device),
         "lut": _dev(lut, device), "cdf": _dev(cdf, device), "steps": _dev(steps.astype(np.int32), device),
@@ -81,7 +92,7 @@ def prepare(container: Container, device, verify: bool = True, lut_bits: int = L
     }
     sym_dtype = torch.uint8 if plan.max_symbol < 256 else torch.int16
     search_iters = int(np.ceil(np.log2(span + 1))) if span > 0 else 0
-    return Prepared(plan, blob, a, sym_dtype, search_iters, packed)
+    return Prepared(plan, words, a, sym_dtype, search_iters, packed)
 
 
 def launch(prep: Prepared, bufs: Sequence[Sequence[torch.Tensor]], container: Container, *,

@@ -21,18 +21,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _word(blob_ptr, wb, idx, mask):
-    """Little-endian u32 at byte offset wb + 4 * idx of the container bytes, as uint64."""
-    p = blob_ptr + wb + idx.to(tl.int64) * 4
-    b0 = tl.load(p, mask=mask, other=0).to(tl.uint64)
-    b1 = tl.load(p + 1, mask=mask, other=0).to(tl.uint64)
-    b2 = tl.load(p + 2, mask=mask, other=0).to(tl.uint64)
-    b3 = tl.load(p + 3, mask=mask, other=0).to(tl.uint64)
-    return b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)
+def _word(words_ptr, wb, idx, mask):
+    """Word idx of the stream starting at word wb of the aligned word buffer, as uint64."""
+    return tl.load(words_ptr + wb + idx, mask=mask, other=0).to(tl.uint32).to(tl.uint64)
 
 
 @triton.jit
-def ans_decode_kernel(blob_ptr, wbyte_ptr, wcnt_ptr, nsym_ptr, per_ptr, na_ptr, tbase_ptr,
+def ans_decode_kernel(words_ptr, wbyte_ptr, wcnt_ptr, nsym_ptr, per_ptr, na_ptr, tbase_ptr,
                       ids_ptr, lut_ptr, cdf_ptr, steps_ptr, sym_ptr, err_ptr,
                       n_streams, cdf_stride, search_iters,
                       CPS: tl.constexpr, ROLES: tl.constexpr, LUT_BITS: tl.constexpr,
@@ -47,12 +42,12 @@ def ans_decode_kernel(blob_ptr, wbyte_ptr, wcnt_ptr, nsym_ptr, per_ptr, na_ptr, 
     na = tl.load(na_ptr + lane, mask=m, other=0)
     tb = tl.load(tbase_ptr + lane, mask=m, other=0)
 
-    last = _word(blob_ptr, wb, ptr - 1, ptr > 0)
+    last = _word(words_ptr, wb, ptr - 1, ptr > 0)
     bad = (ptr > 0) & (last == 0)
     x = tl.zeros([BLOCK], dtype=tl.uint64)
-    for _ in tl.static_range(2):
+    for _k in tl.static_range(2):
         need = ((x >> 32) == 0) & (ptr > 0)
-        w = _word(blob_ptr, wb, ptr - 1, need)
+        w = _word(words_ptr, wb, ptr - 1, need)
         x = tl.where(need, (x << 32) | w, x)
         ptr = ptr - need.to(tl.int32)
 
@@ -60,15 +55,9 @@ def ans_decode_kernel(blob_ptr, wbyte_ptr, wcnt_ptr, nsym_ptr, per_ptr, na_ptr, 
     pos = tl.zeros([BLOCK], dtype=tl.int32)
     n_steps = tl.load(steps_ptr + pid)
     srow = lane.to(tl.int64)            # symbol buffer offset of (step s, this stream)
+    tid = tl.load(ids_ptr + tb, mask=m, other=0)
     for s in range(0, n_steps):
         active = s < nsym
-        # Prefetch the word a refill would take (independent of the state).
-        w = _word(blob_ptr, wb, ptr - 1, ptr > 0)
-        if ROLES == 2:
-            role = (pos >= na).to(tl.int32)
-        else:
-            role = tl.zeros([BLOCK], dtype=tl.int32)
-        tid = tl.load(ids_ptr + tb + j * ROLES + role, mask=m & active, other=0)
         q = (x & 0xFFFFFF).to(tl.int32)
         crow = cdf_ptr + tid * cdf_stride
         if PACKED:
@@ -87,7 +76,7 @@ def ans_decode_kernel(blob_ptr, wbyte_ptr, wcnt_ptr, nsym_ptr, per_ptr, na_ptr, 
                     lo = tl.where(go, mid, lo)
                     hi = tl.where(go, hi, mid - 1)
             else:
-                for _ in range(search_iters):
+                for _it in range(search_iters):
                     mid = (lo + hi + 1) >> 1
                     go = tl.load(crow + mid, mask=hi > lo, other=0) <= q
                     lo = tl.where(go, mid, lo)
@@ -107,7 +96,7 @@ def ans_decode_kernel(blob_ptr, wbyte_ptr, wcnt_ptr, nsym_ptr, per_ptr, na_ptr, 
                     lo = tl.where(go, mid, lo)
                     hi = tl.where(go, hi, mid - 1)
             else:
-                for _ in range(search_iters):
+                for _it in range(search_iters):
                     mid = (lo + hi + 1) >> 1
                     go = tl.load(crow + mid, mask=hi > lo, other=0) <= q
                     lo = tl.where(go, mid, lo)
@@ -119,12 +108,21 @@ def ans_decode_kernel(blob_ptr, wbyte_ptr, wcnt_ptr, nsym_ptr, per_ptr, na_ptr, 
         tl.store(sym_ptr + srow, lo.to(sym_ptr.dtype.element_ty), mask=m & active)
         srow = srow + n_streams
         need = active & ((x >> 32) == 0) & (ptr > 0)
+        w = _word(words_ptr, wb, ptr - 1, need)     # only refilling lanes touch memory
         x = tl.where(need, (x << 32) | w, x)
         ptr = ptr - need.to(tl.int32)
         pos = pos + 1
         wrap = pos == per
         j = j + wrap.to(tl.int32)
         pos = tl.where(wrap, 0, pos)
+        # Table of the next symbol: changes only at a channel (or anchor/delta) boundary.
+        if ROLES == 2:
+            chg = (wrap | (pos == na)) & (s + 1 < nsym)
+            role = (pos >= na).to(tl.int32)
+        else:
+            chg = wrap & (s + 1 < nsym)
+            role = 0
+        tid = tl.where(chg, tl.load(ids_ptr + tb + j * ROLES + role, mask=chg, other=0), tid)
     bad = bad | (x != 0) | (ptr != 0)
     tl.store(err_ptr + lane, bad.to(tl.int8), mask=m)
 
@@ -141,31 +139,34 @@ def dequant_kernel(sym_ptr, n_streams, tiles_ptr, blk_ptr, out_ptr, obase_ptr, o
     c0 = tl.load(tiles_ptr + pid * 4 + 3)
     row = blk_ptr + blk.to(tl.int64) * BLK_COLS
     lk = tl.load(row + 0)
-    n = tl.load(row + 1)
+    n = tl.load(row + 1).to(tl.int32)
     tok0 = tl.load(row + 2)
     fs = tl.load(row + 3)
-    na = tl.load(row + 4)
-    nd = tl.load(row + 5)
-    levels = tl.load(row + 6)
+    na = tl.load(row + 4).to(tl.int32)
+    nd = tl.load(row + 5).to(tl.int32)
+    levels = tl.load(row + 6).to(tl.int32)
     poff = tl.load(row + 7)
     eoff = tl.load(row + 8)
-    nch = tl.load(row + 9)
+    nch = tl.load(row + 9).to(tl.int32)
 
-    t = (t0 + tl.arange(0, BT)).to(tl.int64)[:, None]
-    c = (c0 + tl.arange(0, BC)).to(tl.int64)[None, :]
+    t = (t0 + tl.arange(0, BT))[:, None]
+    c = (c0 + tl.arange(0, BC))[None, :]
     msk = (t < n) & (c < nch)
     stream = fs + c // CPS
     jj = c % CPS
     per = batch * (na + nd)
+    bi = b.to(tl.int32)
     if G == 1:
-        v = tl.load(sym_ptr + (jj * per + b * n + t) * n_streams + stream, mask=msk, other=0).to(tl.int32)
+        row_i = jj * per + bi * n + t
+        v = tl.load(sym_ptr + row_i.to(tl.int64) * n_streams + stream, mask=msk, other=0).to(tl.int32)
     else:
         g = t // G
         r = t - g * G
-        a = tl.load(sym_ptr + (jj * per + b * na + g) * n_streams + stream, mask=msk, other=0).to(tl.int32)
-        d = tl.load(sym_ptr + (jj * per + batch * na + b * nd + (t - g - 1)) * n_streams + stream,
-                    mask=msk & (r > 0), other=0).to(tl.int32)
-        v = tl.where(r == 0, a, d - (levels.to(tl.int32) - 1) + a)
+        ra = jj * per + bi * na + g
+        rd = jj * per + batch * na + bi * nd + (t - g - 1)
+        a = tl.load(sym_ptr + ra.to(tl.int64) * n_streams + stream, mask=msk, other=0).to(tl.int32)
+        d = tl.load(sym_ptr + rd.to(tl.int64) * n_streams + stream, mask=msk & (r > 0), other=0).to(tl.int32)
+        v = tl.where(r == 0, a, d - (levels - 1) + a)
     bad = msk & ((v < 0) | (v >= levels))
     nbad = tl.sum(tl.sum(bad.to(tl.int32), axis=1), axis=0)
     tl.store(err_ptr + pid, (nbad > 0).to(tl.int8))
@@ -175,17 +176,17 @@ def dequant_kernel(sym_ptr, n_streams, tiles_ptr, blk_ptr, out_ptr, obase_ptr, o
     xv = v.to(tl.float32) * st
     xv = xv + lo
     if HAS_TS:
-        e = tl.load(exp_ptr + eoff + b * n + t, mask=t < n, other=0).to(tl.int32)
+        e = tl.load(exp_ptr + eoff + bi * n + t, mask=t < n, other=0).to(tl.int32)
         xv = xv * tl.load(scale_ptr + e)
     optr = out_ptr + tl.load(obase_ptr + lk)   # element offset of this (layer, kv) tensor
     sb = tl.load(ostride_ptr + lk * 4)
     sh = tl.load(ostride_ptr + lk * 4 + 1)
     stt = tl.load(ostride_ptr + lk * 4 + 2)
     sd = tl.load(ostride_ptr + lk * 4 + 3)
-    hd = tl.load(hdim_ptr + lk)
+    hd = tl.load(hdim_ptr + lk).to(tl.int32)
     hh = c // hd
     dd = c - hh * hd
-    off = b * sb + hh * sh + (tok0 + t) * stt + dd * sd
+    off = b * sb + hh.to(tl.int64) * sh + (tok0 + t.to(tl.int64)) * stt + dd.to(tl.int64) * sd
     if OUT_BF16:
         # fp32 -> bf16, round to nearest even, on the bits (out_ptr is the buffer viewed as int16)
         u = xv.to(tl.uint32, bitcast=True)
