@@ -254,6 +254,36 @@ def sweep(models, tokens: int = 8192) -> None:
     _table(rows, ["model", "packed", "lut", "srch", "block", "iters", "kernel_ms", "GBs"])
 
 
+def dq_sweep(model: str = "smollm2", tokens: int = 8192) -> None:
+    """Dequant-kernel variants (tile shape, warps): time of phase 2 alone."""
+    from cachegen import gpu
+    from cachegen.gpu import kernels
+    dev = torch.device("cuda")
+    data = extend_container(source_container(model), tokens, MODELS[model][3])
+    c = parse_container(data)
+    nbytes = fp16_bytes(c)
+    out = gpu._alloc(c, dev)
+    rows = []
+    for bt, bc, nw in ((32, 256, 4), (32, 256, 8), (8, 256, 4), (16, 256, 4), (64, 256, 8), (64, 64, 4), (128, 64, 4)):
+        prep = gpu.prepare(c, dev, tile_t=bt, tile_c=bc)
+        kw = dict(tile_t=bt, tile_c=bc, dq_warps=nw)
+        gpu.launch(prep, out, c, **kw)
+        t_all = cuda_time(lambda: gpu.launch(prep, out, c, check=False, **kw), reps=10)
+        orig = kernels.dequant_kernel
+
+        class _Skip:
+            def __getitem__(self, grid):
+                return lambda *a, **k: None
+        kernels.dequant_kernel = _Skip()
+        try:
+            t1 = cuda_time(lambda: gpu.launch(prep, out, c, check=False, **kw), reps=10)
+        finally:
+            kernels.dequant_kernel = orig
+        rows.append(dict(bt=bt, bc=bc, warps=nw, all_ms=t_all, ans_ms=t1, dq_ms=t_all - t1,
+                         dq_GBs=nbytes / (t_all - t1) / 1e6))
+    _table(rows, ["bt", "bc", "warps", "all_ms", "ans_ms", "dq_ms", "dq_GBs"])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="*", default=[1024, 4096, 8192, 16384, 32768])
@@ -261,7 +291,11 @@ def main():
     ap.add_argument("--cpu-max", type=int, default=4096, help="run the CPU decoder up to this many tokens")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--make-data", action="store_true")
+    ap.add_argument("--dq-sweep", action="store_true")
     a = ap.parse_args()
+    if a.dq_sweep:
+        dq_sweep()
+        return
     if a.make_data:
         make_data()
         return

@@ -98,7 +98,7 @@ def prepare(container: Container, device, verify: bool = True, lut_bits: int = L
 def launch(prep: Prepared, bufs: Sequence[Sequence[torch.Tensor]], container: Container, *,
            block: int = BLOCK, num_warps: int = NUM_WARPS, search_while: bool = SEARCH_WHILE,
            lut_bits: int = LUT_BITS, tile_t: int = TILE_T, tile_c: int = TILE_C,
-           check: bool = True) -> Optional[torch.Tensor]:
+           dq_warps: int = 4, check: bool = True) -> Optional[torch.Tensor]:
     """The two kernel launches. With check=True, synchronizes and raises StreamError on bad data;
     otherwise returns the (device) error flags without synchronizing."""
     from .kernels import ans_decode_kernel, dequant_kernel
@@ -131,7 +131,7 @@ def launch(prep: Prepared, bufs: Sequence[Sequence[torch.Tensor]], container: Co
         dequant_kernel[(nt,)](
             sym, S, a["tiles"], a["blocks"], base.view(torch.int16) if bf16 else base, obase, strides, hdim, a["lo"], a["step"], a["exps"],
             a["scales"], err2, h.batch, CPS=h.channels_per_stream, G=h.group_size,
-            HAS_TS=bool(h.token_scaling), OUT_BF16=bf16, BLK_COLS=BLK_COLS, BT=tile_t, BC=tile_c, num_warps=4,
+            HAS_TS=bool(h.token_scaling), OUT_BF16=bf16, BLK_COLS=BLK_COLS, BT=tile_t, BC=tile_c, num_warps=dq_warps,
             enable_fp_fusion=False)
     if not check:
         return torch.stack([err1.any(), err2.any()])
