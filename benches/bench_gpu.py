@@ -264,7 +264,7 @@ def dq_sweep(model: str = "smollm2", tokens: int = 8192) -> None:
     nbytes = fp16_bytes(c)
     out = gpu._alloc(c, dev)
     rows = []
-    for bt, bc, nw in ((32, 256, 4), (32, 256, 8), (8, 256, 4), (16, 256, 4), (64, 256, 8), (64, 64, 4), (128, 64, 4)):
+    for bt, bc, nw in ((8, 256, 4), (8, 256, 8), (4, 256, 4), (4, 256, 2), (2, 256, 2), (2, 256, 1), (1, 256, 1), (16, 256, 8)):
         prep = gpu.prepare(c, dev, tile_t=bt, tile_c=bc)
         kw = dict(tile_t=bt, tile_c=bc, dq_warps=nw)
         gpu.launch(prep, out, c, **kw)
@@ -282,6 +282,9 @@ def dq_sweep(model: str = "smollm2", tokens: int = 8192) -> None:
         rows.append(dict(bt=bt, bc=bc, warps=nw, all_ms=t_all, ans_ms=t1, dq_ms=t_all - t1,
                          dq_GBs=nbytes / (t_all - t1) / 1e6))
     _table(rows, ["bt", "bc", "warps", "all_ms", "ans_ms", "dq_ms", "dq_GBs"])
+    best = min(rows, key=lambda r: r["dq_ms"])
+    gpu.TILE_T, gpu.TILE_C, gpu.DQ_WARPS = best["bt"], best["bc"], best["warps"]
+    print(f"using tile {best['bt']}x{best['bc']}, {best['warps']} warps", flush=True)
 
 
 def main():
@@ -295,7 +298,6 @@ def main():
     a = ap.parse_args()
     if a.dq_sweep:
         dq_sweep()
-        return
     if a.make_data:
         make_data()
         return

@@ -29,13 +29,14 @@ from .plan import BLK_COLS, Plan, build_plan, symbol_luts
 _TORCH_DTYPES = {1: torch.float16, 2: torch.bfloat16, 3: torch.float32}
 
 # Tunables (measured on the H100: benches/gpu_notes.md).
-LUT_BITS = 12
+LUT_BITS = 8
 PACKED = True
 BLOCK = 32          # streams per program of the ANS kernel
 NUM_WARPS = 1
 SEARCH_WHILE = True
-TILE_T = 32
+TILE_T = 8
 TILE_C = 256
+DQ_WARPS = 4
 
 
 @dataclass
@@ -54,9 +55,15 @@ def _dev(a: np.ndarray, device, dtype=None) -> torch.Tensor:
     return t.to(device=device, dtype=dtype) if dtype is not None else t.to(device)
 
 
-def prepare(container: Container, device, verify: bool = True, lut_bits: int = LUT_BITS,
-            tile_t: int = TILE_T, tile_c: int = TILE_C, block: int = BLOCK, packed: bool = PACKED) -> Prepared:
+def prepare(container: Container, device, verify: bool = True, lut_bits: Optional[int] = None,
+            tile_t: Optional[int] = None, tile_c: Optional[int] = None, block: Optional[int] = None,
+            packed: Optional[bool] = None) -> Prepared:
     """Host work (parse + validate chunks, build metadata) and the uploads."""
+    lut_bits = LUT_BITS if lut_bits is None else lut_bits
+    tile_t = TILE_T if tile_t is None else tile_t
+    tile_c = TILE_C if tile_c is None else tile_c
+    block = BLOCK if block is None else block
+    packed = PACKED if packed is None else packed
     h = container.header
     plan = build_plan(container, verify, tile_t, tile_c)
     cdf, lut, span = symbol_luts(h.freqs, h.cdfs, lut_bits, packed)
@@ -96,12 +103,20 @@ def prepare(container: Container, device, verify: bool = True, lut_bits: int = L
 
 
 def launch(prep: Prepared, bufs: Sequence[Sequence[torch.Tensor]], container: Container, *,
-           block: int = BLOCK, num_warps: int = NUM_WARPS, search_while: bool = SEARCH_WHILE,
-           lut_bits: int = LUT_BITS, tile_t: int = TILE_T, tile_c: int = TILE_C,
-           dq_warps: int = 4, check: bool = True) -> Optional[torch.Tensor]:
+           block: Optional[int] = None, num_warps: Optional[int] = None, search_while: Optional[bool] = None,
+           lut_bits: Optional[int] = None, tile_t: Optional[int] = None, tile_c: Optional[int] = None,
+           dq_warps: Optional[int] = None, check: bool = True) -> Optional[torch.Tensor]:
     """The two kernel launches. With check=True, synchronizes and raises StreamError on bad data;
     otherwise returns the (device) error flags without synchronizing."""
     from .kernels import ans_decode_kernel, dequant_kernel
+
+    block = BLOCK if block is None else block
+    num_warps = NUM_WARPS if num_warps is None else num_warps
+    search_while = SEARCH_WHILE if search_while is None else search_while
+    lut_bits = LUT_BITS if lut_bits is None else lut_bits
+    tile_t = TILE_T if tile_t is None else tile_t
+    tile_c = TILE_C if tile_c is None else tile_c
+    dq_warps = DQ_WARPS if dq_warps is None else dq_warps
 
     h = container.header
     plan, a = prep.plan, prep.arrays
