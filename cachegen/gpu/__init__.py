@@ -34,9 +34,9 @@ PACKED = True
 BLOCK = 32          # streams per program of the ANS kernel
 NUM_WARPS = 1
 SEARCH_WHILE = True
-TILE_T = 8
+TILE_T = 2
 TILE_C = 256
-DQ_WARPS = 4
+DQ_WARPS = 2
 
 
 @dataclass
