@@ -399,40 +399,59 @@ def pack_lossy_chunk(header: Header, k: int, lo: Sequence[np.ndarray], step: Seq
 def parse_lossy_chunk(container: Container, k: int, verify: bool = True) -> LossyChunk:
     h = container.header
     raw = container.chunk_bytes(k, verify)
+    size = len(raw)
     pdt = PARAM_DTYPES[h.param_dtype]
+    isz = pdt.itemsize
     blocks = chunk_blocks(h, k)
-    pos, lo, step, first, n_streams, exps, modes = 0, [], [], [], 0, [], []
+    # Walk the blocks with integer arithmetic only (bounds, step modes); the parameter values are
+    # then read and checked for all blocks at once: a few numpy calls per chunk, not per block.
+    pos, first, n_streams, exps, modes = 0, [], 0, [], []
+    lo_at, step_at, chans = [], [], []
     for (i, kv, n) in blocks:
         ch = h.layers[i].channels(kv)
         if h.token_scaling:
             nt = h.batch * n
-            _need(pos + nt <= len(raw), f"chunk {k}: truncated token scales")
+            _need(pos + nt <= size, f"chunk {k}: truncated token scales")
             exps.append(np.frombuffer(raw, dtype=np.uint8, count=nt, offset=pos))
             pos += nt
         else:
             exps.append(None)
-        _need(pos + 1 <= len(raw), f"chunk {k}: truncated parameters")
+        _need(pos + 1 <= size, f"chunk {k}: truncated parameters")
         mode = raw[pos]
         _need(mode in (STEP_PER_CHANNEL, STEP_SHARED), f"chunk {k}: unknown step mode {mode}")
         pos += 1
         modes.append(mode)
         n_steps = ch if mode == STEP_PER_CHANNEL else 1
-        nb = ch * pdt.itemsize
-        _need(pos + nb + n_steps * pdt.itemsize <= len(raw), f"chunk {k}: truncated parameters")
-        a = np.frombuffer(raw, dtype=pdt, count=ch, offset=pos).astype(np.float32)
-        b = np.frombuffer(raw, dtype=pdt, count=n_steps, offset=pos + nb).astype(np.float32)
-        _need(bool(np.all(np.isfinite(a)) and np.all(np.isfinite(b)) and np.all(b >= 0)),
-              f"chunk {k}: invalid quantizer parameters")
-        lo.append(a)
-        step.append(b if mode == STEP_PER_CHANNEL else np.full(ch, b[0], dtype=np.float32))
-        pos += nb + n_steps * pdt.itemsize
+        _need(pos + (ch + n_steps) * isz <= size, f"chunk {k}: truncated parameters")
+        lo_at.append(pos)
+        step_at.append((pos + ch * isz, n_steps))
+        chans.append(ch)
+        pos += (ch + n_steps) * isz
         first.append(n_streams)
         n_streams += -(-ch // h.channels_per_stream)
-    _need(pos + 4 * n_streams <= len(raw), f"chunk {k}: truncated stream directory")
+    lo_all = np.concatenate([np.frombuffer(raw, dtype=pdt, count=c, offset=o) for o, c in zip(lo_at, chans)]
+                            ) if blocks else np.zeros(0, pdt)
+    st_raw = np.concatenate([np.frombuffer(raw, dtype=pdt, count=m, offset=o) for o, m in step_at]
+                            ) if blocks else np.zeros(0, pdt)
+    lo_all = lo_all.astype(np.float32)
+    st_raw = st_raw.astype(np.float32)
+    _need(bool(np.isfinite(lo_all).all() and np.isfinite(st_raw).all() and (st_raw >= 0).all()),
+          f"chunk {k}: invalid quantizer parameters")
+    if any(m == STEP_SHARED for m in modes):   # one stored step stands for the block's channels
+        reps: list[int] = []
+        for m, c in zip(modes, chans):
+            reps.extend((c,) if m == STEP_SHARED else (1,) * c)
+        st_all = np.repeat(st_raw, reps)
+    else:
+        st_all = st_raw
+    bounds = np.concatenate([[0], np.cumsum(chans)]).tolist() if blocks else [0]
+    lo = [lo_all[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    step = [st_all[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    _need(pos + 4 * n_streams <= size, f"chunk {k}: truncated stream directory")
     lengths = np.frombuffer(raw, dtype="<u4", count=n_streams, offset=pos)
     pos += 4 * n_streams
     total_words = int(lengths.sum(dtype=np.int64))
-    _need(pos + 4 * total_words == len(raw), f"chunk {k}: stream lengths do not add up to the chunk size")
+    _need(pos + 4 * total_words == size, f"chunk {k}: stream lengths do not add up to the chunk size")
     words = np.frombuffer(raw, dtype="<u4", count=total_words, offset=pos)
     ends = np.cumsum(lengths, dtype=np.int64)
     return LossyChunk(k, blocks, exps, lo, modes, step, lengths, ends, words, first)
