@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import cachegen
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/helpers.py
 
 SMOL_SHAPE = dict(layers=30, heads=3, dim=64)
 
