@@ -11,6 +11,7 @@ import torch
 
 from .config import CodecConfig, get_config
 from .errors import CacheGenError, ConfigError, FormatError, InputError
+from .fileio import write_atomic
 from .format.container import (DTYPE_CODES, MODE_LOSSLESS, MODE_LOSSY, STEP_SHARED, Container,
                                DecodeLimits, parse_container, parse_lossy_chunk)
 from .codec.decoder import decode_lockstep, decode_reference, work_items
@@ -141,20 +142,7 @@ def save(path: Union[str, os.PathLike], kv: KVCache, config: Union[str, CodecCon
     """Encode and write atomically (temp file + rename: an existing file is never half-written).
     Returns the number of bytes written."""
     data = encode(kv, config, progress)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomic(path, data)
     return len(data)
 
 

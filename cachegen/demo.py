@@ -13,6 +13,7 @@ and the generated answer.
 from __future__ import annotations
 
 from .errors import ConfigError
+from .fileio import write_atomic
 
 import json
 import os
@@ -40,17 +41,7 @@ def demo_text() -> str:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomic(path, data, fsync=False)
 
 
 def _fmt_bytes(n: float) -> str:

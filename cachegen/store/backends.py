@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
+
+from ..fileio import write_atomic
 
 try:
     import fcntl
@@ -143,20 +144,7 @@ class DirectoryBackend(Backend):
         p = self.path(key)
         try:
             p.parent.mkdir(exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=p.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    if self.fsync:
-                        f.flush()
-                        os.fsync(f.fileno())
-                os.replace(tmp, p)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
+            write_atomic(p, data, fsync=self.fsync, prefix=".tmp.")
         except OSError as e:
             self.stats["errors"] += 1
             log.warning("store: writing %s failed: %s", p, e)
