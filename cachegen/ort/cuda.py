@@ -1,0 +1,166 @@
+"""Restore a compressed KV cache straight into ONNX Runtime's CUDA buffers and keep generating.
+
+``StaticKV`` owns one preallocated buffer pair per layer, ``[1, H_kv, capacity, D]`` (torch,
+on the session's device), bound with IOBinding to **both** ``past_key_values.i.*`` and
+``present.i.*``. With onnxruntime-genai's GroupQueryAttention graphs that turns on past/present
+buffer sharing: each step appends its new K/V in place and the attention mask's width gives the
+total length, so the KV never moves after it is restored (no copy per step, no host round trip).
+
+Restore paths (all write into the same static buffers):
+
+* :meth:`StaticKV.restore` -- ``cachegen.decode_into(data, views)`` with the views on the CUDA
+  buffers: the GPU decoder writes fp16 straight into the bound memory;
+* :meth:`StaticKV.load` -- copy an already decoded cache (e.g. decoded on the CPU, the reference).
+
+Windowed caches (Gemma-3's sliding layers stored with their last 512 tokens) are decoded into
+the *tail* of that layer's full-length buffer, i.e. at their true positions; the positions in
+front lie outside the attention window and are never read (the buffers start zeroed).
+
+The class works with ``provider="cpu"`` too (torch CPU tensors), which is how it is unit-tested
+without a GPU; its purpose is the CUDA path.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+
+__all__ = ["StaticKV", "cuda_provider_available"]
+
+_TORCH = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
+
+
+def cuda_provider_available() -> bool:
+    """True when torch sees a CUDA GPU and onnxruntime has its CUDA execution provider."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    try:
+        ort.preload_dlls()  # onnxruntime-gpu >= 1.21: CUDA/cuDNN from the torch wheels
+    except Exception:
+        pass
+    return True
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+class StaticKV:
+    """Preallocated max-length KV buffers bound to one ORT session as past *and* present."""
+
+    def __init__(self, runner, capacity: int):
+        self.runner = runner
+        self.capacity = int(capacity)
+        self.device = torch.device(f"cuda:{runner.device_id}" if runner.provider == "cuda" else "cpu")
+        dt = _TORCH[np.dtype(runner.dtype)]
+        H, D = runner.num_kv_heads, runner.head_dim
+        self.kv = [(torch.zeros((1, H, self.capacity, D), dtype=dt, device=self.device),
+                    torch.zeros((1, H, self.capacity, D), dtype=dt, device=self.device))
+                   for _ in range(runner.num_layers)]
+        self.length = 0
+        self._io = runner.session.io_binding()
+        np_dt = np.dtype(runner.dtype)
+        for (k, v), (pk, pv), (ok, ov) in zip(self.kv, runner.layout.past_names, runner.layout.present_names):
+            for name_in, name_out, t in ((pk, ok, k), (pv, ov, v)):
+                dev, idx = t.device.type, (t.device.index or 0)
+                self._io.bind_input(name_in, dev, idx, np_dt, list(t.shape), t.data_ptr())
+                self._io.bind_output(name_out, dev, idx, np_dt, list(t.shape), t.data_ptr())
+        self._logits: dict = {}
+
+    # ------------------------------------------------------------------ filling
+    def _views(self, tokens: Sequence[int]) -> list:
+        """Per layer the buffer slice a layer of ``tokens[i]`` tokens is written to: the first
+        ``T`` positions for full layers, the last ``tokens[i]`` of ``[0, T)`` for windowed ones."""
+        T = max(tokens)
+        if T > self.capacity:
+            raise InputError(f"cache of {T} tokens does not fit capacity {self.capacity}")
+        out = []
+        for (k, v), t, w in zip(self.kv, tokens, self.runner.windows):
+            if t < T and (w is None or t < min(w, T)):
+                raise InputError(f"a layer has {t} of {T} tokens; only sliding-window layers may be trimmed")
+            out.append((k[:, :, T - t:], v[:, :, T - t:]))
+        return out
+
+    def restore(self, data: Any, verify: bool = True, decoder: str = "auto") -> int:
+        """Decode a cachegen container into the bound buffers (on the GPU for a CUDA session).
+        Returns the context length. ``data``: bytes or a parsed ``Container``."""
+        import cachegen
+        from ..format.container import Container, parse_container
+
+        c = data if isinstance(data, Container) else parse_container(data)
+        tokens = c.tokens()
+        if len(tokens) != len(self.kv):
+            raise InputError(f"container has {len(tokens)} layers, the model {len(self.kv)}")
+        if c.header.dtype != {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}[self.kv[0][0].dtype]:
+            # e.g. an fp16 container restored into an fp32 CPU graph: decode, then cast-copy
+            return self.load(cachegen.decode(c, self.device, verify=verify, decoder=decoder))
+        cachegen.decode_into(c, self._views(tokens), verify=verify, decoder=decoder)
+        self.length = max(tokens)
+        return self.length
+
+    def load(self, kv) -> int:
+        """Copy a decoded cache ([(k, v)] torch tensors, any device, windowed layers allowed)."""
+        if len(kv) != len(self.kv):
+            raise InputError(f"cache has {len(kv)} layers, the model {len(self.kv)}")
+        tokens = [int(k.shape[2]) for k, _ in kv]
+        for (bk, bv), (k, v) in zip(self._views(tokens), kv):
+            bk[:, :, :k.shape[2]].copy_(torch.as_tensor(k), non_blocking=True)
+            bv[:, :, :v.shape[2]].copy_(torch.as_tensor(v), non_blocking=True)
+        self.length = max(tokens)
+        return self.length
+
+    # ------------------------------------------------------------------ running
+    def step(self, ids) -> torch.Tensor:
+        """Feed ``ids`` (1-D token list/array) after the cache; returns logits ``[1, T, V]``
+        (a torch tensor on the session's device, reused by the next call of the same length)."""
+        r = self.runner
+        a = np.ascontiguousarray(np.asarray(ids, dtype=r._ids_dtype).reshape(1, -1))
+        T = a.shape[1]
+        total = self.length + T
+        if total > self.capacity:
+            raise InputError(f"{total} tokens exceed the static cache capacity {self.capacity}")
+        io = self._io
+        io.bind_cpu_input("input_ids", a)
+        if r._mask_dtype is not None:
+            io.bind_cpu_input("attention_mask", np.ones((1, total), dtype=r._mask_dtype))
+        if r._pos_dtype is not None:
+            io.bind_cpu_input("position_ids", np.arange(self.length, total, dtype=r._pos_dtype)[None])
+        lg = self._logits.get(T)
+        if lg is None:
+            if r.vocab_size is None:
+                raise InputError("graph has no static vocabulary size")
+            lg = torch.empty((1, T, r.vocab_size), dtype=_TORCH[np.dtype(r._logits_dtype)], device=self.device)
+            if T == 1:
+                self._logits[T] = lg
+        io.bind_output(r._logits_name, lg.device.type, lg.device.index or 0, np.dtype(r._logits_dtype),
+                       list(lg.shape), lg.data_ptr())
+        _sync(self.device)              # torch work on the buffers (decode, copies) is done
+        r.session.run_with_iobinding(io)
+        io.synchronize_outputs()
+        self.length = total
+        return lg
+
+    def greedy(self, ids, max_new_tokens: int, stop_at_eos: bool = False) -> List[int]:
+        """Greedy tokens after the cache (argmax on the device; one scalar read per token)."""
+        out: List[int] = []
+        lg = self.step(ids)
+        for i in range(max_new_tokens):
+            tok = int(lg[0, -1].argmax())
+            out.append(tok)
+            if (stop_at_eos and tok in self.runner.eos_token_ids) or i == max_new_tokens - 1:
+                break
+            lg = self.step([tok])
+        return out
+
+    def reset(self, length: int = 0) -> None:
+        self.length = int(length)

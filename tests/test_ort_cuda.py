@@ -1,0 +1,154 @@
+"""ORT on CUDA: a compressed cache restored on the GPU into IOBinding buffers, then generation.
+
+Greedy continuation from the GPU-restored cache must equal the one from the CPU-decoded restore
+(the reference decoder), on both real models (fp16 CUDA graphs from onnxruntime-genai's
+builder, built on first use and cached). Needs a CUDA GPU and onnxruntime's CUDA provider;
+skipped otherwise (run it on the H100 machine).
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+import cachegen
+from cachegen.ort.cuda import StaticKV, cuda_provider_available
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow,
+              pytest.mark.skipif(not cuda_provider_available(),
+                                 reason="needs a CUDA GPU and onnxruntime's CUDA execution provider")]
+
+MODELS = ("smollm2", "gemma3")
+CONTEXT = 1100      # > Gemma-3's 512-token window, several 256-token chunks (last one partial)
+NEW = 16
+
+
+@functools.cache
+def _runner(name):
+    from cachegen.ort import OrtRunner, export_model
+
+    return OrtRunner(export_model(name, "fp16", "cuda", progress=True), provider="cuda")
+
+
+@functools.cache
+def _case(name):
+    """(context ids, next token, compressed container of the (windowed) fp16 prefill cache)."""
+    from cachegen.demo import demo_text
+
+    r = _runner(name)
+    ids = r.encode(demo_text())
+    while len(ids) < CONTEXT + 1:
+        ids = ids + ids
+    ctx, nxt = ids[:CONTEXT], ids[CONTEXT:CONTEXT + 1]
+    _, kv = r._run(r._ids_array(ctx), None, 0)       # logits stay on the GPU
+    kv = [(k.cpu(), v.cpu()) for k, v in r.window_kv(kv)]
+    return ctx, nxt, cachegen.encode(kv, "default")
+
+
+def _bits(t):
+    return t.detach().contiguous().view(torch.int16).cpu().numpy()
+
+
+class _NoKVToHost:
+    """Records device->host copies of 4-D tensors (KV-shaped) while active."""
+
+    def __init__(self, monkeypatch):
+        self.seen = []
+        orig_cpu, orig_to = torch.Tensor.cpu, torch.Tensor.to
+        seen = self.seen
+
+        def cpu(t, *a, **k):
+            if t.is_cuda and t.dim() == 4:
+                seen.append(tuple(t.shape))
+            return orig_cpu(t, *a, **k)
+
+        def to(t, *a, **k):
+            out = orig_to(t, *a, **k)
+            if t.is_cuda and not out.is_cuda and t.dim() == 4:
+                seen.append(tuple(t.shape))
+            return out
+
+        monkeypatch.setattr(torch.Tensor, "cpu", cpu)
+        monkeypatch.setattr(torch.Tensor, "to", to)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_gpu_restore_into_bound_buffers_is_bit_exact(name):
+    r = _runner(name)
+    _, _, data = _case(name)
+    ref = cachegen.decode(data)                      # CPU reference decoder
+    s = StaticKV(r, CONTEXT + NEW + 8)
+    assert s.kv[0][0].is_cuda
+    T = s.restore(data)
+    assert T == CONTEXT
+    for i, ((bk, bv), (k, v)) in enumerate(zip(s.kv, ref)):
+        t = k.shape[2]
+        assert np.array_equal(_bits(bk[:, :, T - t:T]), _bits(k)), f"layer {i} key"
+        assert np.array_equal(_bits(bv[:, :, T - t:T]), _bits(v)), f"layer {i} value"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_static_buffers_greedy_gpu_restore_equals_cpu_restore(name, monkeypatch):
+    r = _runner(name)
+    _, nxt, data = _case(name)
+    cap = CONTEXT + NEW + 8
+    s_cpu = StaticKV(r, cap)
+    s_cpu.load(cachegen.decode(data))                # decoded on the CPU, copied up
+    want = s_cpu.greedy(nxt, NEW)
+    guard = _NoKVToHost(monkeypatch)
+    s_gpu = StaticKV(r, cap)
+    s_gpu.restore(data)                              # decoded on the GPU into the bound buffers
+    got = s_gpu.greedy(nxt, NEW)
+    assert guard.seen == [], f"KV copied to the host: {guard.seen}"
+    assert got == want
+    assert s_gpu.length == CONTEXT + NEW             # the cache grew in place
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_chained_presents_greedy_gpu_restore_equals_cpu_restore(name):
+    """The runner's other mode: past bound to the previous step's present (growing buffers)."""
+    r = _runner(name)
+    _, nxt, data = _case(name)
+    want = r.generate(nxt, NEW, kv=[(k.cuda(), v.cuda()) for k, v in cachegen.decode(data)], stop_at_eos=False)
+    kv = cachegen.decode(data, device="cuda")
+    assert kv[0][0].is_cuda
+    got = r.generate(nxt, NEW, kv=kv, stop_at_eos=False)
+    assert got == want
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_static_and_chained_modes_agree(name):
+    """Shared past/present buffers vs chained presents: same cache, same first tokens."""
+    r = _runner(name)
+    _, nxt, data = _case(name)
+    s = StaticKV(r, CONTEXT + NEW + 8)
+    s.restore(data)
+    a = s.greedy(nxt, NEW)
+    b = r.generate(nxt, NEW, kv=cachegen.decode(data, device="cuda"), stop_at_eos=False)
+    assert a[:4] == b[:4], (a, b)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_restored_cache_continues_like_the_original(name):
+    """Lossy restore vs the uncompressed fp16 cache: the next token agrees (quality sanity)."""
+    r = _runner(name)
+    ctx, nxt, data = _case(name)
+    _, kv = r._run(r._ids_array(ctx), None, 0)
+    s0 = StaticKV(r, CONTEXT + 8)
+    s0.load(r.window_kv(kv))
+    s1 = StaticKV(r, CONTEXT + 8)
+    s1.restore(data)
+    a, b = s0.greedy(nxt, 4), s1.greedy(nxt, 4)
+    assert a[0] == b[0], (a, b)
+
+
+def test_corrupt_container_raises_before_generation():
+    r = _runner("smollm2")
+    _, _, data = _case("smollm2")
+    bad = bytearray(data)
+    bad[len(bad) // 2] ^= 0xFF
+    s = StaticKV(r, CONTEXT + 8)
+    with pytest.raises(cachegen.CacheGenError):
+        s.restore(bytes(bad))
