@@ -132,6 +132,7 @@ class Container:
     data: memoryview
     payload_start: int
     partial: bool = False  # True when only a prefix of the chunks was present
+    walks: dict = field(default_factory=dict, repr=False)  # parse cache: block layout -> _Walk
 
     @property
     def n_chunks(self) -> int:
@@ -368,6 +369,10 @@ class LossyChunk:
     stream_ends: np.ndarray                     # int64 [n_streams], exclusive end word index
     words: np.ndarray                           # uint32, all streams back to back
     first_stream: list[int]                     # index of each block's first stream
+    # The same parameters for all blocks back to back (lo/step float32, token codes uint8).
+    lo_flat: Optional[np.ndarray] = None
+    step_flat: Optional[np.ndarray] = None
+    exp_flat: Optional[np.ndarray] = None
 
 
 def chunk_blocks(header: Header, k: int) -> list[tuple[int, int, int]]:
@@ -396,29 +401,48 @@ def pack_lossy_chunk(header: Header, k: int, lo: Sequence[np.ndarray], step: Seq
     return b"".join(parts)
 
 
-def parse_lossy_chunk(container: Container, k: int, verify: bool = True) -> LossyChunk:
-    h = container.header
-    raw = container.chunk_bytes(k, verify)
-    size = len(raw)
-    pdt = PARAM_DTYPES[h.param_dtype]
-    isz = pdt.itemsize
-    blocks = chunk_blocks(h, k)
-    # Walk the blocks with integer arithmetic only (bounds, step modes); the parameter values are
-    # then read and checked for all blocks at once: a few numpy calls per chunk, not per block.
-    pos, first, n_streams, exps, modes = 0, [], 0, [], []
+def _gather_index(starts: Sequence[int], lengths: Sequence[int]) -> np.ndarray:
+    """Byte indices of several [start, start + length) ranges, concatenated."""
+    lens = np.asarray(lengths, dtype=np.int64)
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    excl = np.cumsum(lens) - lens
+    return np.arange(total, dtype=np.int64) + np.repeat(np.asarray(starts, dtype=np.int64) - excl, lens)
+
+
+@dataclass
+class _Walk:
+    """Where everything of a chunk's parameter area lies, given its blocks and step modes."""
+    mode_pos: np.ndarray
+    modes: np.ndarray
+    lo_idx: np.ndarray
+    step_idx: np.ndarray
+    exp_idx: Optional[np.ndarray]
+    step_reps: Optional[list]
+    bounds: list
+    e_bounds: list
+    end: int
+    first: list
+    n_streams: int
+
+
+def _walk_blocks(h: Header, blocks: list, raw, size: int, k: int) -> _Walk:
+    """Walk the blocks with integer arithmetic only, checking bounds and step modes in block order."""
+    isz = PARAM_DTYPES[h.param_dtype].itemsize
+    pos, first, n_streams, exps, modes, mode_pos = 0, [], 0, [], [], []
     lo_at, step_at, chans = [], [], []
     for (i, kv, n) in blocks:
         ch = h.layers[i].channels(kv)
         if h.token_scaling:
             nt = h.batch * n
             _need(pos + nt <= size, f"chunk {k}: truncated token scales")
-            exps.append(np.frombuffer(raw, dtype=np.uint8, count=nt, offset=pos))
+            exps.append((pos, nt))
             pos += nt
-        else:
-            exps.append(None)
         _need(pos + 1 <= size, f"chunk {k}: truncated parameters")
         mode = raw[pos]
         _need(mode in (STEP_PER_CHANNEL, STEP_SHARED), f"chunk {k}: unknown step mode {mode}")
+        mode_pos.append(pos)
         pos += 1
         modes.append(mode)
         n_steps = ch if mode == STEP_PER_CHANNEL else 1
@@ -429,24 +453,48 @@ def parse_lossy_chunk(container: Container, k: int, verify: bool = True) -> Loss
         pos += (ch + n_steps) * isz
         first.append(n_streams)
         n_streams += -(-ch // h.channels_per_stream)
-    lo_all = np.concatenate([np.frombuffer(raw, dtype=pdt, count=c, offset=o) for o, c in zip(lo_at, chans)]
-                            ) if blocks else np.zeros(0, pdt)
-    st_raw = np.concatenate([np.frombuffer(raw, dtype=pdt, count=m, offset=o) for o, m in step_at]
-                            ) if blocks else np.zeros(0, pdt)
-    lo_all = lo_all.astype(np.float32)
-    st_raw = st_raw.astype(np.float32)
-    _need(bool(np.isfinite(lo_all).all() and np.isfinite(st_raw).all() and (st_raw >= 0).all()),
-          f"chunk {k}: invalid quantizer parameters")
+    reps = None
     if any(m == STEP_SHARED for m in modes):   # one stored step stands for the block's channels
-        reps: list[int] = []
+        reps = []
         for m, c in zip(modes, chans):
             reps.extend((c,) if m == STEP_SHARED else (1,) * c)
-        st_all = np.repeat(st_raw, reps)
+    return _Walk(
+        mode_pos=np.array(mode_pos, dtype=np.int64), modes=np.array(modes, dtype=np.uint8),
+        lo_idx=_gather_index(lo_at, [c * isz for c in chans]),
+        step_idx=_gather_index([o for o, _ in step_at], [m * isz for _, m in step_at]),
+        exp_idx=_gather_index([p for p, _ in exps], [m for _, m in exps]) if h.token_scaling else None,
+        step_reps=reps,
+        bounds=np.concatenate([[0], np.cumsum(chans)]).tolist() if blocks else [0],
+        e_bounds=np.concatenate([[0], np.cumsum([m for _, m in exps])]).tolist() if exps else [0],
+        end=pos, first=first, n_streams=n_streams)
+
+
+def parse_lossy_chunk(container: Container, k: int, verify: bool = True) -> LossyChunk:
+    h = container.header
+    raw = container.chunk_bytes(k, verify)
+    size = len(raw)
+    pdt = PARAM_DTYPES[h.param_dtype]
+    blocks = chunk_blocks(h, k)
+    u8 = np.frombuffer(raw, dtype=np.uint8)
+    # Chunks with the same blocks and step modes share one walk: check that this chunk's mode
+    # bytes are the cached ones (one gather) and reuse it; otherwise walk the blocks.
+    key = tuple(blocks)
+    w = container.walks.get(key)
+    if w is None or w.end > size or not np.array_equal(u8[w.mode_pos], w.modes):
+        w = container.walks[key] = _walk_blocks(h, blocks, raw, size, k)
+    lo_all = u8[w.lo_idx].view(pdt).astype(np.float32)
+    st_raw = u8[w.step_idx].view(pdt).astype(np.float32)
+    _need(bool(np.isfinite(lo_all).all() and np.isfinite(st_raw).all() and (st_raw >= 0).all()),
+          f"chunk {k}: invalid quantizer parameters")
+    st_all = np.repeat(st_raw, w.step_reps) if w.step_reps is not None else st_raw
+    if w.exp_idx is not None:
+        e_all = u8[w.exp_idx]
+        exps = [e_all[a:b] for a, b in zip(w.e_bounds[:-1], w.e_bounds[1:])]
     else:
-        st_all = st_raw
-    bounds = np.concatenate([[0], np.cumsum(chans)]).tolist() if blocks else [0]
-    lo = [lo_all[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-    step = [st_all[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        exps = [None] * len(blocks)
+    lo = [lo_all[a:b] for a, b in zip(w.bounds[:-1], w.bounds[1:])]
+    step = [st_all[a:b] for a, b in zip(w.bounds[:-1], w.bounds[1:])]
+    modes, first, n_streams, pos = w.modes.tolist(), w.first, w.n_streams, w.end
     _need(pos + 4 * n_streams <= size, f"chunk {k}: truncated stream directory")
     lengths = np.frombuffer(raw, dtype="<u4", count=n_streams, offset=pos)
     pos += 4 * n_streams
@@ -454,4 +502,5 @@ def parse_lossy_chunk(container: Container, k: int, verify: bool = True) -> Loss
     _need(pos + 4 * total_words == size, f"chunk {k}: stream lengths do not add up to the chunk size")
     words = np.frombuffer(raw, dtype="<u4", count=total_words, offset=pos)
     ends = np.cumsum(lengths, dtype=np.int64)
-    return LossyChunk(k, blocks, exps, lo, modes, step, lengths, ends, words, first)
+    return LossyChunk(k, blocks, exps, lo, modes, step, lengths, ends, words, first,
+                      lo_all, st_all, e_all if w.exp_idx is not None else None)

@@ -106,14 +106,13 @@ def build_plan(container: Container, verify: bool = True, bt: int = 32, bc: int 
     parts = {k: [] for k in ("wbyte", "wcnt", "nsym", "per", "na", "tbase", "blk", "tiles", "lo", "step", "exps")}
     s_base = p_base = e_base = b_base = 0
     C = h.chunk_tokens
-    # Chunks are parsed and validated by the container parser, in parallel (CRC and numpy checks
-    # release the GIL); the plan is then assembled in chunk order.
+    # Chunks are validated by the container parser (checksums first, in parallel), then the plan
+    # is assembled in chunk order.
     n = container.n_chunks
-    if n > 2:
+    if verify:   # checksums on threads (zlib releases the GIL), then parse without re-checking
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
-            parsed = list(ex.map(lambda k: parse_lossy_chunk(container, k, verify), range(n)))
-    else:
-        parsed = [parse_lossy_chunk(container, k, verify) for k in range(n)]
+            list(ex.map(lambda k: container.chunk_bytes(k, verify=True), range(n)))
+    parsed = [parse_lossy_chunk(container, k, verify=False) for k in range(n)]
     for k in range(n):
         ch = parsed[k]
         key = tuple(ch.blocks)
@@ -140,10 +139,10 @@ def build_plan(container: Container, verify: bool = True, bt: int = 32, bc: int 
         tiles = lay["tiles"].copy()
         tiles[:, 0] += b_base
         parts["tiles"].append(tiles)
-        parts["lo"].extend(ch.lo)
-        parts["step"].extend(ch.step)
+        parts["lo"].append(ch.lo_flat)
+        parts["step"].append(ch.step_flat)
         if h.token_scaling:
-            parts["exps"].extend(ch.token_exp)
+            parts["exps"].append(ch.exp_flat)
         s_base += lay["S"]
         p_base += lay["nch_total"]
         e_base += lay["ntok_total"]
