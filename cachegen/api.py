@@ -1,6 +1,7 @@
 """The library API: encode / decode / decode_into / save / load / inspect, and a numcodecs-style Codec."""
 from __future__ import annotations
 
+import mmap
 import os
 import tempfile
 from pathlib import Path
@@ -147,9 +148,20 @@ def save(path: Union[str, os.PathLike], kv: KVCache, config: Union[str, CodecCon
 
 
 def load(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu", **kw: Any) -> TorchKV:
+    """Decode a file written by `save`. The file is memory-mapped, not copied into a bytes object
+    (measured on the H100 host: reading a 55 MB container into fresh bytes took 25 ms)."""
     with open(path, "rb") as f:
-        data = f.read()
-    return decode(data, device, **kw)
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise FormatError(f"{path}: empty file")
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        return decode(memoryview(m), device, **kw)
+    finally:
+        try:
+            m.close()
+        except BufferError:  # a view of it is still referenced somewhere: freed with that view
+            pass
 
 
 def inspect(data: Any, limits: Optional[DecodeLimits] = None) -> dict[str, Any]:

@@ -293,3 +293,18 @@ def test_property_round_trip(kv, cfg):
         lock = cachegen.decode(data, decoder="lockstep")
         for (a, b), (c, d) in zip(out, lock):
             assert torch.equal(a, c) and torch.equal(b, d)
+
+
+def test_load_maps_the_file_and_rejects_empty_or_garbage(tmp_path):
+    kv = make_kv(layers=2, tokens=300, seed=13)
+    for preset in ("default", "lossless"):
+        p = tmp_path / f"{preset}.cgk"
+        cachegen.save(p, kv, preset)
+        for (a, b), (c, d) in zip(cachegen.load(p), cachegen.decode(p.read_bytes())):
+            assert torch.equal(a, c) and torch.equal(b, d)
+    (tmp_path / "empty.cgk").write_bytes(b"")
+    with pytest.raises(cachegen.FormatError):
+        cachegen.load(tmp_path / "empty.cgk")
+    (tmp_path / "junk.cgk").write_bytes(b"CGKV" + bytes(100))
+    with pytest.raises(cachegen.FormatError):
+        cachegen.load(tmp_path / "junk.cgk")
