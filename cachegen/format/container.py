@@ -14,7 +14,8 @@ from typing import Optional, Sequence
 import numpy as np
 import zstandard
 
-from ..errors import (ChecksumError, FormatError, LimitExceededError, UnsupportedVersionError)
+from ..errors import (ChecksumError, FormatError, InputError, LimitExceededError,
+                      UnsupportedVersionError)
 from .tables import MAX_ALPHABET, cdf_of, expand_counts
 
 MAGIC = b"CGKV"
@@ -184,7 +185,9 @@ def build_container(header: Header, chunk_payloads: Sequence[bytes], zstd_level:
     layers = b"".join(_LAYER.pack(l.tokens, l.k_heads, l.k_dim, l.v_heads, l.v_dim,
                                   l.k_bits, l.v_bits, 0) for l in header.layers)
     index, off = [], 0
-    for p in chunk_payloads:
+    for k, p in enumerate(chunk_payloads):
+        if len(p) >= 1 << 32:  # the chunk index stores sizes as u32
+            raise InputError(f"chunk {k} would be {len(p)} bytes (over 4 GiB): use fewer tokens per chunk")
         index.append(_CHUNK.pack(off, len(p), crc32(p)))
         off += len(p)
     body = fixed + layers + b"".join(index) + comp
