@@ -13,7 +13,7 @@ import torch
 from .config import CodecConfig, get_config
 from .errors import CacheGenError, ConfigError, FormatError, InputError
 from .fileio import write_atomic
-from .format.container import (DTYPE_CODES, MODE_LOSSLESS, MODE_LOSSY, STEP_SHARED, Container,
+from .format.container import (DTYPE_CODES, FORMAT_VERSION, MODE_LOSSLESS, MODE_LOSSY, STEP_SHARED, Container,
                                DecodeLimits, parse_container, parse_lossy_chunk)
 from .codec.decoder import decode_lockstep, decode_reference, work_items
 from .codec.parallel import parallel_map, worker_count
@@ -197,7 +197,7 @@ def inspect(data: Any, limits: Optional[DecodeLimits] = None) -> dict[str, Any]:
     total_el = sum(elements)
     size = c.payload_start + sum(e.size for e in c.chunks)
     return {
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "mode": "lossless" if h.mode == MODE_LOSSLESS else "lossy",
         "dtype": DTYPE_CODES[h.dtype][0],
         "batch": h.batch,
