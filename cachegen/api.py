@@ -13,8 +13,8 @@ import torch
 from .config import CodecConfig, get_config
 from .errors import CacheGenError, ConfigError, FormatError, InputError
 from .fileio import write_atomic
-from .format.container import (DTYPE_CODES, FORMAT_VERSION, MODE_LOSSLESS, MODE_LOSSY, STEP_SHARED, Container,
-                               DecodeLimits, parse_container, parse_lossy_chunk)
+from .format.container import (DTYPE_CODES, FORMAT_VERSION, MODE_LOSSLESS, MODE_LOSSY, STEP_SHARED,
+                               Container, DecodeLimits, parse_container, parse_lossy_chunk)
 from .codec.decoder import decode_lockstep, decode_reference, work_items
 from .codec.parallel import parallel_map, worker_count
 from .codec.encoder import encode_lossy
