@@ -27,6 +27,24 @@ def _word(words_ptr, wb, idx, mask):
 
 
 @triton.jit
+def _search(crow, q, lo, hi, search_iters, SEARCH_WHILE: tl.constexpr):
+    """Largest s in [lo, hi] with cdf[s] <= q (binary search over the row crow of the cdf)."""
+    if SEARCH_WHILE:
+        while tl.max(hi - lo, axis=0) > 0:
+            mid = (lo + hi + 1) >> 1
+            go = tl.load(crow + mid, mask=hi > lo, other=0) <= q
+            lo = tl.where(go, mid, lo)
+            hi = tl.where(go, hi, mid - 1)
+    else:
+        for _it in range(search_iters):
+            mid = (lo + hi + 1) >> 1
+            go = tl.load(crow + mid, mask=hi > lo, other=0) <= q
+            lo = tl.where(go, mid, lo)
+            hi = tl.where(go, hi, mid - 1)
+    return lo
+
+
+@triton.jit
 def ans_decode_kernel(words_ptr, wbyte_ptr, wcnt_ptr, nsym_ptr, per_ptr, na_ptr, tbase_ptr,
                       ids_ptr, lut_ptr, cdf_ptr, steps_ptr, sym_ptr, err_ptr,
                       n_streams, cdf_stride, search_iters,
@@ -69,18 +87,7 @@ def ans_decode_kernel(words_ptr, wbyte_ptr, wcnt_ptr, nsym_ptr, per_ptr, na_ptr,
             f = ((e >> 35) & 0x1FFFFFF).to(tl.int32)
             amb = ((e >> 60) & 1) != 0
             hi = tl.where(amb, c0, lo)
-            if SEARCH_WHILE:
-                while tl.max(hi - lo, axis=0) > 0:
-                    mid = (lo + hi + 1) >> 1
-                    go = tl.load(crow + mid, mask=hi > lo, other=0) <= q
-                    lo = tl.where(go, mid, lo)
-                    hi = tl.where(go, hi, mid - 1)
-            else:
-                for _it in range(search_iters):
-                    mid = (lo + hi + 1) >> 1
-                    go = tl.load(crow + mid, mask=hi > lo, other=0) <= q
-                    lo = tl.where(go, mid, lo)
-                    hi = tl.where(go, hi, mid - 1)
+            lo = _search(crow, q, lo, hi, search_iters, SEARCH_WHILE)
             ca = tl.load(crow + lo, mask=amb, other=0)
             cb = tl.load(crow + lo + 1, mask=amb, other=0)
             c0 = tl.where(amb, ca, c0)
@@ -89,18 +96,7 @@ def ans_decode_kernel(words_ptr, wbyte_ptr, wcnt_ptr, nsym_ptr, per_ptr, na_ptr,
             e = tl.load(lut_ptr + tid * (1 << LUT_BITS) + (q >> (24 - LUT_BITS)))
             lo = e & 0xFFFF
             hi = e >> 16
-            if SEARCH_WHILE:
-                while tl.max(hi - lo, axis=0) > 0:
-                    mid = (lo + hi + 1) >> 1
-                    go = tl.load(crow + mid, mask=hi > lo, other=0) <= q
-                    lo = tl.where(go, mid, lo)
-                    hi = tl.where(go, hi, mid - 1)
-            else:
-                for _it in range(search_iters):
-                    mid = (lo + hi + 1) >> 1
-                    go = tl.load(crow + mid, mask=hi > lo, other=0) <= q
-                    lo = tl.where(go, mid, lo)
-                    hi = tl.where(go, hi, mid - 1)
+            lo = _search(crow, q, lo, hi, search_iters, SEARCH_WHILE)
             c0 = tl.load(crow + lo)
             c1 = tl.load(crow + lo + 1)
         nx = (x >> 24) * (c1 - c0).to(tl.uint64) + (q - c0).to(tl.uint64)
