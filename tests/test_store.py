@@ -15,7 +15,7 @@ import cachegen
 from cachegen.store import (DirectoryBackend, Fingerprint, KVStore, MemoryBackend, chunk_hashes,
                             fingerprint_from_kv, fingerprint_from_runner, prefill_with_reuse)
 from cachegen.store.entry import HEADER_BYTES, KIND_DATA, CorruptEntryError, pack_entry, unpack_entry
-from cachegen.store.testing import FakeRunner
+from cachegen.store.testing import FakeRunner, put_concurrently
 
 C = 16  # chunk tokens in these tests (the codec handles any chunk length)
 
@@ -280,23 +280,12 @@ class _SlowIndexReads(DirectoryBackend):
 
 @pytest.mark.parametrize("rounds", [3])
 def test_concurrent_writers_adding_different_levels_merge_the_index(tmp_path, rounds):
-    import threading
     ids = prompt(4 * C + 1)
     for rnd in range(rounds):
         root = tmp_path / f"r{rnd}"
         stores = [make_store(_SlowIndexReads(root), levels=(lv,))[0] for lv in ("default", "small")]
         _, kv = FakeRunner().prefill(ids)
-        barrier = threading.Barrier(2)
-
-        def write(st):
-            barrier.wait()
-            st.put(ids, kv)
-
-        ths = [threading.Thread(target=write, args=(st,)) for st in stores]
-        for t in ths:
-            t.start()
-        for t in ths:
-            t.join()
+        put_concurrently(stores, ids, kv)
         m = make_store(DirectoryBackend(root), levels=("default",))[0].lookup(ids)
         assert len(m) == 4
         for ref in m.chunks:

@@ -13,7 +13,7 @@ import pytest
 from cachegen.store import KVStore, RedisBackend, fingerprint_from_runner, prefill_with_reuse
 from cachegen.store.streaming import CostModel, StreamingLoader
 from cachegen.store.planner import BandwidthEstimator
-from cachegen.store.testing import FakeRunner, RedisServer, free_port
+from cachegen.store.testing import FakeRunner, RedisServer, free_port, put_concurrently
 
 C = 16
 
@@ -158,7 +158,6 @@ def test_redis_eviction_allkeys_lru():
 
 
 def test_redis_concurrent_writers_adding_different_levels_merge_the_index(redis_server):
-    import threading
 
     class SlowIndex(RedisBackend):
         def get_many(self, keys):
@@ -172,16 +171,6 @@ def test_redis_concurrent_writers_adding_different_levels_merge_the_index(redis_
     stores = [KVStore(SlowIndex(redis_server.url, socket_timeout=2), fp, levels=(lv,)) for lv in ("default", "small")]
     ids = prompt(4 * C + 1)
     _, kv = r.prefill(ids)
-    barrier = threading.Barrier(2)
-
-    def write(st):
-        barrier.wait()
-        st.put(ids, kv)
-
-    ths = [threading.Thread(target=write, args=(st,)) for st in stores]
-    for t in ths:
-        t.start()
-    for t in ths:
-        t.join()
+    put_concurrently(stores, ids, kv)
     m = KVStore(RedisBackend(redis_server.url), fp).lookup(ids)
     assert len(m) == 4 and all(set(c.levels) == {"default", "small"} for c in m.chunks)

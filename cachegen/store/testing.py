@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["RedisServer", "free_port", "FakeRunner"]
+__all__ = ["RedisServer", "free_port", "FakeRunner", "put_concurrently"]
 
 
 def free_port() -> int:
@@ -152,3 +152,21 @@ class FakeRunner:
             full.append((np.concatenate([pk.astype(np.float32), nk], 2),
                          np.concatenate([pv.astype(np.float32), nv], 2)))
         return self._logits(full, len(ids)), full
+
+
+def put_concurrently(stores: Sequence, ids, kv) -> None:
+    """Every store puts the same tokens at the same moment (a barrier releases them together):
+    concurrent writers of one prefix, e.g. adding different quality levels."""
+    import threading
+
+    barrier = threading.Barrier(len(stores))
+
+    def write(st) -> None:
+        barrier.wait()
+        st.put(ids, kv)
+
+    threads = [threading.Thread(target=write, args=(st,)) for st in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
