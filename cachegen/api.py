@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import mmap
 import os
-import tempfile
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from .config import CodecConfig, get_config
-from .errors import CacheGenError, ConfigError, FormatError, InputError
+from .errors import ConfigError, FormatError, InputError
 from .fileio import write_atomic
 from .format.container import (DTYPE_CODES, FORMAT_VERSION, MODE_LOSSLESS, MODE_LOSSY, STEP_SHARED,
                                Container, DecodeLimits, parse_container, parse_lossy_chunk)

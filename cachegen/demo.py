@@ -16,7 +16,6 @@ from .errors import ConfigError
 from .fileio import write_atomic
 
 import json
-import os
 import sys
 import tempfile
 import time

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import struct
 from pathlib import Path
 
 import numpy as np

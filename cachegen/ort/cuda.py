@@ -21,7 +21,7 @@ without a GPU; its purpose is the CUDA path.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Sequence
 
 import numpy as np
 import torch
