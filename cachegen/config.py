@@ -125,6 +125,23 @@ class CodecConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
+    @classmethod
+    def from_preset(cls, preset: str = "default", **overrides: Any) -> "CodecConfig":
+        """A preset with some fields changed: ``from_preset("default", key_bits=8)`` keeps every
+        other field of ``default`` (plain ``CodecConfig(...)`` starts from the paper layout).
+        Unless ``name`` is given, the result is named e.g. ``"default+key_bits"``."""
+        base = get_config(preset)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ConfigError(f"unknown config fields: {sorted(unknown)}")
+        for k in ("key_bits", "value_bits"):
+            if isinstance(overrides.get(k), list):
+                overrides[k] = tuple(overrides[k])
+        if overrides and "name" not in overrides:
+            overrides["name"] = base.name + "+" + ",".join(sorted(overrides))
+        return dataclasses.replace(base, **overrides)
+
 
 # Presets measured on SmolLM2-135M and Gemma-3-270M (benches/RESULTS.md): per-token scaling with
 # one shared step per (layer, K/V, chunk) beats per-channel ranges at every rate; anchor-delta
