@@ -13,10 +13,10 @@ from .errors import ConfigError, FormatError, InputError
 from .fileio import write_atomic
 from .format.container import (DTYPE_CODES, FORMAT_VERSION, MODE_LOSSLESS, MODE_LOSSY, STEP_SHARED,
                                Container, DecodeLimits, parse_container, parse_lossy_chunk)
-from .codec.decoder import decode_lockstep, decode_reference, work_items
-from .codec.parallel import parallel_map, worker_count
-from .codec.encoder import encode_lossy
-from .codec.lossless import decode_lossless, encode_lossless, lossless_items
+from . import dispatch
+from .codec.encoder import encode_lossless_v2, encode_lossy, encode_lossy_v2
+from .codec.lossless import encode_lossless
+from .format.extensions import Extension
 
 KVCache = Sequence[Sequence[Any]]            # [(key, value)] per layer, each [B, H, T, D]
 TorchKV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -27,50 +27,25 @@ _INT_VIEW = {1: np.int16, 2: np.int16, 3: np.int32}
 _TORCH_INT = {1: torch.int16, 2: torch.int16, 3: torch.int32}
 
 
-def encode(kv: KVCache, config: Union[str, CodecConfig, None] = "default", progress: Progress = None) -> bytes:
-    """Compress a KV cache (per-layer (key, value), each [batch, kv_heads, tokens, head_dim])."""
+def encode(kv: KVCache, config: Union[str, CodecConfig, None] = "default", progress: Progress = None,
+           extensions: Sequence[Extension] = (), format_version: int = 2) -> bytes:
+    """Compress a KV cache (per-layer (key, value), each [batch, kv_heads, tokens, head_dim]).
+
+    Writes format v2 (``format_version=1`` writes the older layout, which cannot hold
+    ``extensions``: metadata records such as measured quality, see cachegen.format.extensions)."""
     cfg = get_config(config)
-    return (encode_lossless if cfg.lossless else encode_lossy)(kv, cfg, progress)
+    exts = list(extensions)
+    if format_version == 1:
+        if exts:
+            raise InputError("format v1 has no extension records: use format_version=2")
+        return (encode_lossless if cfg.lossless else encode_lossy)(kv, cfg, progress)
+    if format_version != 2:
+        raise InputError(f"format_version must be 1 or 2, got {format_version!r}")
+    return (encode_lossless_v2 if cfg.lossless else encode_lossy_v2)(kv, cfg, progress, exts)
 
 
-def _container(data: Any, limits: Optional[DecodeLimits], partial: bool) -> Container:
-    if isinstance(data, Container):
-        return data
-    return parse_container(data, limits, partial)
-
-
-def _f32_to(x: np.ndarray, dtype: int) -> np.ndarray:
-    """float32 -> the container dtype in numpy, round-to-nearest-even (bf16 as int16 bits)."""
-    if dtype == 1:
-        return x.astype(np.float16, order="C")
-    if dtype == 2:
-        u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-        return ((u + (((u >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16).view(np.int16)
-    return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def _decode_item(state: tuple, item: tuple[int, int, int]) -> list:
-    """One unit of CPU decode work, runnable in a forked worker (numpy + constriction only)."""
-    c, method, verify = state
-    if c.header.mode == MODE_LOSSLESS:
-        return list(decode_lossless(c, item, verify))
-    run = decode_reference if method == "reference" else decode_lockstep
-    return [(i, kvi, k, n, _f32_to(x, c.header.dtype)) for i, kvi, k, n, x in run(c, item, verify)]
-
-
-def _fill(c: Container, bufs: list[tuple[torch.Tensor, torch.Tensor]], decoder: str, verify: bool) -> None:
-    h = c.header
-    if decoder not in ("reference", "lockstep"):
-        raise ConfigError(f"unknown CPU decoder {decoder!r} (reference, lockstep)")
-    items = lossless_items(c) if h.mode == MODE_LOSSLESS else work_items(c, pieces_per_chunk=2)
-    workers = worker_count(h.decoded_bytes(c.n_chunks), len(items))
-    C = h.chunk_tokens
-    bits = h.mode == MODE_LOSSLESS or h.dtype == 2      # results come as integer bit patterns
-    # numpy views of the destination: plain memory copies, no torch intra-op threads
-    views = [tuple((t.view(_TORCH_INT[h.dtype]) if bits else t).numpy() for t in pair) for pair in bufs]
-    for result in parallel_map(_decode_item, (c, decoder, verify), items, workers):
-        for i, kvi, k, n, arr in result:
-            views[i][kvi][:, :, k * C:k * C + n, :] = arr
+def _container(data: Any, limits: Optional[DecodeLimits], partial: bool):
+    return dispatch.open_container(data, limits, partial)
 
 
 def decode(data: Any, device: Union[str, torch.device] = "cpu", *, decoder: str = "auto",
@@ -80,21 +55,9 @@ def decode(data: Any, device: Union[str, torch.device] = "cpu", *, decoder: str 
     ``partial=True`` accepts a container cut short and returns the complete chunks present
     (a prefix of the cache). ``device="cuda"`` decodes on the GPU.
     """
+    dev = dispatch.resolve_device(device)
     c = _container(data, limits, partial)
-    dev = torch.device(device)
-    if dev.type == "cuda" and decoder in ("auto", "gpu"):
-        from .gpu import decode_gpu  # imported lazily: needs triton and a GPU
-        return decode_gpu(c, dev, verify=verify)
-    h = c.header
-    dt = _TORCH_DTYPES[h.dtype]
-    bufs = []
-    for l, t in zip(h.layers, c.tokens()):
-        bufs.append((torch.empty((h.batch, l.k_heads, t, l.k_dim), dtype=dt),
-                     torch.empty((h.batch, l.v_heads, t, l.v_dim), dtype=dt)))
-    _fill(c, bufs, "reference" if decoder in ("auto", "gpu") else decoder, verify)
-    if dev.type != "cpu":
-        bufs = [(k.to(dev), v.to(dev)) for k, v in bufs]
-    return bufs
+    return dispatch.decode(c, dev, decoder, verify)
 
 
 def decode_into(data: Any, buffers: Sequence[Sequence[torch.Tensor]], *, decoder: str = "auto",
@@ -104,36 +67,9 @@ def decode_into(data: Any, buffers: Sequence[Sequence[torch.Tensor]], *, decoder
     layer's tokens, of the container's dtype, on CPU or CUDA. Returns the tokens written per layer.
     """
     c = _container(data, limits, partial)
-    h = c.header
-    dt = _TORCH_DTYPES[h.dtype]
-    if len(buffers) != len(h.layers):
-        raise InputError(f"{len(buffers)} buffer pairs for {len(h.layers)} layers")
-    tokens = c.tokens()
-    bufs = []
-    for i, (pair, l, t) in enumerate(zip(buffers, h.layers, tokens)):
-        try:
-            kb, vb = pair
-        except (TypeError, ValueError):
-            raise InputError(f"layer {i}: expected a (key, value) buffer pair") from None
-        for kvi, b in enumerate((kb, vb)):
-            heads, dim = l.heads_dim(kvi)
-            if not isinstance(b, torch.Tensor) or b.dtype != dt or b.dim() != 4 or b.shape[0] != h.batch \
-                    or b.shape[1] != heads or b.shape[3] != dim or b.shape[2] < t:
-                raise InputError(f"layer {i} {'kv'[kvi]}: buffer must be a {dt} tensor [{h.batch}, {heads}, >={t}, {dim}]")
-        bufs.append((kb, vb))
-    devs = {b.device.type for p in bufs for b in p}
-    if devs == {"cuda"} and decoder in ("auto", "gpu"):
-        from .gpu import decode_gpu_into
-        decode_gpu_into(c, bufs, verify=verify)
-        return tokens
-    if devs == {"cpu"}:
-        _fill(c, bufs, "reference" if decoder in ("auto", "gpu") else decoder, verify)
-    else:
-        tmp = decode(c, "cpu", decoder="reference" if decoder in ("auto", "gpu") else decoder, verify=verify)
-        for (kb, vb), (k, v), t in zip(bufs, tmp, tokens):
-            kb[:, :, :t].copy_(k)
-            vb[:, :, :t].copy_(v)
-    return tokens
+    bufs = dispatch.check_buffers(c, buffers)
+    dispatch.decode_into(c, bufs, decoder, verify)
+    return c.tokens()
 
 
 def save(path: Union[str, os.PathLike], kv: KVCache, config: Union[str, CodecConfig, None] = "default",

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..config import CodecConfig
 from ..errors import InputError
-from ..format.container import (MODE_LOSSY, Header, LayerInfo, build_container, chunk_token_count,
+from ..format.container import (MODE_LOSSLESS, MODE_LOSSY, Header, LayerInfo, build_container, chunk_token_count,
                                 pack_lossy_chunk)
 from ..format.tables import TOKEN_SCALES, expand_counts
 from . import entropy, grouping, quantize
@@ -156,3 +156,157 @@ def encode_lossy(kv: Sequence[Sequence[Any]], config: CodecConfig, progress: Pro
         if progress:
             progress(len(payloads), header.n_chunks)
     return build_container(header, payloads)
+
+
+# ------------------------------------------------------------------------------ format v2
+
+def quantize_units(p: np.ndarray, table_bits: int) -> np.ndarray:
+    """Probabilities -> integer frequencies >= 1 summing to 2**table_bits (largest remainder)."""
+    p = np.asarray(p, dtype=np.float64)
+    a, m = p.size, 1 << table_bits
+    if a > m:
+        raise InputError(f"alphabet of {a} symbols does not fit {table_bits}-bit tables")
+    s = p.sum()
+    q = (p / s if s > 0 else np.full(a, 1.0 / a)) * (m - a)
+    f = np.floor(q).astype(np.int64)
+    rem = int((m - a) - f.sum())
+    if rem > 0:
+        f[np.argsort(-(q - f), kind="stable")[:rem]] += 1
+    return f + 1
+
+
+def _build_tables_v2(header, layers_out: list, tables_per_class: int, table_bits: int):
+    """Cluster channel histograms into tables (per (K/V, role, alphabet) class) and quantize them
+    to table_bits; channels are assigned to the table that codes them in the fewest bits."""
+    roles = header.roles
+    units: list[np.ndarray] = []
+    table_ids = [[np.zeros((l.channels(kvi), roles), dtype=np.uint16) for kvi in (0, 1)]
+                 for l in header.layers]
+    classes: dict[tuple[int, int, int], list[int]] = {}
+    for i, res in enumerate(layers_out):
+        for kvi in (0, 1):
+            for r in range(roles):
+                classes.setdefault((kvi, r, res["hists"][kvi][r].shape[1]), []).append(i)
+    for (kvi, r, _a), members in sorted(classes.items()):
+        H = np.concatenate([layers_out[i]["hists"][kvi][r] for i in members]).astype(np.float64)
+        if H.sum() == 0:
+            H[:, 0] = 1
+        counts, _ = entropy.build_dictionary(H, tables_per_class)
+        cand = [quantize_units(c.astype(np.float64), table_bits) for c in counts]
+        logp = np.log2(np.stack(cand).astype(np.float64) / (1 << table_bits))
+        assign = np.argmin(H @ (-logp).T, axis=1)
+        used = np.unique(assign)
+        remap = np.full(len(cand), -1)
+        remap[used] = np.arange(used.size) + len(units)
+        units.extend(cand[j] for j in used)
+        pos = 0
+        for i in members:
+            ch = header.layers[i].channels(kvi)
+            table_ids[i][kvi][:, r] = remap[assign[pos:pos + ch]]
+            pos += ch
+    if len(units) > 65535:
+        raise InputError("too many probability tables for the format (reduce tables_per_class)")
+    return units, table_ids
+
+
+def _code_chunk_v2(state: tuple, k: int) -> tuple[bytes, int]:
+    from ..format import v2 as fmt2
+    header, layers_out, freqs = state
+    lay = header.layout(k)
+    models = {}
+    cps, roles = header.channels_per_stream, header.roles
+    los, steps, toks, streams = [], [], [], []
+    for (i, kvi, n) in lay.blocks:
+        res = layers_out[i]
+        lo, step = res["params"][kvi, k]
+        los.append(lo)
+        steps.append(step[:1] if header.step_mode == 1 else step)
+        if header.token_scaling:
+            toks.append(res["exps"][kvi, k])
+        a, d = (s.astype(np.int32) for s in res["symbols"][kvi, k])
+        ids = header.table_ids[i][kvi]
+        for c0, c1 in stream_groups(header.layers[i].channels(kvi), cps):
+            segs = []
+            for c in range(c0, c1):
+                for r, sy in ((0, a), (1, d))[:roles]:
+                    t = int(ids[c, r])
+                    m = models.get(t)
+                    if m is None:
+                        m = models[t] = entropy.model_for(freqs[t])
+                    segs.append((sy[c], m))
+            streams.append(entropy.encode_stream(segs))
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)
+    return fmt2.pack_lossy_chunk(lay, header.param_dtype, cat(los), cat(steps),
+                                 cat(toks).astype(np.uint8) if toks else None, streams)
+
+
+def encode_lossy_v2(kv: Sequence[Sequence[Any]], config: CodecConfig, progress: Progress = None,
+                    extensions: Sequence[Any] = ()) -> bytes:
+    from ..format import v2 as fmt2
+    infos, batch, dtype = describe(kv)
+    kbits, vbits = config.layer_bits(len(infos))
+    infos = [LayerInfo(l.tokens, l.k_heads, l.k_dim, l.v_heads, l.v_dim, kb, vb)
+             for l, kb, vb in zip(infos, kbits, vbits)]
+    table_bits = int(getattr(config, "table_bits", 12))
+    header = fmt2.HeaderV2(mode=MODE_LOSSY, dtype=dtype, batch=batch, chunk_tokens=config.chunk_tokens,
+                           layers=infos, group_size=config.group_size,
+                           channels_per_stream=config.channels_per_stream,
+                           token_scaling=int(bool(config.token_scaling)), table_bits=table_bits,
+                           extensions=list(extensions))
+    # Alphabets must fit the tables: deltas of b-bit symbols need 2**(b+1) - 1 slots.
+    need = max(max(kbits), max(vbits)) + (1 if config.group_size > 1 else 0)
+    if need > table_bits:
+        raise InputError(f"{need}-bit alphabets need table_bits >= {need} (config has {table_bits})")
+    hosts = [tuple(host_array(t) for t in pair) for pair in kv]
+    work = header.decoded_bytes()
+    header.param_dtype = 1
+    layers_out = parallel_map(_quantize_layer, (hosts, header, config, 1), range(len(infos)), 1)
+    if max(r["max_abs"] for r in layers_out) >= quantize.FP16_SAFE:
+        header.param_dtype = 2
+        layers_out = parallel_map(_quantize_layer, (hosts, header, config, 2), range(len(infos)), 1)
+    # One step per block when every block's channels share it (scale_sharing=1), else per channel.
+    shared = all(p[1].size == 0 or bool(np.all(p[1] == p[1][0]))
+                 for r in layers_out for p in r["params"].values())
+    header.step_mode = 1 if shared else 0
+    units, header.table_ids = _build_tables_v2(header, layers_out, config.tables_per_class, table_bits)
+    header.alphabets = np.array([u.size for u in units], dtype=np.int64)
+    header.units = np.concatenate(units).astype(np.uint16)
+    freqs = [u.astype(np.int64) << (24 - table_bits) for u in units]
+    state = (header, layers_out, freqs)
+    n2 = worker_count(work, header.n_chunks)
+    chunks: list = []
+    step = max(n2, 1) * 2
+    for start in range(0, header.n_chunks, step):
+        ks = range(start, min(start + step, header.n_chunks))
+        chunks.extend(parallel_map(_code_chunk_v2, state, ks, min(n2, len(ks))))
+        if progress:
+            progress(len(chunks), header.n_chunks)
+    return fmt2.build_container(header, chunks)
+
+
+def encode_lossless_v2(kv: Sequence[Sequence[Any]], config: CodecConfig, progress: Progress = None,
+                       extensions: Sequence[Any] = ()) -> bytes:
+    """Lossless mode in a v2 container: the v1 chunk payload (byte-shuffled slices, one zstd
+    frame per chunk), no metadata section, extension records allowed."""
+    import zstandard
+
+    from ..format import v2 as fmt2
+    from .layout import raw_bytes
+    from .lossless import _shuffle
+    infos, batch, dtype = describe(kv)
+    header = fmt2.HeaderV2(mode=MODE_LOSSLESS, dtype=dtype, batch=batch, chunk_tokens=config.chunk_tokens,
+                           layers=infos, channels_per_stream=0, step_mode=0, extensions=list(extensions))
+    raws = [(raw_bytes(k), raw_bytes(v)) for k, v in kv]
+    cctx = zstandard.ZstdCompressor(level=config.zstd_level, write_content_size=True)
+    C, chunks = config.chunk_tokens, []
+    for k in range(header.n_chunks):
+        parts = []
+        for i, l in enumerate(infos):
+            n = chunk_token_count(l.tokens, k, C)
+            if n:
+                for kvi in (0, 1):
+                    parts.append(_shuffle(raws[i][kvi][:, :, k * C:k * C + n]))
+        chunks.append((cctx.compress(b"".join(parts)), 0))
+        if progress:
+            progress(k + 1, header.n_chunks)
+    return fmt2.build_container(header, chunks)

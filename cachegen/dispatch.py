@@ -1,0 +1,177 @@
+"""Decode dispatch: the one place that picks the parser (format v1 / v2) and the decoder
+(lossless, CPU reference, CPU lock-step, GPU) for a container and a destination.
+
+Sits between ``cachegen.gpu`` and ``cachegen.api`` (the GPU package never imports the API).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, InputError, LimitExceededError, UnsupportedVersionError
+from .format import v2 as fmt2
+from .format.container import MODE_LOSSLESS, Container, DecodeLimits, parse_container
+from .codec.decoder import decode_lockstep, decode_reference, work_items
+from .codec.lossless import decode_lossless, lossless_items
+from .codec.parallel import parallel_map, worker_count
+
+AnyContainer = Union[Container, fmt2.ContainerV2]
+
+TORCH_DTYPES = {1: torch.float16, 2: torch.bfloat16, 3: torch.float32}
+_TORCH_INT = {1: torch.int16, 2: torch.int16, 3: torch.int32}
+CPU_DECODERS = ("reference", "lockstep")
+
+
+def open_container(data: Any, limits: Optional[DecodeLimits] = None, partial: bool = False) -> AnyContainer:
+    """Parse and validate a container of either format version (everything but stream contents)."""
+    if isinstance(data, (Container, fmt2.ContainerV2)):
+        return data
+    version = fmt2.peek_version(data)
+    if version == fmt2.VERSION:
+        return fmt2.parse_container(data, limits, partial)
+    if version == 1:
+        return parse_container(data, limits, partial)
+    raise UnsupportedVersionError(f"container format version {version} is not supported (this decoder reads 1 and 2)")
+
+
+def f32_to(x: np.ndarray, dtype: int) -> np.ndarray:
+    """float32 -> the container dtype in numpy, round-to-nearest-even (bf16 as int16 bits)."""
+    if dtype == 1:
+        return x.astype(np.float16, order="C")
+    if dtype == 2:
+        u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+        return ((u + (((u >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16).view(np.int16)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _items(c: AnyContainer) -> list[tuple[int, int, int]]:
+    if c.header.mode == MODE_LOSSLESS:
+        return lossless_items(c)  # type: ignore[arg-type]
+    if isinstance(c, fmt2.ContainerV2):
+        return [(k, 0, 0) for k in range(c.n_chunks)]
+    return work_items(c, pieces_per_chunk=2)
+
+
+def _decode_item(state: tuple, item: tuple[int, int, int]) -> list:
+    """One unit of CPU decode work, runnable in a forked worker (numpy + constriction only)."""
+    c, method, verify = state
+    if c.header.mode == MODE_LOSSLESS:
+        return list(decode_lossless(c, item, verify))
+    if isinstance(c, fmt2.ContainerV2):
+        from .codec.decoder_v2 import decode_chunk
+        blocks = decode_chunk(c, item[0], verify)
+    else:
+        blocks = (decode_reference if method == "reference" else decode_lockstep)(c, item, verify)
+    return [(i, kvi, k, n, f32_to(x, c.header.dtype)) for i, kvi, k, n, x in blocks]
+
+
+def cpu_fill(c: AnyContainer, bufs: Sequence[Sequence[torch.Tensor]], decoder: str = "reference",
+             verify: bool = True) -> None:
+    """Decode on the CPU into CPU tensors [B, H, >=T, D] (tokens written from position 0)."""
+    h = c.header
+    if decoder not in CPU_DECODERS:
+        raise ConfigError(f"unknown CPU decoder {decoder!r} ({', '.join(CPU_DECODERS)})")
+    if decoder == "lockstep" and isinstance(c, fmt2.ContainerV2):
+        decoder = "reference"  # v2 has one CPU decoder; the GPU kernels are checked against it
+    items = _items(c)
+    workers = worker_count(h.decoded_bytes(c.n_chunks), len(items))
+    C = h.chunk_tokens
+    bits = h.mode == MODE_LOSSLESS or h.dtype == 2      # results come as integer bit patterns
+    # numpy views of the destination: plain memory copies, no torch intra-op threads
+    views = [tuple((t.view(_TORCH_INT[h.dtype]) if bits else t).numpy() for t in pair) for pair in bufs]
+    for result in parallel_map(_decode_item, (c, decoder, verify), items, workers):
+        for i, kvi, k, n, arr in result:
+            views[i][kvi][:, :, k * C:k * C + n, :] = arr
+
+
+def allocate(c: AnyContainer, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Output tensors for a validated container; an allocation failure is a LimitExceededError."""
+    h = c.header
+    dt = TORCH_DTYPES[h.dtype]
+    out = []
+    try:
+        for l, t in zip(h.layers, c.tokens()):
+            out.append((torch.empty((h.batch, l.k_heads, t, l.k_dim), dtype=dt, device=device),
+                        torch.empty((h.batch, l.v_heads, t, l.v_dim), dtype=dt, device=device)))
+    except (RuntimeError, MemoryError) as e:   # torch reports out-of-memory as RuntimeError
+        raise LimitExceededError(f"cannot allocate the decoded cache ({h.decoded_bytes(c.n_chunks)} bytes): {e}") from None
+    return out
+
+
+def check_buffers(c: AnyContainer, buffers: Sequence[Sequence[torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    h = c.header
+    dt = TORCH_DTYPES[h.dtype]
+    try:
+        n = len(buffers)
+    except TypeError:
+        raise InputError("buffers must be a sequence of (key, value) tensor pairs") from None
+    if n != len(h.layers):
+        raise InputError(f"{n} buffer pairs for {len(h.layers)} layers")
+    bufs = []
+    for i, (pair, l, t) in enumerate(zip(buffers, h.layers, c.tokens())):
+        try:
+            kb, vb = pair
+        except (TypeError, ValueError):
+            raise InputError(f"layer {i}: expected a (key, value) buffer pair") from None
+        for kvi, b in enumerate((kb, vb)):
+            heads, dim = l.heads_dim(kvi)
+            if not isinstance(b, torch.Tensor) or b.dtype != dt or b.dim() != 4 or b.shape[0] != h.batch \
+                    or b.shape[1] != heads or b.shape[3] != dim or b.shape[2] < t:
+                raise InputError(f"layer {i} {'kv'[kvi]}: buffer must be a {dt} tensor [{h.batch}, {heads}, >={t}, {dim}]")
+        bufs.append((kb, vb))
+    devs = {b.device for p in bufs for b in p}
+    if len(devs) != 1:
+        raise InputError(f"decode_into buffers must be on one device, got {sorted(map(str, devs))}")
+    return bufs
+
+
+def _cpu_then_copy(c: AnyContainer, bufs, decoder: str, verify: bool) -> None:
+    tmp = allocate(c, torch.device("cpu"))
+    cpu_fill(c, tmp, decoder, verify)
+    for (kb, vb), (k, v) in zip(bufs, tmp):
+        kb[:, :, :k.shape[2]].copy_(k, non_blocking=False)
+        vb[:, :, :v.shape[2]].copy_(v, non_blocking=False)
+
+
+def resolve_device(device: Any) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise InputError(f"bad device {device!r}: {e}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"device must be cpu or cuda, got {dev.type!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' asked for, but torch sees no CUDA GPU")
+    return dev
+
+
+def decode_into(c: AnyContainer, bufs: Sequence[Sequence[torch.Tensor]], decoder: str = "auto",
+                verify: bool = True) -> None:
+    """Fill checked buffers (see check_buffers) with the decoded cache, on their device."""
+    if decoder not in ("auto", "gpu") + CPU_DECODERS:
+        raise ConfigError(f"unknown decoder {decoder!r} (auto, gpu, reference, lockstep)")
+    dev = bufs[0][0].device
+    if dev.type == "cuda" and decoder in ("auto", "gpu") and c.header.mode != MODE_LOSSLESS:
+        if isinstance(c, fmt2.ContainerV2):
+            from .gpu.v2 import default_decoder
+            default_decoder(dev).decode_into(c, bufs, verify=verify)
+        else:
+            from .gpu import decode_gpu_into
+            decode_gpu_into(c, bufs, verify=verify)
+        return
+    if decoder == "gpu" and dev.type != "cuda":
+        raise InputError("decoder='gpu' needs CUDA destination buffers")
+    cpu = "reference" if decoder in ("auto", "gpu") else decoder
+    if dev.type == "cpu":
+        cpu_fill(c, bufs, cpu, verify)
+    else:
+        _cpu_then_copy(c, bufs, cpu, verify)
+
+
+def decode(c: AnyContainer, device: Any = "cpu", decoder: str = "auto", verify: bool = True):
+    dev = resolve_device(device)
+    bufs = allocate(c, dev)
+    decode_into(c, bufs, decoder, verify)
+    return bufs

@@ -1,0 +1,148 @@
+"""Triton kernel of the format v2 GPU decoder: rANS decode + dequantize + store, fused.
+
+One lane per stream. A lane reads its own directory entry and quantizer parameters from the
+container bytes on the device (no host-built per-stream offsets), decodes its symbols with
+constriction's exact arithmetic (64-bit state, 32-bit words, 24-bit precision) through a direct
+lookup table of 2**table_bits slots (v2 tables are quantized to table_bits, so a slot never spans
+two symbols: no search), dequantizes exactly fl32(fl32(fl32(step * v) + lo) * token_scale) (the
+launch turns FMA contraction off) and stores the destination dtype at [b, h, token, d] of the
+caller's tensor, whatever its strides. Symbols never touch memory.
+
+Every read is bounded: directory entries are checked against the chunk's word count before use
+(a bad one sets the lane's error flag and the lane decodes nothing), words are read only inside
+the stream, table ids and alphabets were validated on the host. A lane that does not end in the
+initial state (x == 0, all words consumed) or meets non-finite parameters sets its error flag.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Block table columns (int64 [n_blocks, BCOLS]).
+(C_CHUNK, C_LK, C_N, C_TOK0, C_NCH, C_CHOFF, C_STEPOFF, C_TOKOFF, C_SCHUNK, C_STEPAT, C_TOKAT,
+ C_DIRAT, C_META, C_IDS) = range(14)
+BCOLS = 14
+
+
+@triton.jit
+def v2_decode_kernel(u32_ptr, u16_ptr, par_ptr, u8_ptr,
+                     sblk_ptr, ssic_ptr, sc0_ptr, snch_ptr, blk_ptr, cbase_ptr, cwords_ptr,
+                     lut_ptr, scale_ptr, out_ptr, obase_ptr, ostride_ptr, hdim_ptr, err_ptr,
+                     n_streams, batch, ids_u16,
+                     TB: tl.constexpr, PSZ: tl.constexpr, SHARED: tl.constexpr, HAS_TS: tl.constexpr,
+                     OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    lane = pid * BLOCK + tl.arange(0, BLOCK)
+    m = lane < n_streams
+    blk = tl.load(sblk_ptr + lane, mask=m, other=0).to(tl.int64)
+    sic = tl.load(ssic_ptr + lane, mask=m, other=0).to(tl.int64)
+    c0 = tl.load(sc0_ptr + lane, mask=m, other=0)
+    nchs = tl.load(snch_ptr + lane, mask=m, other=0)
+    row = blk_ptr + blk * 14
+    k = tl.load(row + 0, mask=m, other=0)
+    lk = tl.load(row + 1, mask=m, other=0)
+    n = tl.load(row + 2, mask=m, other=1).to(tl.int32)
+    tok0 = tl.load(row + 3, mask=m, other=0)
+    ch_off = tl.load(row + 5, mask=m, other=0)
+    step_off = tl.load(row + 6, mask=m, other=0)
+    tok_off = tl.load(row + 7, mask=m, other=0)
+    s_chunk = tl.load(row + 8, mask=m, other=1)
+    step_at = tl.load(row + 9, mask=m, other=0)
+    tok_at = tl.load(row + 10, mask=m, other=0)
+    dir_at = tl.load(row + 11, mask=m, other=0)
+    meta = tl.load(row + 12, mask=m, other=0)
+    ids_base = tl.load(row + 13, mask=m, other=0)
+    cbase = tl.load(cbase_ptr + k, mask=m, other=0)          # chunk's first byte in the blob
+    cwords = tl.load(cwords_ptr + k, mask=m, other=0)        # words in the chunk's stream area
+
+    # Directory: cumulative word ends; checked before any word is read.
+    d0 = (cbase + dir_at) // 4 + sic
+    e_end = tl.load(u32_ptr + d0, mask=m, other=0).to(tl.uint32).to(tl.int64)
+    e_beg = tl.load(u32_ptr + d0 - 1, mask=m & (sic > 0), other=0).to(tl.uint32).to(tl.int64)
+    bad = m & ((e_beg > e_end) | (e_end > cwords) | ((sic == s_chunk - 1) & (e_end != cwords)))
+    ok = m & (bad == 0)
+    wb = (cbase + meta) // 4 + e_beg
+    ptr = tl.where(ok, e_end - e_beg, 0).to(tl.int32)
+    per = batch * n
+    nsym = tl.where(ok, nchs * per, 0)
+
+    last = tl.load(u32_ptr + wb + ptr - 1, mask=ok & (ptr > 0), other=0).to(tl.uint32).to(tl.uint64)
+    bad = bad | ((ptr > 0) & (last == 0))
+    x = tl.zeros([BLOCK], dtype=tl.uint64)
+    for _k in tl.static_range(2):
+        need = ((x >> 32) == 0) & (ptr > 0)
+        w = tl.load(u32_ptr + wb + ptr - 1, mask=need, other=0).to(tl.uint32).to(tl.uint64)
+        x = tl.where(need, (x << 32) | w, x)
+        ptr = ptr - need.to(tl.int32)
+
+    # Per-channel state, reloaded when a channel ends.
+    j = tl.zeros([BLOCK], dtype=tl.int32)
+    bi = tl.zeros([BLOCK], dtype=tl.int32)
+    t = tl.zeros([BLOCK], dtype=tl.int32)
+    optr = out_ptr + tl.load(obase_ptr + lk, mask=m, other=0)
+    sb = tl.load(ostride_ptr + lk * 4, mask=m, other=0)
+    sh = tl.load(ostride_ptr + lk * 4 + 1, mask=m, other=0)
+    stt = tl.load(ostride_ptr + lk * 4 + 2, mask=m, other=0)
+    sd = tl.load(ostride_ptr + lk * 4 + 3, mask=m, other=0)
+    hd = tl.load(hdim_ptr + lk, mask=m, other=1).to(tl.int32)
+    pbase = (cbase // PSZ) + ch_off
+    sbase = ((cbase + step_at) // PSZ) + step_off
+    c = c0
+    tid = tl.load(u16_ptr + ids_u16 + ids_base + c, mask=ok, other=0).to(tl.int32) & 0xFFFF
+    lo = tl.load(par_ptr + pbase + c, mask=ok, other=0.0).to(tl.float32)
+    if SHARED:
+        st = tl.load(par_ptr + sbase, mask=ok, other=0.0).to(tl.float32)
+    else:
+        st = tl.load(par_ptr + sbase + c, mask=ok, other=0.0).to(tl.float32)
+    pbad = (lo != lo) | (st != st) | (tl.abs(lo) == float("inf")) | (tl.abs(st) == float("inf")) | (st < 0)
+    bad = bad | (ok & pbad)
+    hh = c // hd
+    cofs = hh.to(tl.int64) * sh + (c - hh * hd).to(tl.int64) * sd
+    tbase = (cbase + tok_at) + tok_off
+    n_steps = tl.max(nsym, axis=0)
+    for s in range(0, n_steps):
+        active = s < nsym
+        q = (x & 0xFFFFFF).to(tl.int32)
+        e = tl.load(lut_ptr + (tid << TB) + (q >> (24 - TB)), mask=active, other=0)
+        sym = (e & 0x7FF).to(tl.int32)
+        f = ((e >> 11) & 0x1FFF).to(tl.uint64)
+        off = ((e >> 24) & 0xFFF).to(tl.uint64)
+        nx = (x >> 24) * (f << (24 - TB)) + ((off << (24 - TB)) | (q & ((1 << (24 - TB)) - 1)).to(tl.uint64))
+        x = tl.where(active, nx, x)
+        val = sym.to(tl.float32) * st
+        val = val + lo
+        if HAS_TS:
+            ecode = tl.load(u8_ptr + tbase + bi * n + t, mask=active, other=0).to(tl.int32)
+            val = val * tl.load(scale_ptr + ecode)
+        o = cofs + bi.to(tl.int64) * sb + (tok0 + t.to(tl.int64)) * stt
+        if OUT_BF16:
+            u = val.to(tl.uint32, bitcast=True)
+            r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+            r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x40, r)
+            tl.store(optr + o, r.to(tl.uint16).to(tl.int16, bitcast=True), mask=active)
+        else:
+            tl.store(optr + o, val.to(optr.dtype.element_ty), mask=active)
+        need = active & ((x >> 32) == 0) & (ptr > 0)
+        w = tl.load(u32_ptr + wb + ptr - 1, mask=need, other=0).to(tl.uint32).to(tl.uint64)
+        x = tl.where(need, (x << 32) | w, x)
+        ptr = ptr - need.to(tl.int32)
+        # Advance (channel-major; batch-major then token inside a channel).
+        t = t + 1
+        wt = t == n
+        t = tl.where(wt, 0, t)
+        bi = bi + wt.to(tl.int32)
+        wc = bi == batch
+        bi = tl.where(wc, 0, bi)
+        chg = wc & (s + 1 < nsym)
+        j = j + wc.to(tl.int32)
+        c = c0 + j
+        tid = tl.where(chg, tl.load(u16_ptr + ids_u16 + ids_base + c, mask=chg, other=0).to(tl.int32) & 0xFFFF, tid)
+        lo = tl.where(chg, tl.load(par_ptr + pbase + c, mask=chg, other=0.0).to(tl.float32), lo)
+        if not SHARED:
+            st = tl.where(chg, tl.load(par_ptr + sbase + c, mask=chg, other=0.0).to(tl.float32), st)
+        pb = (lo != lo) | (st != st) | (tl.abs(lo) == float("inf")) | (tl.abs(st) == float("inf")) | (st < 0)
+        bad = bad | (chg & pb)
+        hh = c // hd
+        cofs = tl.where(chg, hh.to(tl.int64) * sh + (c - hh * hd).to(tl.int64) * sd, cofs)
+    bad = bad | (ok & ((x != 0) | (ptr != 0)))
+    tl.store(err_ptr + lane, bad.to(tl.int8), mask=m)

@@ -1,0 +1,292 @@
+"""GPU decoder for format v2: a reusable context (python-zstandard style).
+
+``GpuDecoder(device)`` keeps, per cache *shape* (layers, tokens, chunking), the stream and block
+tables on the device, so restoring another cache of the same shape costs the host only: parse the
+header (vectorized), CRC the chunks' small metadata sections on threads, upload a few per-chunk
+words, build the lookup tables on the device from the table section, one launch, one error read.
+The stream words are checked by the rANS end state of every stream on the device (plus the
+host CRC of the words when ``verify="full"``).
+
+    dec = GpuDecoder("cuda")
+    dec.decode_into(data, bufs)                   # data: bytes / memoryview / parsed ContainerV2
+    dec.decode_into(c, bufs, payload=dev_bytes)   # the container's bytes already on the GPU
+"""
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..errors import InputError, StreamError
+from ..format import v2 as fmt2
+from ..format.container import MODE_LOSSLESS
+from ..format.tables import TOKEN_SCALES
+BCOLS = 14     # block table columns: see kernels_v2
+
+Verify = Union[bool, str]
+
+# Tunables (H200 sweep: benches/gpu_notes.md).
+BLOCK = 64
+NUM_WARPS = 2
+
+
+@dataclass
+class ShapePlan:
+    """Device tables that depend only on the cache's shape (not on its bytes)."""
+    n_streams: int
+    sblk: torch.Tensor     # int32 [S] global block of each stream
+    ssic: torch.Tensor     # int32 [S] stream index inside its chunk
+    sc0: torch.Tensor      # int32 [S] first channel of the stream in its block
+    snch: torch.Tensor     # int32 [S] channels of the stream
+    blocks: torch.Tensor   # int64 [NB, BCOLS]
+    n_blocks: int
+
+
+def _shape_key(h: fmt2.HeaderV2, n_chunks: int) -> tuple:
+    return (tuple((l.tokens, l.k_heads, l.k_dim, l.v_heads, l.v_dim) for l in h.layers), h.batch,
+            h.chunk_tokens, h.channels_per_stream, h.group_size, h.param_dtype, h.step_mode,
+            h.token_scaling, n_chunks)
+
+
+def _ids_bases(h: fmt2.HeaderV2) -> np.ndarray:
+    """u16 index of each (layer, kv)'s first table id inside the id section."""
+    counts = [l.channels(kv) * h.roles for l in h.layers for kv in (0, 1)]
+    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+
+
+def build_shape_plan(h: fmt2.HeaderV2, n_chunks: int, device: torch.device) -> ShapePlan:
+    ids_b = _ids_bases(h)
+    rows, sblk, ssic, sc0, snch = [], [], [], [], []
+    nb = 0
+    layouts: dict = {}
+    for k in range(n_chunks):
+        lay = h.layout(k)
+        key = id(lay)
+        if key not in layouts:
+            blk = np.zeros((lay.nb, BCOLS), dtype=np.int64)
+            lk = np.array([2 * i + kv for i, kv, _ in lay.blocks], dtype=np.int64)
+            blk[:, 1] = lk
+            blk[:, 2] = [t for _, _, t in lay.blocks]
+            blk[:, 4] = lay.nch
+            blk[:, 5] = lay.ch_off
+            blk[:, 6] = lay.step_off
+            blk[:, 7] = lay.tok_off
+            blk[:, 8] = lay.n_streams
+            blk[:, 9] = lay.step_at
+            blk[:, 10] = lay.tok_at
+            blk[:, 11] = lay.dir_at
+            blk[:, 12] = lay.meta_size
+            blk[:, 13] = ids_b[lk]
+            sic = np.arange(lay.n_streams, dtype=np.int64)
+            layouts[key] = (blk, lay.stream_block, sic, lay.stream_c0, lay.stream_nch)
+        blk, sb, sic, c0, nch = layouts[key]
+        b = blk.copy()
+        b[:, 0] = k
+        b[:, 3] = k * h.chunk_tokens
+        rows.append(b)
+        sblk.append(sb + nb)
+        ssic.append(sic)
+        sc0.append(c0)
+        snch.append(nch)
+        nb += b.shape[0]
+    cat = lambda xs, dt: torch.from_numpy(np.concatenate(xs).astype(dt)).to(device)
+    S = int(sum(x.size for x in sblk))
+    return ShapePlan(S, cat(sblk, np.int32), cat(ssic, np.int32), cat(sc0, np.int32), cat(snch, np.int32),
+                     cat(rows, np.int64).reshape(-1, BCOLS), nb)
+
+
+def build_lut(units: torch.Tensor, alphabets: torch.Tensor, table_bits: int) -> torch.Tensor:
+    """Direct decode table int64 [T * 2**table_bits] on the device: slot -> sym | f << 11 | off << 24.
+
+    Each table's frequencies sum to 2**table_bits, so repeating every symbol f times lays the
+    tables out slot by slot, back to back (no host sync: the output size is known)."""
+    T = int(alphabets.numel())
+    M = 1 << table_bits
+    u = units.to(torch.int64)
+    starts = torch.cumsum(alphabets.to(torch.int64), 0) - alphabets.to(torch.int64)
+    tab = torch.repeat_interleave(torch.arange(T, device=u.device), alphabets.to(torch.int64), output_size=int(u.numel()))
+    sym = torch.arange(u.numel(), device=u.device) - starts[tab]
+    csum = torch.cumsum(u, 0) - u                       # global exclusive cumsum
+    cdf = csum - (tab * M)                              # each table's cdf (tables sum to M)
+    rep = lambda a: torch.repeat_interleave(a, u, output_size=T * M)
+    slot = torch.arange(T * M, device=u.device) % M
+    return rep(sym) | (rep(u) << 11) | ((slot - rep(cdf)) << 24)
+
+
+_POOL: Optional[ThreadPoolExecutor] = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="cachegen-crc")
+        return _POOL
+
+
+class GpuDecoder:
+    """Reusable v2 GPU decoder context for one CUDA device."""
+
+    def __init__(self, device: Any = "cuda", block: Optional[int] = None, num_warps: Optional[int] = None):
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise InputError(f"GpuDecoder needs a CUDA device, got {self.device}")
+        self.block = block
+        self.num_warps = num_warps
+        self._plans: dict = {}
+        self._scales = None
+
+    # ---------------------------------------------------------------- host checks
+    def verify(self, c: fmt2.ContainerV2, words: bool = False) -> None:
+        """Chunk CRCs on threads (zlib releases the GIL): metadata always, words when asked."""
+        n = c.n_chunks
+        if n == 0:
+            return
+        ex = _pool()
+        list(ex.map(lambda k: c.verify_chunk(k, words=words), range(n)))
+
+    def plan(self, c: fmt2.ContainerV2) -> ShapePlan:
+        key = _shape_key(c.header, c.n_chunks)
+        p = self._plans.get(key)
+        if p is None:
+            if len(self._plans) > 16:
+                self._plans.clear()
+            p = self._plans[key] = build_shape_plan(c.header, c.n_chunks, self.device)
+        return p
+
+    # ---------------------------------------------------------------- decode
+    def upload(self, c: fmt2.ContainerV2, stream: Optional[torch.cuda.Stream] = None) -> torch.Tensor:
+        """The container's bytes as a device uint8 tensor (length padded to a multiple of 4)."""
+        end = c.payload_start + (int(c.index["offset"][-1]) + int(c.index["size"][-1]) if c.n_chunks else 0)
+        raw = np.frombuffer(c.data[:end], dtype=np.uint8)
+        pad = (-end) % 4
+        dev = torch.empty(end + pad, dtype=torch.uint8, device=self.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")    # read-only buffer: only copied to the device
+            src = torch.from_numpy(raw)
+        with torch.cuda.stream(stream) if stream is not None else _null():
+            dev[:end].copy_(src, non_blocking=src.is_pinned())
+        return dev
+
+    def decode_into(self, data: Any, bufs: Sequence[Sequence[torch.Tensor]], *, verify: Verify = True,
+                    payload: Optional[torch.Tensor] = None, stream: Optional[torch.cuda.Stream] = None,
+                    check: bool = True) -> Optional[torch.Tensor]:
+        """Decode into CUDA tensors bufs[i] = (k, v) [B, H, >=T, D] of the container's dtype.
+
+        verify: True = header + chunk metadata CRCs on the host, stream words by the rANS end
+        state on the device; "full" = also the words' CRC on the host; False = structure only.
+        payload: the container's bytes already on this device (uint8, at least as long as the
+        container): no copy. check=False returns the device error flags without synchronizing.
+        """
+        from .kernels_v2 import v2_decode_kernel
+
+        c = data if isinstance(data, fmt2.ContainerV2) else fmt2.parse_container(data)
+        h = c.header
+        if h.mode == MODE_LOSSLESS:
+            raise InputError("GpuDecoder decodes lossy containers (lossless ones decode on the CPU)")
+        if h.group_size > 1:
+            raise InputError("GpuDecoder: anchor-delta containers (group_size > 1) decode on the CPU")
+        if verify:
+            self.verify(c, words=(verify == "full"))
+        p = self.plan(c)
+        dev = self.device
+        if payload is None:
+            payload = self.upload(c, stream)
+        elif payload.device != dev or payload.dtype != torch.uint8 or payload.dim() != 1:
+            raise InputError("payload must be a 1-D uint8 tensor on the decoder's device")
+        end = c.payload_start + (int(c.index["offset"][-1]) + int(c.index["size"][-1]) if c.n_chunks else 0)
+        if payload.numel() < end:
+            raise InputError(f"payload has {payload.numel()} bytes, the container {end}")
+        if payload.numel() % 4:
+            raise InputError("payload length must be a multiple of 4 bytes (pad it)")
+        if payload.data_ptr() % 16:
+            raise InputError("payload must be 16-byte aligned")
+        flat = [t for pair in bufs for t in pair]
+        base = flat[0]
+        esz = base.element_size()
+        bf16 = base.dtype == torch.bfloat16
+        for t in flat:
+            if (t.data_ptr() - base.data_ptr()) % esz:
+                raise InputError("decode buffers must be element-aligned with each other")
+        host = np.empty((len(flat), 6), dtype=np.int64)
+        for i, t in enumerate(flat):
+            host[i, 0] = (t.data_ptr() - base.data_ptr()) // esz
+            host[i, 1:5] = t.stride()
+            host[i, 5] = t.shape[3]
+        chunk = np.stack([c.payload_start + c.index["offset"].astype(np.int64),
+                          (c.index["size"].astype(np.int64) - c.index["meta_size"].astype(np.int64)) // 4])
+        meta = torch.from_numpy(np.concatenate([host.reshape(-1), chunk.reshape(-1)]))
+        scales = self._scales
+        if scales is None:
+            scales = self._scales = torch.from_numpy(TOKEN_SCALES.astype(np.float32)).to(dev)
+        ctx = torch.cuda.stream(stream) if stream is not None else _null()
+        with ctx:
+            md = meta.pin_memory().to(dev, non_blocking=True) if torch.cuda.is_available() else meta.to(dev)
+            nf = len(flat)
+            hm = md[:6 * nf].view(nf, 6)
+            obase = hm[:, 0].contiguous()
+            strides = hm[:, 1:5].contiguous()
+            hdim = hm[:, 5].contiguous()
+            cbase = md[6 * nf:6 * nf + c.n_chunks]
+            cwords = md[6 * nf + c.n_chunks:]
+            # Tables: the section lies in the header; units and alphabets read from the device copy.
+            tab_at = fmt2.PREAMBLE_SIZE + fmt2.FIXED_SIZE + 16 * len(h.layers) + fmt2.CHUNK_DT.itemsize * h.n_chunks
+            T = h.n_tables
+            a_bytes = (2 * T + 3) & ~3
+            u16 = payload.view(torch.int16)
+            alph = torch.from_numpy(h.alphabets.astype(np.int64)).to(dev, non_blocking=False)
+            units = u16[(tab_at + a_bytes) // 2:(tab_at + a_bytes) // 2 + int(h.alphabets.sum())].to(torch.int64) & 0xFFFF
+            lut = build_lut(units, alph, h.table_bits)
+            ids_u16 = (tab_at + a_bytes + ((2 * int(h.alphabets.sum()) + 3) & ~3)) // 2
+            par = payload.view(torch.float16 if h.param_dtype == 1 else torch.float32)
+            err = torch.zeros(max(p.n_streams, 1), dtype=torch.int8, device=dev)
+            block = self.block or BLOCK
+            nw = self.num_warps or NUM_WARPS
+            grid = (triton_cdiv(p.n_streams, block),)
+            if p.n_streams:
+                v2_decode_kernel[grid](
+                    payload.view(torch.int32), u16, par, payload, p.sblk, p.ssic, p.sc0, p.snch, p.blocks,
+                    cbase, cwords, lut, scales, base.view(torch.int16) if bf16 else base, obase, strides, hdim,
+                    err, p.n_streams, h.batch, ids_u16,
+                    TB=h.table_bits, PSZ=2 if h.param_dtype == 1 else 4, SHARED=h.step_mode == 1,
+                    HAS_TS=bool(h.token_scaling), OUT_BF16=bf16, BLOCK=block, num_warps=nw,
+                    enable_fp_fusion=False)
+        if not check:
+            return err
+        nbad = int(err.sum())
+        if nbad:
+            raise StreamError(f"{nbad} stream(s) failed on the GPU (corrupt directory, parameters or "
+                              "rANS stream not ending in its initial state)")
+        return None
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+_DEFAULT: dict = {}
+
+
+def default_decoder(device: Any) -> GpuDecoder:
+    dev = torch.device(device)
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    d = _DEFAULT.get(dev)
+    if d is None:
+        d = _DEFAULT[dev] = GpuDecoder(dev)
+    return d
