@@ -26,9 +26,19 @@ class StreamError(FormatError):
     """An entropy-coded stream did not decode cleanly (wrong length or final state)."""
 
 
+class ModelError(CacheGenError):
+    """A model export or its tokenizer is unusable (e.g. the tokenizer splits text into characters)."""
+
+
 class ConfigError(CacheGenError):
     """A codec configuration is invalid."""
 
 
 class InputError(CacheGenError):
     """The KV cache handed to the encoder is malformed (shape, dtype, non-finite values)."""
+
+
+class MissingDependencyError(CacheGenError, ImportError):
+    """An optional dependency (a pip extra such as ``cachegen[ort]``) is not installed.
+
+    Also an ImportError, so ``except ImportError`` keeps working for callers that probe."""
