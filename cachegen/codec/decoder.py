@@ -11,8 +11,8 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import StreamError
-from ..format.container import Container, LossyChunk, chunk_blocks, parse_lossy_chunk
+from ..errors import LimitExceededError, StreamError
+from ..format.container import Container, DecodeLimits, LossyChunk, chunk_blocks, parse_lossy_chunk
 from ..format.tables import TOKEN_SCALES
 from . import entropy, grouping, quantize
 from .layout import segment_counts, stream_groups
@@ -49,12 +49,21 @@ def _stream_words(chunk: LossyChunk, si: int) -> np.ndarray:
     return chunk.words[chunk.stream_ends[si] - chunk.stream_lengths[si]:chunk.stream_ends[si]]
 
 
+def models_for(container: Container, ids) -> dict:
+    """constriction models of the given tables, built once per container (cached on its tables)."""
+    ts = container.header.tables
+    cache = ts.models
+    for t in ids:
+        t = int(t)
+        if t not in cache:
+            cache[t] = entropy.model_for(ts.freqs_of(t))
+    return cache
+
+
 def decode_reference(container: Container, item: tuple[int, int, int], verify: bool = True,
-                     models: list | None = None) -> Iterator[Block]:
+                     models: dict | None = None) -> Iterator[Block]:
     h = container.header
     k, b0, b1 = item
-    if models is None:
-        models = [entropy.model_for(f) for f in h.freqs]
     chunk = parse_lossy_chunk(container, k, verify)
     roles = h.roles
     for b in range(b0, b1):
@@ -62,15 +71,18 @@ def decode_reference(container: Container, item: tuple[int, int, int], verify: b
         layer = h.layers[i]
         na, nd = segment_counts(h, n)
         ids = h.table_ids[i][kvi]
+        # Only this block's tables; each model is built once per container, not per work item.
+        m = models if models is not None else models_for(container, np.unique(ids))
         ch = layer.channels(kvi)
         anchors = np.empty((ch, na), dtype=np.int32)
         deltas = np.empty((ch, nd), dtype=np.int32)
+        idl = ids.tolist()
         for s, (c0, c1) in enumerate(stream_groups(ch, h.channels_per_stream)):
             segs = []
             for c in range(c0, c1):
-                segs.append((na, models[ids[c, 0]]))
+                segs.append((na, m[idl[c][0]]))
                 if roles == 2:
-                    segs.append((nd, models[ids[c, 1]]))
+                    segs.append((nd, m[idl[c][1]]))
             out = entropy.decode_stream(_stream_words(chunk, chunk.first_stream[b] + s), segs)
             anchors[c0:c1] = out[0::roles]
             if roles == 2:
@@ -79,49 +91,78 @@ def decode_reference(container: Container, item: tuple[int, int, int], verify: b
         yield _finish_block(container, chunk, b, v)
 
 
-def chunk_schedule(container: Container, chunk: LossyChunk, b0: int = 0, b1: int | None = None):
-    """For the streams of blocks [b0, b1): the table of every symbol-step, symbol counts, plans."""
+LOCKSTEP_SYMBOLS_PER_STEP = 256   # past max_lockstep_steps, each step must yield this many symbols
+
+
+def lockstep_cost(container: Container) -> tuple[int, int]:
+    """(numpy steps, symbols) the lock-step decoder needs for the chunks present, from the header
+    alone: per work item, steps = its longest stream (channels per stream * batch * tokens)."""
     h = container.header
-    b1 = len(chunk.blocks) if b1 is None else b1
-    plans, n_syms, rows = [], [], []
-    for b in range(b0, b1):
-        i, kvi, n = chunk.blocks[b]
-        na, nd = segment_counts(h, n)
-        ids = h.table_ids[i][kvi]
-        for s, (c0, c1) in enumerate(stream_groups(h.layers[i].channels(kvi), h.channels_per_stream)):
-            tables = []
-            for c in range(c0, c1):
-                tables.append(np.full(na, ids[c, 0], dtype=np.int32))
-                if h.roles == 2:
-                    tables.append(np.full(nd, ids[c, 1], dtype=np.int32))
-            t = np.concatenate(tables)
-            plans.append((b, c0, c1, na, nd, t))
-            n_syms.append(t.size)
-            rows.append(chunk.first_stream[b] + s)
-    steps = max(n_syms) if n_syms else 0
-    sched = np.zeros((len(plans), steps), dtype=np.int32)
-    for r, p in enumerate(plans):
-        sched[r, :p[5].size] = p[5]
-    return sched, np.array(n_syms, dtype=np.int64), plans, np.array(rows, dtype=np.int64)
+    cached = container.walks.get("_lockstep_cost")
+    if cached is not None:
+        return cached
+    C, K = h.chunk_tokens, container.n_chunks
+    T = np.array([l.tokens for l in h.layers], dtype=np.int64)
+    w = np.array([max(min(h.channels_per_stream, l.channels(0)), min(h.channels_per_stream, l.channels(1)))
+                  for l in h.layers], dtype=np.int64) * h.batch
+    steps = 0
+    per = max(1, (1 << 20) // T.size)
+    for k0 in range(0, K, per):                 # [chunks x layers] in slices of ~2^20 cells
+        k = np.arange(k0, min(K, k0 + per), dtype=np.int64)[:, None]
+        n = np.clip(T[None, :] - k * C, 0, C)
+        steps += 2 * int((n * w[None, :]).max(axis=1).sum())   # two work items per chunk
+    symbols = h.decoded_bytes(K) // h.elem_bytes
+    container.walks["_lockstep_cost"] = (steps, symbols)
+    return steps, symbols
+
+
+def check_lockstep_cost(container: Container) -> None:
+    limits = container.limits
+    steps, symbols = lockstep_cost(container)
+    allowed = limits.max_lockstep_steps + symbols // LOCKSTEP_SYMBOLS_PER_STEP
+    if steps > allowed:
+        raise LimitExceededError(
+            f"the lock-step decoder would take {steps} numpy steps for {symbols} symbols (limit "
+            f"{allowed}: DecodeLimits.max_lockstep_steps + 1 per {LOCKSTEP_SYMBOLS_PER_STEP} symbols); "
+            f"it is the step-by-step reference of the GPU algorithm: use decoder='reference'")
 
 
 def decode_lockstep(container: Container, item: tuple[int, int, int], verify: bool = True,
                     tables=None) -> Iterator[Block]:
+    """The GPU algorithm in numpy for the blocks of one work item: all their streams advance one
+    symbol per step. Cost: O(symbols) element work + O(1) numpy calls per step, the steps bounded
+    by check_lockstep_cost; tables are the container's flat uint32 ones (no padding)."""
     h = container.header
     k, b0, b1 = item
-    F, Cd, A = tables if tables is not None else entropy.padded_tables(h.freqs, h.cdfs)
+    check_lockstep_cost(container)
+    ts = h.tables
     chunk = parse_lossy_chunk(container, k, verify)
-    sched, n_syms, plans, rows = chunk_schedule(container, chunk, b0, b1)
-    syms = entropy.lockstep_decode(chunk.words, chunk.stream_ends[rows], chunk.stream_lengths[rows],
-                                   sched, n_syms, F, Cd, A)
-    per_block: dict[int, list] = {}
-    for r, (b, c0, c1, na, nd, _) in enumerate(plans):
-        seg = syms[r, :(c1 - c0) * (na + nd)].reshape(c1 - c0, na + nd)
-        per_block.setdefault(b, []).append((seg[:, :na], seg[:, na:]))
+    cps = h.channels_per_stream
+    sched, starts, lengths, nsym, soff, metas = [], [], [], [], [], []
+    base = 0
     for b in range(b0, b1):
-        parts = per_block[b]
         i, kvi, n = chunk.blocks[b]
-        anchors = np.concatenate([p[0] for p in parts])
-        deltas = np.concatenate([p[1] for p in parts])
-        v = grouping.join(anchors, deltas, h.batch, n, h.group_size, 1 << h.layers[i].bits(kvi))
+        na, nd = segment_counts(h, n)
+        per = na + nd
+        ids = h.table_ids[i][kvi]
+        ch = ids.shape[0]
+        # The block's symbols channel-major (its streams back to back): na of role 0, nd of role 1.
+        reps = np.tile(np.array([na, nd][:h.roles], dtype=np.int64), ch)
+        sched.append(np.repeat(ids.reshape(-1), reps))
+        c0 = np.arange(0, ch, cps, dtype=np.int64)
+        c1 = np.minimum(c0 + cps, ch)
+        rows = chunk.first_stream[b] + np.arange(c0.size)
+        starts.append(chunk.stream_ends[rows] - chunk.stream_lengths[rows])
+        lengths.append(chunk.stream_lengths[rows].astype(np.int64))
+        nsym.append((c1 - c0) * per)
+        soff.append(base + c0 * per)
+        metas.append((b, base, ch, na, per))
+        base += ch * per
+    cat = lambda xs, dt: np.concatenate(xs).astype(dt, copy=False) if xs else np.zeros(0, dt)
+    syms = entropy.lockstep_decode_flat(chunk.words, cat(starts, np.int64), cat(lengths, np.int64),
+                                        cat(nsym, np.int64), cat(soff, np.int64), cat(sched, np.uint16), ts)
+    for b, off, ch, na, per in metas:
+        i, kvi, n = chunk.blocks[b]
+        seg = syms[off:off + ch * per].reshape(ch, per)
+        v = grouping.join(seg[:, :na], seg[:, na:], h.batch, n, h.group_size, 1 << h.layers[i].bits(kvi))
         yield _finish_block(container, chunk, b, v)

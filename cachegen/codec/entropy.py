@@ -191,3 +191,77 @@ def padded_tables(freqs: Sequence[np.ndarray], cdfs: Sequence[np.ndarray]) -> tu
         C[i, :c.size] = c
         A[i] = f.size
     return F, C, A
+
+
+# -------------------------------------------------------------- lock-step over flat tables
+
+def table_keys(tables) -> np.ndarray:
+    """Monotone search keys over all tables' cdfs: table j's cdf entries offset by j * 2**25, so
+    one searchsorted finds, for (table t, quantile q), the s with cdf_t[s] <= q < cdf_t[s+1]."""
+    keys = tables.models.get("_keys")
+    if keys is None:
+        n = tables.cdf.size
+        tab = np.repeat(np.arange(len(tables), dtype=np.int64), tables.alphabet + 1)
+        keys = tables.models["_keys"] = (tab << np.int64(PRECISION_BITS + 1)) + tables.cdf.astype(np.int64)
+        assert keys.size == n
+    return keys
+
+
+def lockstep_decode_flat(words: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+                         n_symbols: np.ndarray, sym_offset: np.ndarray, schedule: np.ndarray,
+                         tables) -> np.ndarray:
+    """The GPU kernel's algorithm over flat data: every stream advances one symbol per step.
+
+    Stream i owns words[starts[i] : starts[i] + lengths[i]] and decodes n_symbols[i] symbols
+    into out[sym_offset[i] : + n_symbols[i]], symbol s with table schedule[sym_offset[i] + s]
+    (an index into ``tables``, a TableSet). Streams are ordered longest first, so each step works
+    on a prefix of them: work is O(symbols) plus O(1) numpy calls per step (the caller bounds the
+    number of steps). Returns int16 symbols (alphabets are <= 2047).
+    """
+    order = np.argsort(-np.asarray(n_symbols, dtype=np.int64), kind="stable")
+    nsym = np.asarray(n_symbols, dtype=np.int64)[order]
+    start = np.asarray(starts, dtype=np.int64)[order]
+    ptr = start + np.asarray(lengths, dtype=np.int64)[order]   # next word to read is ptr-1
+    soff = np.asarray(sym_offset, dtype=np.int64)[order]
+    total = int(nsym.sum())
+    out = np.zeros(total, dtype=np.int16)
+    n = nsym.size
+    if n == 0:
+        return out
+    w64 = np.asarray(words).astype(np.uint64)
+    nonempty = ptr > start
+    if nonempty.any() and (w64[ptr[nonempty] - 1] == 0).any():
+        raise StreamError("ANS stream ends in a zero word (not a canonical stream)")
+    x = np.zeros(n, dtype=np.uint64)
+    for _ in range(2):                           # initial state: up to two words
+        need = np.flatnonzero((x < _LOW) & (ptr > start))
+        if need.size:
+            x[need] = (x[need] << _WORD) | w64[ptr[need] - 1]
+            ptr[need] -= 1
+    keys = table_keys(tables)
+    cbase = tables.cdf_start
+    cdf, freq = tables.cdf, tables.freq
+    shift = np.int64(PRECISION_BITS + 1)
+    steps = int(nsym[0])
+    # active[s] = streams with more than s symbols (nsym is descending: a prefix of them).
+    active = np.searchsorted(-nsym, -np.arange(steps, dtype=np.int64), side="left")
+    for s in range(steps):
+        na = int(active[s])
+        xs = x[:na]
+        at = soff[:na] + s
+        t = schedule[at].astype(np.int64)
+        q = (xs & _MASK).astype(np.int64)
+        pos = np.searchsorted(keys, (t << shift) + q, side="right") - 1
+        sym = pos - cbase[t]
+        f = freq[pos - t].astype(np.uint64)              # freq index = cdf index - table index
+        nx = (xs >> _PREC) * f + (q - cdf[pos].astype(np.int64)).astype(np.uint64)
+        x[:na] = nx
+        out[at] = sym
+        need = np.flatnonzero((nx < _LOW) & (ptr[:na] > start[:na]))
+        if need.size:
+            x[need] = (x[need] << _WORD) | w64[ptr[need] - 1]
+            ptr[need] -= 1
+    bad = (x != 0) | (ptr != start)
+    if bad.any():
+        raise StreamError(f"{int(bad.sum())} ANS stream(s) did not end in the initial state")
+    return out

@@ -6,6 +6,8 @@ from it, so decoders (CPU, numpy lock-step, GPU) only ever see a consistent view
 """
 from __future__ import annotations
 
+import dataclasses
+import numbers
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -14,9 +16,9 @@ from typing import Optional, Sequence
 import numpy as np
 import zstandard
 
-from ..errors import (ChecksumError, FormatError, InputError, LimitExceededError,
+from ..errors import (ChecksumError, ConfigError, FormatError, InputError, LimitExceededError,
                       UnsupportedVersionError)
-from .tables import MAX_ALPHABET, cdf_of, expand_counts
+from .tables import MAX_ALPHABET, TableSet, expand_tables
 
 MAGIC = b"CGKV"
 FORMAT_VERSION = 1
@@ -46,14 +48,33 @@ def crc32(data) -> int:
 
 @dataclass(frozen=True)
 class DecodeLimits:
-    """Limits a decoder enforces before allocating (codec_spec/FORMAT.md, "Decoder limits")."""
+    """Limits a decoder enforces before allocating (codec_spec/FORMAT.md, "Decoder limits").
+
+    With the defaults, a container of S bytes declares at most ``4096 * S + 64 MiB`` of output
+    (so 1 MB cannot ask for more than 4 GiB), and parsing it costs time and memory linear in S
+    plus that output (FORMAT.md 15.3 gives the constants).
+    """
     max_layers: int = 4096
     max_batch: int = 4096
     max_tokens: int = 1 << 24
     max_channels: int = 1 << 20          # heads * head_dim of one K or V
     max_output_bytes: int = 1 << 36      # 64 GiB of decoded cache
-    max_expansion: int = 1 << 16         # decoded bytes per container byte
+    max_expansion: int = 1 << 12         # decoded bytes per container byte ...
+    free_output_bytes: int = 64 << 20    # ... for outputs above this size (small caches are exempt)
     max_model_bytes: int = 64 << 20      # decompressed model section
+    max_table_symbols: int = 1 << 22     # symbols of all referenced tables together
+    max_lockstep_steps: int = 1 << 16    # lockstep decoder: numpy steps beyond one per 256 symbols
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+                raise ConfigError(f"DecodeLimits.{f.name} must be a non-negative int, got {v!r}")
+            object.__setattr__(self, f.name, int(v))
+
+    def output_allowed(self, container_bytes: int) -> int:
+        """Most decoded bytes a container of this size may declare (the expansion check)."""
+        return self.max_expansion * max(int(container_bytes), 1) + self.free_output_bytes
 
 
 @dataclass(frozen=True)
@@ -96,11 +117,21 @@ class Header:
     token_scaling: int = 0   # 1: each chunk carries a u8 scale exponent per (layer, kv, batch, token)
     # Model section (lossy only): stored counts per table, and per (layer, kv) the table ids,
     # shaped [channels, roles] (roles: 1 without grouping, 2 = anchor, delta).
+    # A parsed header keeps only the referenced tables, in file order, with the ids remapped.
     table_counts: list[np.ndarray] = field(default_factory=list)
     table_ids: list[list[np.ndarray]] = field(default_factory=list)
-    # Derived on parse: exact 24-bit frequencies and cdfs per table.
-    freqs: list[np.ndarray] = field(default_factory=list)
-    cdfs: list[np.ndarray] = field(default_factory=list)
+    # Derived on parse: exact 24-bit frequencies and cdfs of those tables (uint32, built once).
+    tables: Optional[TableSet] = field(default=None, repr=False)
+    n_stored_tables: int = 0   # tables in the model section, referenced or not
+
+    @property
+    def freqs(self) -> list[np.ndarray]:
+        """int64 frequencies per table (list form; built on first use from ``tables``)."""
+        return self.tables.int64_lists()[0] if self.tables is not None else []
+
+    @property
+    def cdfs(self) -> list[np.ndarray]:
+        return self.tables.int64_lists()[1] if self.tables is not None else []
 
     @property
     def max_tokens(self) -> int:
@@ -134,6 +165,7 @@ class Container:
     payload_start: int
     partial: bool = False  # True when only a prefix of the chunks was present
     walks: dict = field(default_factory=dict, repr=False)  # parse cache: block layout -> _Walk
+    limits: DecodeLimits = field(default_factory=DecodeLimits, repr=False)  # the limits it was parsed with
 
     @property
     def n_chunks(self) -> int:
@@ -202,21 +234,34 @@ def _need(cond: bool, msg: str, exc=FormatError) -> None:
         raise exc(msg)
 
 
+def _byte_view(data) -> memoryview:
+    """A flat byte view of any buffer; a non-contiguous one (e.g. a strided numpy view) is copied."""
+    if isinstance(data, (bytes, bytearray)):
+        return memoryview(data)
+    try:
+        mv = data if isinstance(data, memoryview) else memoryview(data)
+    except TypeError:
+        raise FormatError(f"expected bytes-like data, got {type(data).__name__}") from None
+    if not mv.contiguous:
+        mv = memoryview(mv.tobytes())
+    if mv.format != "B" or mv.ndim != 1:
+        try:
+            mv = mv.cast("B")
+        except (TypeError, ValueError) as e:
+            raise FormatError(f"buffer cannot be read as bytes: {e}") from None
+    return mv
+
+
 def parse_container(data, limits: Optional[DecodeLimits] = None, partial: bool = False) -> Container:
     """Parse and validate everything but the chunk contents.
 
     With ``partial=True`` a container cut short after its header is accepted and only the
     complete chunks present are exposed (a prefix of the cache).
     """
-    limits = limits or DecodeLimits()
-    if isinstance(data, (bytes, bytearray)):
-        data = memoryview(data)
-    elif not isinstance(data, memoryview):
-        try:
-            data = memoryview(data)
-        except TypeError:
-            raise FormatError(f"expected bytes-like data, got {type(data).__name__}") from None
-    data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    limits = DecodeLimits() if limits is None else limits
+    if not isinstance(limits, DecodeLimits):
+        raise ConfigError(f"limits must be a DecodeLimits, got {type(limits).__name__}")
+    data = _byte_view(data)
     _need(len(data) >= PREAMBLE_SIZE, f"data too short for a container ({len(data)} bytes)")
     magic, version, mode, flags, header_size, header_crc = _PREAMBLE.unpack_from(data, 0)
     _need(magic == MAGIC, "not a cachegen container (bad magic)")
@@ -294,13 +339,19 @@ def parse_container(data, limits: Optional[DecodeLimits] = None, partial: bool =
         _parse_model_section(header, body[pos + n_chunks * CHUNK_ENTRY_SIZE:], model_raw, model_comp, limits)
 
     decoded = header.decoded_bytes(len(chunks))
-    _need(decoded <= limits.max_expansion * max(len(data), 1),
-          f"decoded size {decoded} exceeds {limits.max_expansion}x the container size", LimitExceededError)
-    return Container(header, chunks, data, payload_start, is_partial)
+    _need(decoded <= limits.output_allowed(len(data)),
+          f"decoded size {decoded} exceeds {limits.max_expansion}x the container size "
+          f"(+{limits.free_output_bytes} bytes; DecodeLimits.max_expansion)", LimitExceededError)
+    return Container(header, chunks, data, payload_start, is_partial, limits=limits)
 
 
 def _parse_model_section(header: Header, comp: memoryview, raw_size: int, comp_size: int,
                          limits: DecodeLimits) -> None:
+    """Decompress and check the model section; expand only the referenced tables.
+
+    Cost: one pass over the section (a Python step per stored table, numpy over the ids), then
+    the referenced tables' symbols (at most ``limits.max_table_symbols``) in uint32.
+    """
     _need(len(comp) == comp_size, "model section size mismatch")
     _need(0 < raw_size <= limits.max_model_bytes, f"model section size {raw_size} out of range", LimitExceededError)
     try:
@@ -316,45 +367,77 @@ def _parse_model_section(header: Header, comp: memoryview, raw_size: int, comp_s
         raise FormatError(f"model section does not decompress: {e}") from None
     _need(clean, "model section must be exactly one zstd frame")
     _need(len(raw) == raw_size, "model section decompressed to the wrong size")
-    pos = 0
-
-    def take(n: int) -> bytes:
-        nonlocal pos
-        _need(pos + n <= raw_size, "model section truncated")
-        b = raw[pos:pos + n]
-        pos += n
-        return b
-
-    (n_tables,) = struct.unpack("<I", take(4))
+    _need(raw_size >= 4, "model section truncated")
+    (n_tables,) = struct.unpack_from("<I", raw, 0)
     _need(1 <= n_tables <= 65535, f"table count {n_tables} outside [1, 65535]")
-    counts, freqs, cdfs = [], [], []
+    # Table records: u16 alphabet then its counts. Every field is a u16 from offset 4, so walk
+    # them in u16 units; one Python step per table (<= 65535), never per (layer, table).
+    u16 = np.frombuffer(raw, dtype="<u2", count=(raw_size - 4) // 2, offset=4)
+    n16 = u16.size
+    heads = np.empty(n_tables, dtype=np.int64)
+    p, mv = 0, memoryview(raw)[4:]
     for t in range(n_tables):
-        (a,) = struct.unpack("<H", take(2))
+        _need(p < n16, "model section truncated")
+        a = mv[2 * p] | (mv[2 * p + 1] << 8)
         _need(1 <= a <= MAX_ALPHABET, f"table {t}: alphabet {a} outside [1, {MAX_ALPHABET}]")
-        c = np.frombuffer(take(2 * a), dtype="<u2")
-        f = expand_counts(c)
-        counts.append(c)
-        freqs.append(f)
-        cdfs.append(cdf_of(f))
-    roles = header.roles
-    ids = []
-    for i, l in enumerate(header.layers):
-        per_layer = []
-        for kv in (0, 1):
-            ch = l.channels(kv)
-            arr = np.frombuffer(take(2 * ch * roles), dtype="<u2").reshape(ch, roles)
-            _need(int(arr.max()) < n_tables, f"layer {i}: table id out of range")
-            levels = 1 << l.bits(kv)
-            want = [levels, 2 * levels - 1][:roles]
-            sizes = np.array([c.size for c in counts])
-            for r in range(roles):
-                _need(bool(np.all(sizes[arr[:, r]] == want[r])),
-                      f"layer {i} {'KV'[kv]}: table alphabet does not match {l.bits(kv)}-bit symbols")
-            per_layer.append(arr)
-        ids.append(per_layer)
-    _need(pos == raw_size, "model section has trailing bytes")
-    header.table_counts, header.freqs, header.cdfs, header.table_ids = counts, freqs, cdfs, ids
+        heads[t] = p
+        p += 1 + a
+        _need(p <= n16, "model section truncated")
+    alph = u16[heads].astype(np.int64)
+    # Each table needs a non-zero count: one bool per u16 (not an int64 copy of the section).
+    nz = u16[:p] != 0
+    nz[heads] = False
+    has = np.logical_or.reduceat(nz, heads + 1)
+    del nz
+    if not bool(has.all()):
+        raise FormatError(f"table {int(np.argmin(has))}: probability table has all-zero counts")
 
+    # Table ids: all (layer, kv) lists back to back, checked at once.
+    roles = header.roles
+    chans = np.array([l.channels(kv) for l in header.layers for kv in (0, 1)], dtype=np.int64)
+    bits = np.array([l.bits(kv) for l in header.layers for kv in (0, 1)], dtype=np.int64)
+    n_ids = int(chans.sum()) * roles
+    ids_at = 4 + 2 * p
+    _need(ids_at + 2 * n_ids <= raw_size, "model section truncated")
+    _need(ids_at + 2 * n_ids == raw_size, "model section has trailing bytes")
+    ids = np.frombuffer(raw, dtype="<u2", count=n_ids, offset=ids_at).reshape(-1, roles)
+    lkv_of_row = np.repeat(np.arange(chans.size), chans)
+
+    def where(row: int) -> str:
+        j = int(lkv_of_row[row])
+        return f"layer {j // 2} {'KV'[j % 2]}"
+
+    too_big = ids >= n_tables
+    if too_big.any():
+        raise FormatError(f"{where(int(np.argmax(too_big.any(axis=1))))}: table id out of range")
+    levels = (1 << bits)[lkv_of_row]
+    for r in range(roles):
+        bad = alph[ids[:, r]] != (levels if r == 0 else 2 * levels - 1)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise FormatError(f"{where(row)}: table alphabet does not match "
+                              f"{int(bits[lkv_of_row[row]])}-bit symbols")
+
+    # Keep only the referenced tables (in file order) and remap the ids to them.
+    used = np.zeros(n_tables, dtype=bool)
+    used[ids.reshape(-1)] = True
+    ref = np.flatnonzero(used)
+    n_sym = int(alph[ref].sum())
+    _need(n_sym <= limits.max_table_symbols,
+          f"referenced tables hold {n_sym} symbols (limit {limits.max_table_symbols})", LimitExceededError)
+    remap = np.cumsum(used, dtype=np.int64) - 1
+    new_ids = remap[ids].astype(np.uint16)
+    starts = heads[ref] + 1
+    excl = np.concatenate([[0], np.cumsum(alph[ref])[:-1]]).astype(np.int64)
+    gather = np.arange(n_sym, dtype=np.int64) + np.repeat(starts - excl, alph[ref])
+    counts_flat = u16[gather].copy()     # copies: the decompressed section is freed after parsing
+    tables = expand_tables(counts_flat, alph[ref])
+    bounds = np.concatenate([[0], np.cumsum(chans)]).tolist()
+    per = [new_ids[bounds[j]:bounds[j + 1]] for j in range(chans.size)]
+    header.table_ids = [per[2 * i:2 * i + 2] for i in range(len(header.layers))]
+    header.table_counts = [counts_flat[tables.start[j]:tables.start[j + 1]] for j in range(len(tables))]
+    header.tables = tables
+    header.n_stored_tables = n_tables
 
 # ------------------------------------------------------------------------------ lossy chunks
 
