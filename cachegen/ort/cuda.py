@@ -8,8 +8,10 @@ total length, so the KV never moves after it is restored (no copy per step, no h
 
 Restore paths (all write into the same static buffers):
 
-* :meth:`StaticKV.restore` -- ``cachegen.decode_into(data, views)`` with the views on the CUDA
-  buffers: the GPU decoder writes fp16 straight into the bound memory;
+* :meth:`StaticKV.restore` -- from a path, bytes, a pinned tensor or a uint8 CUDA tensor:
+  ``cachegen.io`` stages the bytes (reused pinned buffer, parallel reads, H2D in pieces on a copy
+  stream) and the GPU decoder writes fp16 straight into the bound memory (views on the CUDA
+  buffers); a parsed ``Container`` goes to ``cachegen.decode_into`` as before;
 * :meth:`StaticKV.load` -- copy an already decoded cache (e.g. decoded on the CPU, the reference).
 
 Windowed caches (Gemma-3's sliding layers stored with their last 512 tokens) are decoded into
@@ -76,6 +78,8 @@ class StaticKV:
                 self._io.bind_input(name_in, dev, idx, np_dt, list(t.shape), t.data_ptr())
                 self._io.bind_output(name_out, dev, idx, np_dt, list(t.shape), t.data_ptr())
         self._logits: dict = {}
+        self._reader = None                 # cachegen.io.PinnedReader, built by the first staged restore
+        self.last_restore = None            # cachegen.io.RestoreResult of the last staged restore
 
     # ------------------------------------------------------------------ filling
     def _views(self, tokens: Sequence[int]) -> list:
@@ -91,20 +95,53 @@ class StaticKV:
             out.append((k[:, :, T - t:], v[:, :, T - t:]))
         return out
 
-    def restore(self, data: Any, verify: bool = True, decoder: str = "auto") -> int:
-        """Decode a cachegen container into the bound buffers (on the GPU for a CUDA session).
-        Returns the context length. ``data``: bytes or a parsed ``Container``."""
-        import cachegen
-        from ..format.container import Container, parse_container
+    def reader(self):
+        """The reused host/device staging buffers of this cache's restores (built on first use)."""
+        if self._reader is None:
+            from ..io import PinnedReader
+            self._reader = PinnedReader(pin=self.device.type == "cuda")
+        return self._reader
 
-        c = data if isinstance(data, Container) else parse_container(data)
-        tokens = c.tokens()
-        if len(tokens) != len(self.kv):
-            raise InputError(f"container has {len(tokens)} layers, the model {len(self.kv)}")
-        if c.header.dtype != {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}[self.kv[0][0].dtype]:
-            # e.g. an fp16 container restored into an fp32 CPU graph: decode, then cast-copy
-            return self.load(cachegen.decode(c, self.device, verify=verify, decoder=decoder))
-        cachegen.decode_into(c, self._views(tokens), verify=verify, decoder=decoder)
+    def restore(self, data: Any, verify: bool = True, decoder: Any = "auto", *, timing: bool = False) -> int:
+        """Decode a cachegen container into the bound buffers (on the GPU for a CUDA session).
+        Returns the context length.
+
+        ``data``: a parsed ``Container`` (decoded as is), a path (read into this cache's reused
+        pinned buffer with parallel reads, copied to the GPU in pieces), bytes-like data in host
+        memory (staged the same way, or used in place when pinned), or a contiguous 1-D uint8
+        CUDA tensor holding the container's bytes (no H2D). ``decoder``: ``"auto"`` (the GPU
+        decoder on a CUDA session), a ``cachegen.decode_into`` decoder name, or a decoder object
+        (``cachegen.io.restore``). What the last restore did (bytes, times, host CPU time) is in
+        ``self.last_restore`` (GPU times with ``timing=True``).
+        """
+        import cachegen
+        from .. import io as cio
+
+        st = None
+        if cio.is_container(data):
+            c = data
+        else:
+            st = cio.stage(data, self.device, decoder=decoder, reader=self.reader(), timing=timing)
+            c = st.container
+        consumed = False
+        try:
+            tokens = c.tokens()
+            if len(tokens) != len(self.kv):
+                raise InputError(f"container has {len(tokens)} layers, the model {len(self.kv)}")
+            if c.header.dtype != {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}[self.kv[0][0].dtype]:
+                # e.g. an fp16 container restored into an fp32 CPU graph: decode, then cast-copy
+                name = decoder if isinstance(decoder, str) else "auto"
+                return self.load(cachegen.decode(c, self.device, verify=verify, decoder=name))
+            views = self._views(tokens)
+            if st is None:
+                cachegen.decode_into(c, views, verify=verify, decoder=decoder if isinstance(decoder, str) else "auto")
+                self.last_restore = None
+            else:
+                consumed = True
+                self.last_restore = cio.decode_staged(st, views, decoder=decoder, verify=verify)
+        finally:
+            if st is not None and st.device_bytes is not None and not consumed:
+                st.device_bytes.release()  # queued bytes nobody decodes: free the buffer for the next restore
         self.length = max(tokens)
         return self.length
 

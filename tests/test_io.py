@@ -1,0 +1,485 @@
+"""cachegen.io: reused host staging buffers, parallel reads, H2D in pieces, restore from a path,
+bytes or device bytes; StaticKV's restore paths (with a stand-in ORT session on the CPU).
+
+CPU tests run everywhere; the CUDA ones are marked gpu and skip without a GPU.
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import sys
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import cachegen
+from cachegen import io as cio
+from cachegen.errors import CacheGenError, FormatError, InputError, LimitExceededError
+from cachegen.io import _open_container as parse_container   # either format version
+from helpers import make_kv
+
+CUDA = cio.cuda_available()
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def case():
+    """(kv, container bytes): 3 layers, 700 tokens (last chunk partial), fp16."""
+    kv = make_kv(layers=3, heads=2, dim=16, tokens=700, seed=1, torch_out=True)
+    return kv, cachegen.encode(kv, "default")
+
+
+@pytest.fixture(scope="module")
+def ref(case):
+    return cachegen.decode(case[1])
+
+
+def _bufs(device="cpu", cap=800, layers=3):
+    return [(torch.zeros(1, 2, cap, 16, dtype=torch.float16, device=device),
+             torch.zeros(1, 2, cap, 16, dtype=torch.float16, device=device)) for _ in range(layers)]
+
+
+def _same(bufs, ref):
+    return all(torch.equal(b[:, :, :r.shape[2]].cpu().view(torch.int16), r.view(torch.int16))
+               for pair, rpair in zip(bufs, ref) for b, r in zip(pair, rpair))
+
+
+def _write(tmp_path, data, name="c.cgk"):
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p
+
+
+# ----------------------------------------------------------------------------- reading
+
+@pytest.mark.parametrize("threads", [1, 2, 4, 8])
+@pytest.mark.parametrize("size", [1, 4095, 4096, 4097, 3 * 4096 + 17, 100_000])
+def test_read_exact_bytes(tmp_path, threads, size):
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    p = _write(tmp_path, data)
+    with cio.PinnedReader(threads=threads, piece_bytes=4096) as r:
+        h = r.read(p)
+        assert h.nbytes == size and bytes(h.memoryview()) == data
+        assert h.stats.source == "file" and h.stats.pieces == -(-size // 4096)
+        assert h.stats.threads == (1 if threads == 1 or size <= 4096 else min(threads, h.stats.pieces))
+
+
+def test_buffer_reused_and_grown(tmp_path):
+    a, b, c = (np.full(n, i, np.uint8).tobytes() for i, n in ((1, 300_000), (2, 100_000), (3, 3_000_000)))
+    r = cio.PinnedReader(threads=2, piece_bytes=65536)
+    h1 = r.read(_write(tmp_path, a, "a"))
+    ptr = h1.tensor.data_ptr()
+    h2 = r.read(_write(tmp_path, b, "b"))
+    assert h2.tensor.data_ptr() == ptr and bytes(h2.memoryview()) == b   # same buffer, no allocation
+    h3 = r.read(_write(tmp_path, c, "c"))
+    assert bytes(h3.memoryview()) == c and r._host.numel() >= len(c)
+    r.close()
+    with pytest.raises(InputError, match="closed"):
+        r.read(tmp_path / "a")
+
+
+def test_read_bad_paths(tmp_path):
+    r = cio.PinnedReader(threads=2)
+    with pytest.raises(InputError):
+        r.read(tmp_path / "missing")
+    with pytest.raises(InputError, match="regular"):
+        r.read(tmp_path)
+    with pytest.raises(FormatError, match="empty"):
+        r.read(_write(tmp_path, b""))
+    with pytest.raises(InputError):
+        r.read(123456789)  # an fd number is not a path we accept... nor silently read
+    small = cio.PinnedReader(max_bytes=1000)
+    with pytest.raises(LimitExceededError):
+        small.read(_write(tmp_path, b"x" * 1001, "big"))
+    assert small._host is None          # refused before allocating
+    with pytest.raises(InputError):
+        cio.PinnedReader(threads=0)
+    with pytest.raises(InputError):
+        cio.PinnedReader(piece_bytes=10)
+
+
+def test_read_sparse_file_over_limit_allocates_nothing(tmp_path):
+    p = tmp_path / "sparse"
+    with open(p, "wb") as f:
+        f.truncate(1 << 40)             # 1 TiB of holes
+    r = cio.PinnedReader()
+    with pytest.raises(LimitExceededError):
+        r.read(p)
+    assert r._host is None
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_file_shrinking_while_read_is_formaterror(tmp_path, monkeypatch, threads):
+    data = os.urandom(64 * 4096)
+    p = _write(tmp_path, data)
+    orig = cio._pread_into
+    calls = [0]
+    lock = threading.Lock()
+
+    def shrinking(fd, mv, pos):
+        with lock:
+            calls[0] += 1
+            if calls[0] == 2:
+                os.truncate(p, 5000)    # another process truncates the file mid-read
+        return orig(fd, mv, pos)
+    monkeypatch.setattr(cio, "_pread_into", shrinking)
+    r = cio.PinnedReader(threads=threads, piece_bytes=4096)
+    with pytest.raises(FormatError, match="shrank|changed"):
+        r.read(p)
+    # the reader still works afterwards
+    monkeypatch.setattr(cio, "_pread_into", orig)
+    p.write_bytes(data)
+    assert bytes(r.read(p).memoryview()) == data
+
+
+def test_file_rewritten_while_read_is_formaterror(tmp_path, monkeypatch):
+    data = os.urandom(16 * 4096)
+    p = _write(tmp_path, data)
+    orig = cio._pread_into
+    done = [False]
+
+    def rewriting(fd, mv, pos):
+        n = orig(fd, mv, pos)
+        if not done[0]:
+            done[0] = True
+            with open(p, "r+b") as f:   # same size, new contents (in place, not an atomic replace)
+                f.write(b"\0" * 4096)
+            st = os.stat(p)
+            os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        return n
+    monkeypatch.setattr(cio, "_pread_into", rewriting)
+    with pytest.raises(FormatError, match="changed"):
+        cio.PinnedReader(threads=1, piece_bytes=4096).read(p)
+
+
+def test_truncated_or_corrupt_container_files_raise_cachegenerror(tmp_path, case):
+    _, data = case
+    r = cio.PinnedReader(threads=2, piece_bytes=4096)
+    rng = np.random.default_rng(0)
+    cuts = [1, 10, 40, len(data) // 3, len(data) - 1]
+    for n in cuts:
+        with pytest.raises(CacheGenError):
+            cio.restore(_write(tmp_path, data[:n], f"cut{n}"), _bufs(), reader=r)
+    for i in range(8):
+        b = bytearray(data)
+        for pos in rng.integers(0, len(b), 3):
+            b[pos] ^= 1 << int(rng.integers(0, 8))
+        try:
+            cio.restore(_write(tmp_path, bytes(b), f"flip{i}"), _bufs(), reader=r)
+        except CacheGenError:
+            pass   # a flip in a quantizer value may decode; anything else must be ours
+
+
+# ----------------------------------------------------------------------------- staging
+
+def test_stage_host_sources(case):
+    _, data = case
+    r = cio.PinnedReader(threads=4, piece_bytes=4096)
+    arr = np.frombuffer(data, np.uint8)
+    for src in (data, bytearray(data), memoryview(data), arr, torch.from_numpy(arr.copy()),
+                arr.reshape(-1, 2) if arr.size % 2 == 0 else arr):
+        h = r.stage(src)
+        assert bytes(h.memoryview()) == data
+        assert h.stats.source == "host"
+    for bad in (12, object(), np.zeros((4, 4), np.uint8)[:, ::2], torch.zeros(8, dtype=torch.int32),
+                torch.zeros((2, 4), dtype=torch.uint8)):
+        with pytest.raises(InputError):
+            r.stage(bad)
+    with pytest.raises(FormatError):
+        r.stage(b"")
+
+
+@pytest.mark.skipif(CUDA, reason="checks the CPU-only behaviour")
+def test_cuda_parts_raise_inputerror_without_cuda(case):
+    r = cio.PinnedReader()
+    assert r.pin is False
+    with pytest.raises(InputError, match="CUDA"):
+        r.load(case[1], "cuda")
+    with pytest.raises(InputError, match="CUDA"):
+        cio.PinnedReader(pin=True)
+    with pytest.raises(InputError):
+        r.load(case[1], "cpu")
+
+
+def _resident_pages(path) -> int | None:
+    """Pages of `path` in the page cache (mincore on a fresh read-only mapping); None where
+    that cannot be asked."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    finally:
+        os.close(fd)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        return None
+    pages = -(-size // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    try:
+        if libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) != 0:
+            return None
+    finally:
+        libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
+    return sum(v & 1 for v in vec)
+
+
+def test_drop_page_cache(tmp_path):
+    p = _write(tmp_path, os.urandom(64 * 4096))
+    cio.PinnedReader().read(p)
+    before = _resident_pages(p)
+    if before is None or before == 0:
+        pytest.skip("page residency cannot be observed here (no mincore, or no page cache: tmpfs/overlay)")
+    assert cio.drop_page_cache(p) is True
+    after = _resident_pages(p)
+    if after == before:
+        pytest.skip("this file system ignores POSIX_FADV_DONTNEED")
+    assert after < before / 4
+
+
+# ----------------------------------------------------------------------------- restore (CPU)
+
+def test_restore_cpu_all_sources(tmp_path, case, ref):
+    _, data = case
+    p = _write(tmp_path, data)
+    r = cio.PinnedReader(threads=4, piece_bytes=4096)
+    c = parse_container(data)
+    for src, kind in ((p, "file"), (str(p), "file"), (data, "host"), (bytearray(data), "host"),
+                      (memoryview(data), "host"), (torch.frombuffer(bytearray(data), dtype=torch.uint8), "host"),
+                      (c, "container")):
+        bufs = _bufs()
+        res = cio.restore(src, bufs, reader=r)
+        assert res.tokens == [700] * 3 and res.source == kind and res.path == "api"
+        assert res.nbytes == len(data) and res.wall_ms > 0 and res.host_cpu_ms >= 0
+        assert _same(bufs, ref)
+        assert all(not b[:, :, 700:].any() for pair in bufs for b in pair)   # nothing past the tokens
+
+
+def test_restore_cpu_decoder_names_and_bad_arguments(tmp_path, case, ref):
+    _, data = case
+    for name in ("reference", "lockstep"):
+        bufs = _bufs()
+        cio.restore(data, bufs, decoder=name)
+        assert _same(bufs, ref)
+    with pytest.raises(InputError):
+        cio.restore(data, [(torch.zeros(1), torch.zeros(1, device="meta"))])
+    with pytest.raises(InputError):
+        cio.restore(data, 5)
+    with pytest.raises(InputError):
+        cio.restore(data, _bufs(), decoder=object())
+    with pytest.raises(InputError):
+        cio.restore(data, _bufs(cap=600))          # too small: the API's shape check
+    with pytest.raises(InputError):
+        cio.restore(data, _bufs(layers=2))
+
+
+def test_reader_serves_threads_one_at_a_time(tmp_path):
+    """Calls from several threads are serialized (the buffer grows under one of them while the
+    others wait): every call returns a whole file, none fails."""
+    files = [_write(tmp_path, bytes([i]) * (50_000 * (i + 1)), f"f{i}") for i in range(6)]
+    r = cio.PinnedReader(threads=2, piece_bytes=4096)
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(10):
+                n = r.read(files[i]).nbytes
+                if n != 50_000 * (i + 1):
+                    errors.append((i, n))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append((i, repr(e)))
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
+
+
+# ----------------------------------------------------------------------------- StaticKV (stand-in session)
+
+class _FakeBinding:
+    def bind_input(self, *a):
+        pass
+
+    def bind_output(self, *a):
+        pass
+
+
+def _fake_runner(layers=3, heads=2, dim=16, windows=None, dtype=np.float16):
+    names = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value") for i in range(layers)]
+    pres = [(f"present.{i}.key", f"present.{i}.value") for i in range(layers)]
+    return SimpleNamespace(device_id=0, provider="cpu", dtype=np.dtype(dtype), num_kv_heads=heads, head_dim=dim,
+                           num_layers=layers, windows=windows or [None] * layers,
+                           session=SimpleNamespace(io_binding=lambda: _FakeBinding()),
+                           layout=SimpleNamespace(past_names=names, present_names=pres))
+
+
+def test_statickv_restore_paths_cpu(tmp_path, case, ref):
+    from cachegen.ort.cuda import StaticKV
+    _, data = case
+    p = _write(tmp_path, data)
+    for src in (p, str(p), data, memoryview(data), parse_container(data)):
+        s = StaticKV(_fake_runner(), 720)
+        assert s.restore(src) == 700
+        assert _same(s.kv, ref)
+        if not cio.is_container(src):
+            assert s.last_restore is not None and s.last_restore.tokens == [700] * 3
+    s = StaticKV(_fake_runner(layers=2), 720)
+    with pytest.raises(InputError, match="layers"):
+        s.restore(p)
+    with pytest.raises(InputError, match="capacity"):
+        StaticKV(_fake_runner(), 600).restore(p)
+    with pytest.raises(InputError):
+        StaticKV(_fake_runner(), 720).restore(tmp_path / "missing.cgk")
+
+
+def test_statickv_dtype_mismatch_casts(tmp_path, case, ref):
+    from cachegen.ort.cuda import StaticKV
+    _, data = case
+    s = StaticKV(_fake_runner(dtype=np.float32), 720)
+    assert s.restore(_write(tmp_path, data)) == 700
+    for (k, v), (rk, rv) in zip(s.kv, ref):
+        assert torch.equal(k[:, :, :700], rk.float()) and torch.equal(v[:, :, :700], rv.float())
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("threads", [1, 4])
+def test_load_file_to_device_in_pieces(tmp_path, threads):
+    data = os.urandom(10 * 65536 + 123)
+    p = _write(tmp_path, data)
+    r = cio.PinnedReader(threads=threads, piece_bytes=65536)
+    assert r.pin
+    d = r.load(p, "cuda", timing=True)
+    assert len(d.events) == 11 and d.ends[-1] == len(data) and d.ends == sorted(d.ends)
+    assert d.host.pinned and d.host.tensor.is_pinned()
+    s = torch.cuda.Stream()
+    d.wait(s, upto=65536)  # only the first piece
+    with torch.cuda.stream(s):
+        first = d.tensor[:65536].clone()
+    s.synchronize()
+    assert first.cpu().numpy().tobytes() == data[:65536]
+    d.synchronize()
+    assert d.tensor.cpu().numpy().tobytes() == data
+    busy, span = d.h2d_ms()
+    assert 0 < busy <= span + 1e-3
+    # the next load reuses both buffers and waits for this one's consumer
+    d.release(torch.cuda.current_stream())
+    ptr = d.tensor.data_ptr()
+    d2 = r.load(_write(tmp_path, data[::-1], "rev"), "cuda")
+    d2.synchronize()
+    assert d2.tensor.data_ptr() == ptr and d2.tensor.cpu().numpy().tobytes() == data[::-1]
+
+
+@gpu
+@needs_cuda
+def test_load_sources_to_device(case):
+    _, data = case
+    r = cio.PinnedReader(threads=2, piece_bytes=8192)
+    for src in (data, bytearray(data), np.frombuffer(data, np.uint8)):
+        d = r.load(src, "cuda")
+        d.synchronize()
+        assert d.host.stats.source == "host" and d.tensor.cpu().numpy().tobytes() == data
+    pinned = torch.frombuffer(bytearray(data), dtype=torch.uint8).pin_memory()
+    d = r.load(pinned, "cuda")
+    d.synchronize()
+    assert d.host.stats.source == "pinned" and d.host.tensor.data_ptr() == pinned.data_ptr()  # used in place
+    assert d.tensor.cpu().numpy().tobytes() == data
+    on_dev = torch.frombuffer(bytearray(data), dtype=torch.uint8).cuda()
+    d = r.load(on_dev, "cuda")
+    assert d.tensor is on_dev and not d.events      # no copy
+    with pytest.raises(InputError):
+        r.load(on_dev.view(torch.int8), "cuda")
+    with pytest.raises(InputError):
+        r.load(on_dev[::2], "cuda")
+
+
+class _PayloadDecoder:
+    """A payload-taking decoder for the tests: checks it got the container's bytes on the
+    device (after the events it was told to wait on), then decodes with the API."""
+
+    def __init__(self, pipelined=False):
+        self.calls = []
+        if pipelined:
+            self.decode_into_pipelined = self._pipelined
+
+    def decode_into(self, c, bufs, *, stream=None, payload=None):
+        stream.synchronize()
+        assert payload.is_cuda and payload.dtype == torch.uint8
+        assert payload.cpu().numpy().tobytes() == bytes(c.data)
+        self.calls.append("decode_into")
+        cachegen.decode_into(c, bufs)
+
+    def _pipelined(self, c, bufs, *, stream, payload, wait):
+        for end in (c.payload_start, len(c.data) // 2, len(c.data)):
+            wait(end)
+            stream.synchronize()
+            assert payload[:end].cpu().numpy().tobytes() == bytes(c.data[:end])
+        self.calls.append("pipelined")
+        cachegen.decode_into(c, bufs)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_restore_with_payload_decoder(tmp_path, case, ref, pipelined):
+    _, data = case
+    p = _write(tmp_path, data)
+    dec = _PayloadDecoder(pipelined)
+    r = cio.PinnedReader(threads=4, piece_bytes=4096)
+    on_dev = torch.frombuffer(bytearray(data), dtype=torch.uint8).cuda()
+    pinned = torch.frombuffer(bytearray(data), dtype=torch.uint8).pin_memory()
+    for src, kind in ((p, "file"), (data, "host"), (pinned, "pinned"), (on_dev, "device")):
+        bufs = _bufs("cuda")
+        res = cio.restore(src, bufs, decoder=dec, reader=r, timing=True)
+        assert res.path == "gpu-payload" and res.source == kind and res.tokens == [700] * 3
+        assert res.decode_gpu_ms is not None and (kind == "device") == (res.h2d_busy_ms is None)
+        torch.cuda.synchronize()
+        assert _same(bufs, ref)
+    assert dec.calls == ["pipelined" if pipelined else "decode_into"] * 4
+
+
+@gpu
+@needs_cuda
+def test_restore_default_decoder_all_sources(tmp_path, case, ref):
+    _, data = case
+    p = _write(tmp_path, data)
+    on_dev = torch.frombuffer(bytearray(data), dtype=torch.uint8).cuda()
+    pinned = torch.frombuffer(bytearray(data), dtype=torch.uint8).pin_memory()
+    for src in (p, data, pinned, on_dev, parse_container(data)):
+        bufs = _bufs("cuda")
+        res = cio.restore(src, bufs, timing=True)
+        torch.cuda.synchronize()
+        assert res.tokens == [700] * 3 and _same(bufs, ref)
+
+
+@gpu
+@needs_cuda
+def test_restore_back_to_back_without_sync(tmp_path):
+    """Two restores queued back to back from one reader: the second's copies must not overwrite
+    the bytes the first decode still reads."""
+    kvs = [make_kv(layers=3, heads=2, dim=16, tokens=700, seed=s, torch_out=True) for s in (5, 6)]
+    datas = [cachegen.encode(kv, "default") for kv in kvs]
+    refs = [cachegen.decode(d) for d in datas]
+    paths = [_write(tmp_path, d, f"{i}.cgk") for i, d in enumerate(datas)]
+    r = cio.PinnedReader(threads=2, piece_bytes=4096)
+    out = [_bufs("cuda"), _bufs("cuda")]
+    for _ in range(3):
+        for p, b in zip(paths, out):
+            cio.restore(p, b, reader=r)
+        torch.cuda.synchronize()
+        assert _same(out[0], refs[0]) and _same(out[1], refs[1])
