@@ -56,6 +56,17 @@ def _quantize_layer(state: tuple, i: int) -> dict:
                 e = quantize.token_scale_codes(xk)
                 out["exps"][kvi, k] = e
                 xk = xk / TOKEN_SCALES[e][None, :]
+            # The parameters must hold the values actually quantized (scaled ones may still be
+            # large: scale codes stop at 2**(127/8)): fp16 ones give up early (the caller redoes
+            # the cache with fp32 ones); beyond fp32 parameters the cache cannot be coded.
+            m = max(out["max_abs"], float(np.abs(xk).max()) if xk.size else 0.0)
+            if param_dtype == 1 and m >= quantize.FP16_SAFE:
+                out["max_abs"] = m
+                return out
+            if m >= quantize.FP32_SAFE:
+                raise InputError(f"layer {i} {'kv'[kvi]}: values up to {m:.3g} in magnitude are beyond what "
+                                 f"the quantizer parameters can hold (|x| < {quantize.FP32_SAFE:.0e}; "
+                                 "use the lossless preset)")
             lo, step = quantize.quantizer_params(xk, bits, param_dtype, float(config.scale_sharing))
             q = quantize.quantize(xk, lo, step, bits).reshape(ch, batch, n)
             syms = grouping.split(q, g, levels)

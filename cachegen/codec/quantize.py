@@ -12,6 +12,7 @@ import numpy as np
 from ..format.container import PARAM_DTYPES
 
 FP16_SAFE = 30000.0  # parameters fit in fp16 while |x| stays below this
+FP32_SAFE = 1e38     # ... in fp32 (lo and the step of a range up to 2 * 1e38 stay finite)
 
 
 def choose_param_dtype(max_abs: float) -> int:
