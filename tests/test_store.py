@@ -123,7 +123,8 @@ def test_prefill_with_reuse_runs_only_the_rest(tmp_path):
     store, r = make_store(DirectoryBackend(tmp_path), levels=("lossless",))
     ids = prompt(4 * C + 5)
     logits1, kv1, info1 = prefill_with_reuse(r, store, ids, level="lossless")
-    assert info1["reused_tokens"] == 0 and info1["chunks_written"] == 4
+    assert info1["reused_tokens"] == 0 and info1["store"] == "background"
+    assert info1["store_future"].result(timeout=60) == 4           # stored off the TTFT path
     assert r.calls[-1] == ("prefill", 0, 4 * C + 5)
     # a follow-up turn: same document + a new question
     ids2 = np.concatenate([ids, prompt(20, 3)])
@@ -133,7 +134,7 @@ def test_prefill_with_reuse_runs_only_the_rest(tmp_path):
     ref_logits, ref_kv = FakeRunner().prefill(ids2)
     np.testing.assert_allclose(logits2[0, -1], ref_logits[0, -1], atol=1e-5)
     kv_close(kv2, ref_kv, 0.0)
-    assert info2["chunks_written"] == 1                            # chunk 4 is now complete
+    assert info2["store_future"].result(timeout=60) == 1          # chunk 4 is now complete
     # an exactly chunk-aligned, fully stored prompt still runs its last chunk (logits needed)
     ids3 = ids2[:5 * C]
     _, _, info3 = prefill_with_reuse(r, store, ids3, level="lossless")

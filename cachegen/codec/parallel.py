@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable, Sequence
 
@@ -35,7 +36,9 @@ def _run(item: Any) -> Any:
 def parallel_map(fn: Callable[[Any, Any], Any], state: Any, items: Sequence[Any], workers: int) -> list:
     """[fn(state, item) for item in items], in order, on `workers` forked processes."""
     global _JOB
-    if workers <= 1:
+    # _JOB is one per process, and a fork from a helper thread (e.g. the store's background
+    # writer) would race the main thread's jobs: off the main thread, work stays in-process.
+    if workers <= 1 or threading.current_thread() is not threading.main_thread():
         return [fn(state, it) for it in items]
     _JOB = (fn, state)
     try:

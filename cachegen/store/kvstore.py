@@ -20,7 +20,9 @@ chunk, under 1%) and one request per chunk (batched with MGET for the index look
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -29,7 +31,7 @@ import torch
 
 from ..api import decode as cg_decode, encode as cg_encode
 from ..config import CodecConfig, get_config
-from ..errors import CacheGenError
+from ..errors import CacheGenError, ConfigError
 from .backends import Backend, DirectoryBackend
 from .entry import (KIND_DATA, KIND_INDEX, CorruptEntryError, decode_raw, encode_raw, pack_entry,
                     pack_index, unpack_entry, unpack_index)
@@ -281,15 +283,47 @@ class KVStore:
         return concat_kv(parts), sum(int(p[0][0].shape[2]) for p in parts)
 
 
+_BG_LOCK = threading.Lock()
+_BG: Optional[ThreadPoolExecutor] = None
+
+
+def _background() -> ThreadPoolExecutor:
+    """One writer thread per process: stores happen in submission order and never compete with
+    each other for the cores (the encoder stays in-process off the main thread)."""
+    global _BG
+    with _BG_LOCK:
+        if _BG is None:
+            _BG = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cachegen-store")
+        return _BG
+
+
+def _log_failure(f: "Future[int]") -> None:
+    e = f.exception()
+    if e is not None:
+        log.warning("store: background save failed: %s: %s", type(e).__name__, e)
+
+
 def prefill_with_reuse(runner: Any, store: KVStore, tokens: Any, level: Union[str, Sequence[str]] = "default",
-                       save: bool = True, save_levels: Optional[Sequence[str]] = None) -> tuple[Any, Any, dict]:
+                       save: Union[str, bool] = "background", save_levels: Optional[Sequence[str]] = None
+                       ) -> tuple[Any, Any, dict]:
     """Prefill ``tokens`` with ``runner`` (an object with ``prefill(ids)`` and
     ``continue_from(kv, ids)``), reusing the longest stored prefix and storing the new chunks.
 
     At least one token is always run through the model (its logits are needed), so a prompt
     that is entirely stored reuses all but its last chunk-aligned part. Returns
     ``(logits of the new tokens, kv of the whole prompt, info)``.
+
+    ``save``: ``"background"`` (default) returns as soon as the logits are there and encodes +
+    writes the new chunks on a writer thread, so storing adds nothing to time to first token;
+    ``info["store_future"]`` (a ``concurrent.futures.Future``) gives the number of chunks
+    written (``.result()`` waits; a failure is logged and kept in the future). Do not modify the
+    returned ``kv`` in place before that future is done. ``"sync"`` (or ``True``) stores before
+    returning (``info["chunks_written"]``); ``False`` stores nothing.
     """
+    if save is True:
+        save = "sync"
+    if save not in ("background", "sync", False, None):
+        raise ConfigError(f"save must be 'background', 'sync' or False, got {save!r}")
     ids = np.asarray(tokens.detach().cpu().numpy() if isinstance(tokens, torch.Tensor) else tokens).reshape(-1)
     t0 = time.perf_counter()
     match = store.lookup(ids, max_tokens=len(ids) - 1)
@@ -301,9 +335,17 @@ def prefill_with_reuse(runner: Any, store: KVStore, tokens: Any, level: Union[st
     else:
         logits, full = runner.prefill(ids)
     t3 = time.perf_counter()
-    written = store.put(ids, full, levels=save_levels, start_chunk=n // store.chunk_tokens) if save else 0
+    written: Optional[int] = 0
+    future: Optional["Future[int]"] = None
+    start = n // store.chunk_tokens
+    if save == "sync":
+        written = store.put(ids, full, levels=save_levels, start_chunk=start)
+    elif save == "background":
+        written = None
+        future = _background().submit(store.put, ids, full, levels=save_levels, start_chunk=start)
+        future.add_done_callback(_log_failure)
     t4 = time.perf_counter()
     info = {"prompt_tokens": len(ids), "reused_tokens": n, "matched_tokens": match.tokens,
             "lookup_s": t1 - t0, "load_s": t2 - t1, "compute_s": t3 - t2, "ttft_s": t3 - t0,
-            "store_s": t4 - t3, "chunks_written": written}
+            "store_s": t4 - t3, "store": save or "off", "chunks_written": written, "store_future": future}
     return logits, full, info
