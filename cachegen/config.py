@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Iterable, Mapping, Sequence, Union
+
+import numpy as np
 
 from .errors import ConfigError
 
@@ -24,10 +27,30 @@ MAX_CHANNELS_PER_STREAM = 255
 MAX_TABLES_PER_CLASS = 255
 
 
-def _check_bits(b: int) -> int:
-    if isinstance(b, bool) or not isinstance(b, int) or not MIN_BITS <= b <= MAX_BITS:
+def _is_int(v: Any) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_bits(b: Any) -> int:
+    if not _is_int(b) or not MIN_BITS <= int(b) <= MAX_BITS:
         raise ConfigError(f"bit width must be an int in [{MIN_BITS}, {MAX_BITS}], got {b!r}")
-    return b
+    return int(b)
+
+
+def normalize_bits(spec: Any) -> BitSpec:
+    """Check a bit schedule's form and return it with plain ints (numpy ints accepted)."""
+    if isinstance(spec, str):
+        resolve_bits(spec, 3)
+        return spec
+    if _is_int(spec):
+        return _check_bits(spec)
+    if isinstance(spec, (bytes, Mapping)) or not isinstance(spec, Iterable):
+        raise ConfigError(f"bad bit schedule {spec!r}: expected an int, a string like '8/6/4' or a sequence of ints")
+    widths = tuple(_check_bits(b) for b in spec)
+    if not widths:
+        raise ConfigError("bit schedule is empty")
+    return widths
 
 
 def resolve_bits(spec: BitSpec, n_layers: int) -> list[int]:
@@ -42,15 +65,12 @@ def resolve_bits(spec: BitSpec, n_layers: int) -> list[int]:
         for p in parts:
             _check_bits(p)
         return [parts[i * len(parts) // n_layers] for i in range(n_layers)]
-    if isinstance(spec, int) and not isinstance(spec, bool):
+    if _is_int(spec):
         return [_check_bits(spec)] * n_layers
-    try:
-        widths = [int(b) if not isinstance(b, bool) else b for b in spec]  # type: ignore[union-attr]
-    except TypeError:
-        raise ConfigError(f"bad bit schedule {spec!r}") from None
+    widths = list(normalize_bits(spec))  # type: ignore[arg-type]
     if len(widths) != n_layers:
         raise ConfigError(f"bit schedule has {len(widths)} entries for {n_layers} layers")
-    return [_check_bits(b) for b in widths]
+    return widths
 
 
 @dataclass(frozen=True)
@@ -87,18 +107,23 @@ class CodecConfig:
                               ("channels_per_stream", 1, MAX_CHANNELS_PER_STREAM),
                               ("tables_per_class", 1, MAX_TABLES_PER_CLASS), ("zstd_level", -7, 22)):
             v = getattr(self, fname)
-            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            if not _is_int(v) or not lo <= int(v) <= hi:
                 bad(f"{fname} must be an int in [{lo}, {hi}], got {v!r}")
-        if isinstance(self.scale_sharing, bool) or not isinstance(self.scale_sharing, (int, float)) \
-                or not 0.0 <= float(self.scale_sharing) <= 1.0:
-            bad(f"scale_sharing must be a number in [0, 1], got {self.scale_sharing!r}")
+            object.__setattr__(self, fname, int(v))   # numpy ints become plain ints (JSON, hashing)
+        for fname in ("lossless", "token_scaling"):   # a truthy string must not switch a mode on
+            v = getattr(self, fname)
+            if not isinstance(v, (bool, np.bool_)):
+                bad(f"{fname} must be a bool, got {v!r}")
+            object.__setattr__(self, fname, bool(v))
+        if not isinstance(self.name, str):
+            bad(f"name must be a string, got {self.name!r}")
+        v = self.scale_sharing
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or not 0.0 <= float(v) <= 1.0:
+            bad(f"scale_sharing must be a number in [0, 1], got {v!r}")
+        object.__setattr__(self, "scale_sharing", float(v) if isinstance(v, np.floating) else (int(v) if _is_int(v) else v))
         # Validate the schedules early (against an arbitrary layer count for strings/ints).
-        for spec in (self.key_bits, self.value_bits):
-            if isinstance(spec, (str, int)):
-                resolve_bits(spec, 3)
-            else:
-                for b in spec:
-                    _check_bits(b)
+        for fname in ("key_bits", "value_bits"):
+            object.__setattr__(self, fname, normalize_bits(getattr(self, fname)))
 
     def layer_bits(self, n_layers: int) -> tuple[list[int], list[int]]:
         return resolve_bits(self.key_bits, n_layers), resolve_bits(self.value_bits, n_layers)
