@@ -274,7 +274,7 @@ def test_demo_checks_before_heavy_work(tmp_path, monkeypatch, capsys):
 
 def test_import_does_not_load_torch():
     code = ("import sys, time; t = time.perf_counter(); import cachegen; dt = time.perf_counter() - t; "
-            "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, sorted(sys.modules); "
+            "assert 'torch' not in sys.modules, sorted(sys.modules); "
             "cachegen.CodecConfig.from_preset('small'); assert 'torch' not in sys.modules; "
             "cachegen.encode; assert 'torch' in sys.modules; print(dt)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
