@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .config import CodecConfig, get_config
-from .errors import ConfigError, FormatError, InputError
+from .errors import ConfigError, FormatError, InputError, LimitExceededError
 from .fileio import write_atomic
 from .format.container import (DTYPE_CODES, FORMAT_VERSION, MODE_LOSSLESS, MODE_LOSSY, STEP_SHARED,
                                Container, DecodeLimits, parse_container, parse_lossy_chunk)
@@ -38,10 +38,20 @@ def encode(kv: KVCache, config: Union[str, CodecConfig, None] = "default", progr
     if format_version == 1:
         if exts:
             raise InputError("format v1 has no extension records: use format_version=2")
-        return (encode_lossless if cfg.lossless else encode_lossy)(kv, cfg, progress)
+        return _check_decodable((encode_lossless if cfg.lossless else encode_lossy)(kv, cfg, progress))
     if format_version != 2:
         raise InputError(f"format_version must be 1 or 2, got {format_version!r}")
-    return (encode_lossless_v2 if cfg.lossless else encode_lossy_v2)(kv, cfg, progress, exts)
+    return _check_decodable((encode_lossless_v2 if cfg.lossless else encode_lossy_v2)(kv, cfg, progress, exts))
+
+
+def _check_decodable(data: bytes) -> bytes:
+    """The encoder never hands out a container that decoders with the default limits refuse."""
+    try:
+        dispatch.open_container(data)
+    except LimitExceededError as e:
+        raise InputError(f"decoders with the default DecodeLimits would refuse this container: {e} "
+                         "(a nearly constant cache can compress beyond max_expansion)") from None
+    return data
 
 
 def _container(data: Any, limits: Optional[DecodeLimits], partial: bool):

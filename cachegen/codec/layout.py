@@ -6,7 +6,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import InputError
-from ..format.container import DTYPE_BY_NAME, Header, LayerInfo
+from ..format.container import DTYPE_BY_NAME, DTYPE_CODES, DecodeLimits, Header, LayerInfo
 from . import grouping
 
 try:  # torch is a core dependency, but keep numpy-only use possible
@@ -17,6 +17,8 @@ except ImportError:  # pragma: no cover
 
 def _dtype_name(t: Any) -> str:
     if torch is not None and isinstance(t, torch.Tensor):
+        if t.device.type == "meta":   # no data to encode (torch raises NotImplementedError on read)
+            raise InputError("KV tensors on the 'meta' device hold no data")
         return {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}.get(t.dtype, str(t.dtype))
     if isinstance(t, np.ndarray):
         return t.dtype.name
@@ -93,7 +95,29 @@ def describe(kv: Sequence[Sequence[Any]]) -> tuple[list[LayerInfo], int, int]:
         elif kb != batch:
             raise InputError(f"layer {i}: batch {kb} differs from {batch}")
         layers.append(LayerInfo(kt, kh, kd, vh, vd))
+    _check_default_limits(layers, int(batch), DTYPE_BY_NAME[dtype])
     return layers, int(batch), DTYPE_BY_NAME[dtype]
+
+
+def _check_default_limits(layers: list[LayerInfo], batch: int, dtype: int) -> None:
+    """Refuse, before any work, a cache whose container the default decoder would refuse."""
+    lim = DecodeLimits()
+    if len(layers) > lim.max_layers:
+        raise InputError(f"{len(layers)} layers: decoders refuse more than {lim.max_layers} (DecodeLimits.max_layers)")
+    if batch > lim.max_batch:
+        raise InputError(f"batch {batch}: decoders refuse more than {lim.max_batch} (DecodeLimits.max_batch)")
+    for i, l in enumerate(layers):
+        if l.tokens > lim.max_tokens:
+            raise InputError(f"layer {i}: {l.tokens} tokens, decoders refuse more than {lim.max_tokens}")
+        for kv in (0, 1):
+            if l.channels(kv) > lim.max_channels:
+                raise InputError(f"layer {i} {'kv'[kv]}: {l.k_heads if kv == 0 else l.v_heads} heads x "
+                                 f"{l.k_dim if kv == 0 else l.v_dim} = {l.channels(kv)} channels; decoders "
+                                 f"refuse more than {lim.max_channels} (DecodeLimits.max_channels)")
+    total = sum(batch * l.tokens * (l.channels(0) + l.channels(1)) for l in layers) * DTYPE_CODES[dtype][1]
+    if total > lim.max_output_bytes:
+        raise InputError(f"the cache is {total} bytes; decoders refuse more than {lim.max_output_bytes} "
+                         "(DecodeLimits.max_output_bytes)")
 
 
 def channels_first(x: np.ndarray) -> np.ndarray:
