@@ -6,11 +6,13 @@ Set CACHEGEN_WORKERS=1 to disable (e.g. where fork is unwelcome).
 """
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 import threading
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 MIN_PARALLEL_BYTES = 4 << 20   # below this, process start-up costs more than it saves
 
@@ -33,16 +35,39 @@ def _run(item: Any) -> Any:
     return fn(state, item)
 
 
-def parallel_map(fn: Callable[[Any, Any], Any], state: Any, items: Sequence[Any], workers: int) -> list:
-    """[fn(state, item) for item in items], in order, on `workers` forked processes."""
+def parallel_imap(fn: Callable[[Any, Any], Any], state: Any, items: Iterable[Any], workers: int,
+                  window: int = 0) -> Iterator[Any]:
+    """fn(state, item) for each item, yielded in order, computed on `workers` forked processes.
+
+    At most `window` (default 2 * workers) items are in flight, so results are not piled up
+    faster than the caller consumes them; the first error stops the pool (pending items are
+    cancelled, not run) and is raised here."""
     global _JOB
     # _JOB is one per process, and a fork from a helper thread (e.g. the store's background
     # writer) would race the main thread's jobs: off the main thread, work stays in-process.
     if workers <= 1 or threading.current_thread() is not threading.main_thread():
-        return [fn(state, it) for it in items]
-    _JOB = (fn, state)
+        for it in items:
+            yield fn(state, it)
+        return
+    _JOB = (fn, state)   # set before the pool forks its workers: they inherit it
+    ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"))
+    pending: deque = deque()
     try:
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
-            return list(ex.map(_run, items))
+        source = iter(items)
+        for it in itertools.islice(source, window or 2 * workers):
+            pending.append(ex.submit(_run, it))
+        while pending:
+            result = pending.popleft().result()
+            for it in itertools.islice(source, 1):
+                pending.append(ex.submit(_run, it))
+            yield result
     finally:
+        for f in pending:
+            f.cancel()
+        ex.shutdown(wait=True, cancel_futures=True)
         _JOB = None
+
+
+def parallel_map(fn: Callable[[Any, Any], Any], state: Any, items: Sequence[Any], workers: int) -> list:
+    """[fn(state, item) for item in items], in order, on `workers` forked processes (see parallel_imap)."""
+    return list(parallel_imap(fn, state, items, workers))
