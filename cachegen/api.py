@@ -15,7 +15,8 @@ from .format.container import (DTYPE_CODES, FORMAT_VERSION, MODE_LOSSLESS, MODE_
 from . import dispatch
 from .codec.encoder import encode_lossless_v2, encode_lossy, encode_lossy_v2
 from .codec.lossless import encode_lossless
-from .format.extensions import Extension
+from .format import v2 as fmt2
+from .format.extensions import Extension, describe as describe_extensions
 
 KVCache = Sequence[Sequence[Any]]            # [(key, value)] per layer, each [B, H, T, D]
 TorchKV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -109,40 +110,64 @@ def load(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"
     return decode(view[:n], device, **kw)
 
 
-def inspect(data: Any, limits: Optional[DecodeLimits] = None) -> dict[str, Any]:
-    """Header, chunks, sizes per layer and bits per element, without decoding any stream."""
+def inspect(data: Any, limits: Optional[DecodeLimits] = None, verify: bool = False) -> dict[str, Any]:
+    """Header, chunks, sizes per layer and bits per element, without decoding any stream.
+
+    ``verify=True`` also checks every chunk checksum (a ChecksumError names the first bad one)."""
     c = _container(data, limits, partial=True)
     h = c.header
+    v2 = isinstance(c, fmt2.ContainerV2)
     elements = [h.batch * t * (l.channels(0) + l.channels(1)) for l, t in zip(h.layers, c.tokens())]
     layer_bytes = [0] * len(h.layers)
     # Where the bytes go: entropy-coded payload vs everything around it.
     parts = {"streams": 0, "stream_directory": 0, "quantizer_params": 0, "token_scales": 0,
              "model_section": 0, "header_and_index": c.payload_start}
+    if v2:
+        sizes = c.index["size"].astype(np.int64)
+        offsets = c.index["offset"].astype(np.int64)
+        chunks = [{"offset": int(o), "size": int(n), "meta_crc32": f"{int(m):08x}", "words_crc32": f"{int(w):08x}"}
+                  for o, n, m, w in zip(offsets, sizes, c.index["meta_crc"], c.index["words_crc"])]
+        size = c.payload_start + (int(offsets[-1] + sizes[-1]) if c.n_chunks else 0)
+        parts["padding"] = size - c.payload_start - int(sizes.sum())
+        n_tables = h.n_tables
+    else:
+        chunks = [{"offset": e.offset, "size": e.size, "crc32": f"{e.crc:08x}"} for e in c.chunks]
+        size = c.payload_start + sum(e.size for e in c.chunks)
+        n_tables = len(h.table_counts)
+    if verify:
+        for k in range(c.n_chunks):
+            c.chunk_bytes(k, verify=True)
     if h.mode == MODE_LOSSY:
-        parts["model_section"] = _model_section_size(c)
+        if v2:
+            parts["model_section"] = h.model_section_bytes
+        else:
+            parts["model_section"] = _model_section_size(c)
         parts["header_and_index"] = c.payload_start - parts["model_section"]
         pbytes = 2 if h.param_dtype == 1 else 4
         for k in range(c.n_chunks):
-            ch = parse_lossy_chunk(c, k, verify=False)
-            for b, (i, kvi, n) in enumerate(ch.blocks):
-                s0 = ch.first_stream[b]
-                s1 = ch.first_stream[b + 1] if b + 1 < len(ch.blocks) else ch.stream_lengths.size
-                words = 4 * int(ch.stream_lengths[s0:s1].sum())
-                ch_n = h.layers[i].channels(kvi)
-                shared = ch.step_modes[b] == STEP_SHARED
-                params = 1 + pbytes * (ch_n + (1 if shared else ch_n))
-                scales = 0 if ch.token_exp[b] is None else ch.token_exp[b].size
-                layer_bytes[i] += params + scales + words + 4 * (s1 - s0)
+            blocks = dispatch.block_params(c, k, verify=False)
+            if v2:
+                lay = h.layout(k)
+                parts["padding"] += lay.dir_at - (lay.tok_at + lay.total_tok)
+            for bp in blocks:
+                ch_n = bp.lo.size
+                if v2:
+                    params = pbytes * (ch_n + (1 if h.step_mode == 1 else ch_n))
+                else:
+                    shared = bool(ch_n) and bool(np.all(bp.step == bp.step[0]))
+                    params = 1 + pbytes * (ch_n + (1 if shared else ch_n))
+                scales = 0 if bp.token_exp is None else bp.token_exp.size
+                words = 4 * bp.stream_words
+                layer_bytes[bp.layer] += params + scales + words + 4 * bp.streams
                 parts["streams"] += words
-                parts["stream_directory"] += 4 * (s1 - s0)
+                parts["stream_directory"] += 4 * bp.streams
                 parts["quantizer_params"] += params
                 parts["token_scales"] += scales
     else:
-        parts["streams"] = sum(e.size for e in c.chunks)
+        parts["streams"] = size - c.payload_start - parts.get("padding", 0)
     total_el = sum(elements)
-    size = c.payload_start + sum(e.size for e in c.chunks)
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": c.version if v2 else FORMAT_VERSION,
         "mode": "lossless" if h.mode == MODE_LOSSLESS else "lossy",
         "dtype": DTYPE_CODES[h.dtype][0],
         "batch": h.batch,
@@ -150,11 +175,14 @@ def inspect(data: Any, limits: Optional[DecodeLimits] = None) -> dict[str, Any]:
         "chunk_tokens": h.chunk_tokens,
         "group_size": h.group_size,
         "channels_per_stream": h.channels_per_stream,
-        "tables": len(h.table_counts),
-        "chunks": [{"offset": e.offset, "size": e.size, "crc32": f"{e.crc:08x}"} for e in c.chunks],
+        "table_bits": h.table_bits if v2 else 24,
+        "tables": n_tables,
+        "chunks": chunks,
         "partial": c.partial,
+        "verified": bool(verify),
         "header_bytes": c.payload_start,
         "total_bytes": size,
+        "extensions": describe_extensions(h.extensions) if v2 else [],
         "per_layer": [{"tokens": t, "k_shape": [l.k_heads, l.k_dim], "v_shape": [l.v_heads, l.v_dim],
                        "k_bits": l.k_bits, "v_bits": l.v_bits, "bytes": lb,
                        "bits_per_element": (8 * lb / el) if (el and lb) else None}

@@ -98,6 +98,8 @@ class CodecConfig:
     # to its RMS before quantizing: per-token magnitude, per-channel offsets.
     token_scaling: bool = False
     zstd_level: int = 3  # lossless mode only
+    # Format v2: probability tables quantized to 2**table_bits (GPU direct lookup; 12 costs ~0.2%).
+    table_bits: int = 12
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -105,7 +107,8 @@ class CodecConfig:
 
         for fname, lo, hi in (("group_size", 1, MAX_GROUP_SIZE), ("chunk_tokens", 1, MAX_CHUNK_TOKENS),
                               ("channels_per_stream", 1, MAX_CHANNELS_PER_STREAM),
-                              ("tables_per_class", 1, MAX_TABLES_PER_CLASS), ("zstd_level", -7, 22)):
+                              ("tables_per_class", 1, MAX_TABLES_PER_CLASS), ("zstd_level", -7, 22),
+                              ("table_bits", 1, 12)):
             v = getattr(self, fname)
             if not _is_int(v) or not lo <= int(v) <= hi:
                 bad(f"{fname} must be an int in [{lo}, {hi}], got {v!r}")

@@ -5,6 +5,7 @@ Sits between ``cachegen.gpu`` and ``cachegen.api`` (the GPU package never import
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -175,3 +176,45 @@ def decode(c: AnyContainer, device: Any = "cpu", decoder: str = "auto", verify: 
     bufs = allocate(c, dev)
     decode_into(c, bufs, decoder, verify)
     return bufs
+
+
+@dataclass(frozen=True)
+class BlockParams:
+    """Quantizer parameters of one (layer, K/V) block of a chunk, whatever the format version."""
+    layer: int
+    kv: int
+    tokens: int
+    lo: np.ndarray            # float32 [channels]
+    step: np.ndarray          # float32 [channels] (a shared step repeated)
+    token_exp: Optional[np.ndarray]   # uint8 [batch * tokens] scale codes, or None
+    stream_words: int         # 32-bit words of the block's streams
+    streams: int
+
+
+def block_params(c: AnyContainer, k: int, verify: bool = True) -> list[BlockParams]:
+    """Per block of lossy chunk k: its parameters and stream sizes (for inspect and tests)."""
+    h = c.header
+    out = []
+    if isinstance(c, fmt2.ContainerV2):
+        v = fmt2.chunk_view(c, k, verify)
+        lay = v.layout
+        lo, st = v.lo.astype(np.float32), v.step.astype(np.float32)
+        ends = v.ends.astype(np.int64)
+        for j, (i, kv, n) in enumerate(lay.blocks):
+            ch = int(lay.nch[j])
+            a = int(lay.ch_off[j])
+            s0 = int(lay.step_off[j])
+            step = np.repeat(st[s0:s0 + 1], ch) if h.step_mode == 1 else st[s0:s0 + ch]
+            e = v.tok[int(lay.tok_off[j]):int(lay.tok_off[j]) + h.batch * n] if v.tok is not None else None
+            f0, f1 = int(lay.first_stream[j]), int(lay.first_stream[j + 1])
+            w = int(ends[f1 - 1] - (ends[f0 - 1] if f0 else 0)) if f1 > f0 else 0
+            out.append(BlockParams(i, kv, n, lo[a:a + ch], step, e, w, f1 - f0))
+        return out
+    from .format.container import parse_lossy_chunk
+    ch = parse_lossy_chunk(c, k, verify)
+    for b, (i, kv, n) in enumerate(ch.blocks):
+        s0 = ch.first_stream[b]
+        s1 = ch.first_stream[b + 1] if b + 1 < len(ch.blocks) else ch.stream_lengths.size
+        out.append(BlockParams(i, kv, n, ch.lo[b], ch.step[b], ch.token_exp[b],
+                               int(ch.stream_lengths[s0:s1].sum()), int(s1 - s0)))
+    return out

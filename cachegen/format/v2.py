@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
+import zstandard
 
 from ..errors import (ChecksumError, FormatError, InputError, LimitExceededError, StreamError,
                       UnsupportedVersionError)
@@ -74,6 +75,7 @@ class HeaderV2:
     table_ids: list[list[np.ndarray]] = field(default_factory=list)
     extensions: list[Extension] = field(default_factory=list)
     version: int = VERSION
+    model_section_bytes: int = 0     # stored (compressed, padded) size; set by the parser
 
     @property
     def max_tokens(self) -> int:
@@ -210,8 +212,13 @@ def build_container(header: HeaderV2, chunks: Sequence[tuple[bytes, int]]) -> by
     """Assemble a v2 container: header (with tables, ids, extensions) then the chunks."""
     h = header
     lossy = h.mode == MODE_LOSSY
-    tables = pack_tables(h.alphabets, h.units) if lossy else b""
-    ids = pack_ids(h.table_ids) if lossy else b""
+    if lossy:   # the model section: tables + ids, one zstd frame (declared size), padded to 4
+        raw_model = pack_tables(h.alphabets, h.units) + pack_ids(h.table_ids)
+        comp = zstandard.ZstdCompressor(level=19, write_content_size=True).compress(raw_model)
+        model_raw, model_comp = len(raw_model), len(comp)
+        model = comp + b"\0" * (_align4(len(comp)) - len(comp))
+    else:
+        model, model_raw, model_comp = b"", 0, 0
     exts = pack_extensions(h.extensions)
     index = np.zeros(len(chunks), dtype=CHUNK_DT)
     off = 0
@@ -224,12 +231,12 @@ def build_container(header: HeaderV2, chunks: Sequence[tuple[bytes, int]]) -> by
     payload_size = off
     fixed = _FIXED.pack(h.dtype, h.param_dtype, h.group_size, h.token_scaling, h.step_mode, h.table_bits,
                         h.channels_per_stream, h.batch, h.chunk_tokens, len(h.layers), len(chunks),
-                        h.n_tables if lossy else 0, len(tables), len(ids), len(h.extensions), len(exts), 0,
+                        h.n_tables if lossy else 0, model_comp, model_raw, len(h.extensions), len(exts), 0,
                         payload_size, 0)
     layers = np.zeros(len(h.layers), dtype=LAYER_DT)
     for i, l in enumerate(h.layers):
         layers[i] = (l.tokens, l.k_heads, l.k_dim, l.v_heads, l.v_dim, l.k_bits, l.v_bits, 0)
-    body = fixed + layers.tobytes() + index.tobytes() + tables + ids + exts
+    body = fixed + layers.tobytes() + index.tobytes() + model + exts
     pre = _PREAMBLE.pack(MAGIC, VERSION, h.mode, 0, len(body), crc32(body))
     parts = [pre, body]
     for p, _ in chunks:
@@ -277,7 +284,7 @@ def parse_container(data, limits: Optional[DecodeLimits] = None, partial: bool =
     body = mv[_PREAMBLE.size:_PREAMBLE.size + header_size]
     _need(crc32(body) == header_crc, "header checksum mismatch", ChecksumError)
     (dtype, param_dtype, group_size, token_scaling, step_mode, table_bits, cps, batch, chunk_tokens,
-     n_layers, n_chunks, n_tables, tables_size, ids_size, ext_count, ext_size, res32, payload_size,
+     n_layers, n_chunks, n_tables, model_comp, model_raw, ext_count, ext_size, res32, payload_size,
      res64) = _FIXED.unpack_from(body, 0)
     _need(res32 == 0 and res64 == 0, "reserved header field is not zero")
     _need(dtype in DTYPE_CODES, f"unknown dtype code {dtype}")
@@ -296,11 +303,11 @@ def parse_container(data, limits: Optional[DecodeLimits] = None, partial: bool =
         _need(1 <= n_tables <= 65535, f"table count {n_tables} outside [1, 65535]")
     else:
         _need(param_dtype == 0 and cps == 0 and group_size == 1 and token_scaling == 0 and step_mode == 0
-              and table_bits == 0 and n_tables == 0 and tables_size == 0 and ids_size == 0,
+              and table_bits == 0 and n_tables == 0 and model_comp == 0 and model_raw == 0,
               "lossless header carries lossy fields")
     _need(ext_count <= MAX_EXTENSIONS, f"{ext_count} extension records (at most {MAX_EXTENSIONS})")
     pos = FIXED_SIZE
-    expect = pos + LAYER_DT.itemsize * n_layers + CHUNK_DT.itemsize * n_chunks + tables_size + ids_size + ext_size
+    expect = pos + LAYER_DT.itemsize * n_layers + CHUNK_DT.itemsize * n_chunks + _align4(model_comp) + ext_size
     _need(header_size == expect, f"header size {header_size} != {expect} implied by its counts")
 
     lrec = np.frombuffer(body, dtype=LAYER_DT, count=n_layers, offset=pos)
@@ -337,10 +344,11 @@ def parse_container(data, limits: Optional[DecodeLimits] = None, partial: bool =
     _need(bool((index["meta_size"].astype(np.int64) <= sizes).all()), "a chunk's metadata is larger than the chunk")
 
     if mode == MODE_LOSSY:
-        _parse_tables(header, body[pos:pos + tables_size], n_tables)
-        pos += tables_size
-        _parse_ids(header, body[pos:pos + ids_size])
-        pos += ids_size
+        raw_model = _inflate_model(body[pos:pos + model_comp], model_raw, limits)
+        pos += _align4(model_comp)
+        header.model_section_bytes = _align4(model_comp)
+        used = _parse_tables(header, raw_model, n_tables)
+        _parse_ids(header, raw_model[used:])
         # Each lossy chunk's metadata size follows from the layout: a cheap structural check.
         for k in range(n_chunks):
             lay = header.layout(k)
@@ -369,27 +377,49 @@ def parse_container(data, limits: Optional[DecodeLimits] = None, partial: bool =
     return ContainerV2(header, index, mv, payload_start, is_partial)
 
 
-def _parse_tables(h: HeaderV2, raw: memoryview, n_tables: int) -> None:
+def _inflate_model(comp: memoryview, raw_size: int, limits: DecodeLimits) -> memoryview:
+    """The model section's one zstd frame, decompressed into exactly its declared size (bounded)."""
+    _need(0 < raw_size <= limits.max_model_bytes, f"model section size {raw_size} out of range", LimitExceededError)
+    _need(raw_size % 4 == 0, "model section size is not a multiple of 4")
+    try:
+        params = zstandard.get_frame_parameters(bytes(comp[:18]))
+    except zstandard.ZstdError as e:
+        raise FormatError(f"model section is not a zstd frame: {e}") from None
+    _need(params.content_size == raw_size, "model section frame does not declare its exact size")
+    try:
+        obj = zstandard.ZstdDecompressor().decompressobj()
+        raw = obj.decompress(bytes(comp))
+        clean = obj.eof and not obj.unused_data
+    except zstandard.ZstdError as e:
+        raise FormatError(f"model section does not decompress: {e}") from None
+    _need(clean and len(raw) == raw_size, "model section must be exactly one zstd frame of its declared size")
+    return memoryview(raw)
+
+
+def _parse_tables(h: HeaderV2, raw: memoryview, n_tables: int) -> int:
+    """Alphabets and frequencies from the start of the model section; returns the bytes used."""
     a_bytes = _align4(2 * n_tables)
     _need(len(raw) >= a_bytes, "table section truncated")
     alph = np.frombuffer(raw, dtype="<u2", count=n_tables).astype(np.int64)
     cap = min(MAX_ALPHABET, 1 << h.table_bits)
     _need(bool(((alph >= 1) & (alph <= cap)).all()), f"a table's alphabet is outside [1, {cap}]")
     total = int(alph.sum())
-    _need(len(raw) == a_bytes + _align4(2 * total), "table section size does not match its alphabets")
+    used = a_bytes + _align4(2 * total)
+    _need(len(raw) >= used, "table section size does not match its alphabets")
     units = np.frombuffer(raw, dtype="<u2", count=total, offset=a_bytes)
     _need(bool((units >= 1).all()), "a table has a zero frequency")
     starts = np.concatenate([[0], np.cumsum(alph)[:-1]])
     sums = np.add.reduceat(units.astype(np.int64), starts)
     _need(bool((sums == 1 << h.table_bits).all()), f"a table's frequencies do not sum to 2**{h.table_bits}")
     h.alphabets, h.units = alph, units
+    return used
 
 
 def _parse_ids(h: HeaderV2, raw: memoryview) -> None:
     R = h.roles
     counts = [l.channels(kv) * R for l in h.layers for kv in (0, 1)]
     total = int(sum(counts))
-    _need(len(raw) == _align4(2 * total), "table id section size does not match the layers")
+    _need(len(raw) == _align4(2 * total), "table id section size does not match the layers (model section size)")
     ids = np.frombuffer(raw, dtype="<u2", count=total)
     _need(int(ids.max()) < h.n_tables if ids.size else True, "table id out of range")
     # Each id's table must have the alphabet of its (bits, role) class.

@@ -25,10 +25,10 @@ BCOLS = 14
 
 
 @triton.jit
-def v2_decode_kernel(u32_ptr, u16_ptr, par_ptr, u8_ptr,
-                     sblk_ptr, ssic_ptr, sc0_ptr, snch_ptr, blk_ptr, cbase_ptr, cwords_ptr,
+def v2_decode_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr,
+                     sblk_ptr, ssic_ptr, sc0_ptr, snch_ptr, steps_ptr, blk_ptr, cbase_ptr, cwords_ptr,
                      lut_ptr, scale_ptr, out_ptr, obase_ptr, ostride_ptr, hdim_ptr, err_ptr,
-                     n_streams, batch, ids_u16,
+                     n_streams, batch,
                      TB: tl.constexpr, PSZ: tl.constexpr, SHARED: tl.constexpr, HAS_TS: tl.constexpr,
                      OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -88,7 +88,7 @@ def v2_decode_kernel(u32_ptr, u16_ptr, par_ptr, u8_ptr,
     pbase = (cbase // PSZ) + ch_off
     sbase = ((cbase + step_at) // PSZ) + step_off
     c = c0
-    tid = tl.load(u16_ptr + ids_u16 + ids_base + c, mask=ok, other=0).to(tl.int32) & 0xFFFF
+    tid = tl.load(ids_ptr + ids_base + c, mask=ok, other=0)
     lo = tl.load(par_ptr + pbase + c, mask=ok, other=0.0).to(tl.float32)
     if SHARED:
         st = tl.load(par_ptr + sbase, mask=ok, other=0.0).to(tl.float32)
@@ -99,7 +99,7 @@ def v2_decode_kernel(u32_ptr, u16_ptr, par_ptr, u8_ptr,
     hh = c // hd
     cofs = hh.to(tl.int64) * sh + (c - hh * hd).to(tl.int64) * sd
     tbase = (cbase + tok_at) + tok_off
-    n_steps = tl.max(nsym, axis=0)
+    n_steps = tl.load(steps_ptr + pid)      # the program's longest stream (host, per shape)
     for s in range(0, n_steps):
         active = s < nsym
         q = (x & 0xFFFFFF).to(tl.int32)
@@ -136,7 +136,7 @@ def v2_decode_kernel(u32_ptr, u16_ptr, par_ptr, u8_ptr,
         chg = wc & (s + 1 < nsym)
         j = j + wc.to(tl.int32)
         c = c0 + j
-        tid = tl.where(chg, tl.load(u16_ptr + ids_u16 + ids_base + c, mask=chg, other=0).to(tl.int32) & 0xFFFF, tid)
+        tid = tl.where(chg, tl.load(ids_ptr + ids_base + c, mask=chg, other=0), tid)
         lo = tl.where(chg, tl.load(par_ptr + pbase + c, mask=chg, other=0.0).to(tl.float32), lo)
         if not SHARED:
             st = tl.where(chg, tl.load(par_ptr + sbase + c, mask=chg, other=0.0).to(tl.float32), st)
