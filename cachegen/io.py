@@ -33,6 +33,7 @@ stream, payload, wait)`` entry point is called as soon as the container is parse
 from __future__ import annotations
 
 import bisect
+import inspect
 import os
 import stat
 import threading
@@ -61,7 +62,7 @@ def is_container(x: Any) -> bool:
     """A parsed container of any format version."""
     return isinstance(x, _CONTAINERS)
 
-__all__ = ["PinnedReader", "HostBytes", "DeviceBytes", "ReadStats", "RestoreResult", "Staged", "restore", "stage",
+__all__ = ["SourceNotFoundError", "PinnedReader", "HostBytes", "DeviceBytes", "ReadStats", "RestoreResult", "Staged", "restore", "stage",
            "decode_staged", "default_decoder", "default_reader", "drop_page_cache", "cuda_available"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -69,6 +70,10 @@ Source = Union[PathLike, bytes, bytearray, memoryview, np.ndarray, torch.Tensor]
 
 _MiB = 1 << 20
 OnPiece = Callable[[torch.Tensor, int, int], None]   # (buffer the piece is in, start, end)
+
+
+class SourceNotFoundError(InputError, FileNotFoundError):
+    """The path to restore from does not exist (an ``InputError`` and a ``FileNotFoundError``)."""
 
 
 def cuda_available() -> bool:
@@ -332,6 +337,8 @@ class PinnedReader:
         try:
             name = os.fspath(path)
             fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError as e:
+            raise SourceNotFoundError(f"cannot open {path!r}: {e.strerror or e}") from e
         except (OSError, TypeError, ValueError) as e:
             raise InputError(f"cannot open {path!r}: {e}") from e
         try:
@@ -619,6 +626,19 @@ def _resolve(decoder: Any, dev: torch.device) -> Any:
     return decoder
 
 
+def _verify_kw(fn: Callable, verify: bool) -> dict:
+    """``verify=False`` for a decoder entry point that takes it (checks on by default)."""
+    if verify:
+        return {}
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+    if "verify" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return {"verify": False}
+    return {}
+
+
 def stage(source: Union[Source, Any], device: Union[str, torch.device], *, decoder: Any = "auto",
           reader: Optional[PinnedReader] = None, limits: Optional[DecodeLimits] = None,
           timing: bool = False) -> Staged:
@@ -688,12 +708,13 @@ def decode_staged(st: Staged, bufs: Sequence[Sequence[torch.Tensor]], *, decoder
                     # per-chunk entry point: the decoder waits on the bytes each launch reads
                     if e0 is not None:
                         e0.record(s)
-                    pipelined(c, bufs, stream=s, payload=dbytes.tensor, wait=lambda upto: dbytes.wait(s, upto))
+                    pipelined(c, bufs, stream=s, payload=dbytes.tensor, wait=lambda upto: dbytes.wait(s, upto),
+                              **_verify_kw(pipelined, verify))
                 else:
                     dbytes.wait(s)  # decoding starts once every byte is on the device
                     if e0 is not None:
                         e0.record(s)
-                    dec.decode_into(c, bufs, stream=s, payload=dbytes.tensor)
+                    dec.decode_into(c, bufs, stream=s, payload=dbytes.tensor, **_verify_kw(dec.decode_into, verify))
             res.tokens = c.tokens()
         else:
             # this build's GPU decoder uploads the payload itself (from the pinned buffer when staged)

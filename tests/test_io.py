@@ -87,6 +87,8 @@ def test_read_bad_paths(tmp_path):
     r = cio.PinnedReader(threads=2)
     with pytest.raises(InputError):
         r.read(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError):     # the same error, for callers that expect an OSError
+        r.read(tmp_path / "missing")
     with pytest.raises(InputError, match="regular"):
         r.read(tmp_path)
     with pytest.raises(FormatError, match="empty"):
