@@ -152,3 +152,38 @@ def test_corrupt_container_raises_before_generation():
     s = StaticKV(r, CONTEXT + 8)
     with pytest.raises(cachegen.CacheGenError):
         s.restore(bytes(bad))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_restore_from_path_pinned_and_device_bytes(name, tmp_path, monkeypatch):
+    """StaticKV.restore through cachegen.io (path, host bytes, pinned bytes, bytes on the GPU)
+    writes the same bits as the parsed-container path, and greedy continues identically."""
+    from cachegen.io import _open_container
+    r = _runner(name)
+    _, nxt, data = _case(name)
+    cap = CONTEXT + NEW + 8
+    s_ref = StaticKV(r, cap)
+    s_ref.restore(_open_container(data))
+    ref_bits = [(_bits(k[:, :, :CONTEXT]), _bits(v[:, :, :CONTEXT])) for k, v in s_ref.kv]
+    want = s_ref.greedy(nxt, NEW)
+    p = tmp_path / "ctx.cgk"
+    p.write_bytes(data)
+    sources = {"file": p, "host": data, "pinned": torch.frombuffer(bytearray(data), dtype=torch.uint8).pin_memory(),
+               "device": torch.frombuffer(bytearray(data), dtype=torch.uint8).cuda()}
+    guard = _NoKVToHost(monkeypatch)
+    for kind, src in sources.items():
+        s = StaticKV(r, cap)
+        assert s.restore(src, timing=True) == CONTEXT
+        assert s.last_restore.source == kind and s.last_restore.decode_gpu_ms is not None
+        got_bits = [(k[:, :, :CONTEXT], v[:, :, :CONTEXT]) for k, v in s.kv]
+        monkeypatch.undo()
+        for i, ((a, b), (x, y)) in enumerate(zip(ref_bits, got_bits)):
+            assert np.array_equal(a, _bits(x)) and np.array_equal(b, _bits(y)), f"{kind}: layer {i}"
+        guard = _NoKVToHost(monkeypatch)
+        assert s.greedy(nxt, NEW) == want, kind
+        assert guard.seen == [], f"{kind}: KV copied to the host: {guard.seen}"
+    bad = bytearray(data)
+    bad[len(bad) // 2] ^= 0xFF
+    p.write_bytes(bytes(bad))
+    with pytest.raises(cachegen.CacheGenError):
+        StaticKV(r, cap).restore(p)
