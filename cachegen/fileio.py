@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional, Union
 
@@ -27,3 +28,28 @@ def write_atomic(path: Union[str, os.PathLike], data: bytes, fsync: bool = True,
         except OSError:
             pass
         raise
+    if prefix is None:
+        remove_stale_temps(path)
+
+
+STALE_TEMP_S = 600.0   # a temp file this old belongs to a writer that died (SIGKILL, power loss)
+
+
+def remove_stale_temps(path: Union[str, os.PathLike], max_age_s: float = STALE_TEMP_S) -> int:
+    """Delete the temp files that writes of `path` by killed processes left behind (their
+    default names, older than max_age_s). Returns how many were removed."""
+    path = Path(path)
+    n, now = 0, time.time()
+    head = f".{path.name}."
+    try:
+        entries = [e for e in os.scandir(path.parent) if e.name.startswith(head) and e.name.endswith(".tmp")]
+    except OSError:
+        return 0
+    for e in entries:
+        try:
+            if now - e.stat(follow_symlinks=False).st_mtime > max_age_s:
+                os.unlink(e.path)
+                n += 1
+        except OSError:
+            pass
+    return n

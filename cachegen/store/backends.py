@@ -104,15 +104,46 @@ class DirectoryBackend(Backend):
     """
 
     def __init__(self, root: Union[str, os.PathLike], max_bytes: Optional[int] = None,
-                 low_water: float = 0.9, fsync: bool = False) -> None:
+                 low_water: float = 0.9, fsync: bool = False, temp_max_age_s: float = 600.0,
+                 sweep_interval_s: float = 300.0) -> None:
         super().__init__()
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self.low_water = low_water
         self.fsync = fsync
+        # Temp files of writers that died mid-write (SIGKILL, power loss) are removed once older
+        # than temp_max_age_s: on open, then at most every sweep_interval_s from put().
+        self.temp_max_age_s = temp_max_age_s
+        self.sweep_interval_s = sweep_interval_s
         self._since_scan = 0
         self._approx = None  # bytes at the last scan + bytes written since
+        self._next_sweep = 0.0
+        self.sweep_temp_files()
+
+    def sweep_temp_files(self) -> int:
+        """Remove temp files (names starting with '.') older than temp_max_age_s; returns bytes freed."""
+        freed, now = 0, time.time()
+        self._next_sweep = time.monotonic() + self.sweep_interval_s
+        try:
+            dirs = [d.path for d in os.scandir(self.root) if d.is_dir(follow_symlinks=False)]
+        except OSError:
+            return 0
+        for d in dirs:
+            try:
+                names = [e for e in os.scandir(d) if e.name.startswith(".")]
+            except OSError:
+                continue
+            for e in names:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                    if now - st.st_mtime > self.temp_max_age_s:
+                        os.unlink(e.path)
+                        freed += st.st_size
+                        self.stats["temp_removed"] = self.stats.get("temp_removed", 0) + 1
+                except OSError:
+                    pass
+        return freed
 
     def path(self, key: str) -> Path:
         if not key or "/" in key or key.startswith("."):
@@ -154,6 +185,8 @@ class DirectoryBackend(Backend):
             self._since_scan += 1
             if self._approx > self.max_bytes or self._since_scan >= 16:
                 self.evict()
+        if time.monotonic() >= self._next_sweep:
+            self.sweep_temp_files()
         return True
 
     def delete(self, key: str) -> None:
@@ -193,10 +226,10 @@ class DirectoryBackend(Backend):
                 continue
             for e in os.scandir(d.path):
                 if e.name.startswith("."):
-                    # stale temp files of crashed writers (older than a minute) count and go
+                    # temp files of crashed writers: removed by age (sweep_temp_files)
                     try:
                         st = e.stat()
-                        if time.time() - st.st_mtime > 60:
+                        if time.time() - st.st_mtime > self.temp_max_age_s:
                             os.unlink(e.path)
                     except OSError:
                         pass
@@ -285,6 +318,21 @@ class RedisBackend(Backend):
     def _errors(self) -> tuple:
         return (self._redis.exceptions.RedisError, OSError)
 
+    def _op_failed(self, op: str, e: BaseException) -> None:
+        """An error reply to one command (OOM for a value over maxmemory, a wrong-type key...)
+        comes from a healthy server: count it, keep the connection, do not back off. Anything
+        else (connection refused or reset, timeout, server loading) marks the server down."""
+        if isinstance(e, self._redis.exceptions.ResponseError):
+            self.stats["errors"] += 1
+            self.stats["command_errors"] = self.stats.get("command_errors", 0) + 1
+            log.warning("store: redis %s refused (%s: %s); server still up", op, type(e).__name__, e)
+            try:   # a fresh connection: the server frees the refused command's query buffer with it
+                self.client.connection_pool.disconnect()
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+        else:
+            self._failed(op, e)
+
     def get(self, key: str) -> Optional[bytes]:
         return self.get_many([key])[0]
 
@@ -295,7 +343,7 @@ class RedisBackend(Backend):
         try:
             vals = self.client.mget([self.prefix + k for k in keys])
         except self._errors() as e:
-            self._failed("MGET", e)
+            self._op_failed("MGET", e)
             return [None] * len(keys)
         out = []
         for v in vals:
@@ -313,7 +361,7 @@ class RedisBackend(Backend):
             self.client.set(self.prefix + key, bytes(data), ex=self.ttl_s)
             return True
         except self._errors() as e:
-            self._failed("SET", e)
+            self._op_failed("SET", e)
             return False
 
     def delete(self, key: str) -> None:
@@ -322,7 +370,7 @@ class RedisBackend(Backend):
         try:
             self.client.delete(self.prefix + key)
         except self._errors() as e:
-            self._failed("DEL", e)
+            self._op_failed("DEL", e)
 
     def update(self, key: str, fn: Callable[[Optional[bytes]], Optional[bytes]], tries: int = 32) -> bool:
         """Compare-and-set: ``WATCH`` the key, read it, ``MULTI``/``SET``/``EXEC``; a concurrent
@@ -351,7 +399,7 @@ class RedisBackend(Backend):
             log.warning("store: redis update of %s kept conflicting; giving up", key)
             return False
         except self._errors() as e:
-            self._failed("WATCH/MULTI", e)
+            self._op_failed("WATCH/MULTI", e)
             return False
 
     def close(self) -> None:

@@ -26,10 +26,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..errors import FormatError
+from ..dispatch import open_container
+from ..errors import CacheGenError, FormatError
 
 __all__ = ["CorruptEntryError", "pack_entry", "unpack_entry", "KIND_DATA", "KIND_INDEX",
-           "encode_raw", "decode_raw", "HEADER_BYTES"]
+           "encode_raw", "decode_raw", "HEADER_BYTES", "check_chunk_container"]
 
 MAGIC = b"CGSE"
 VERSION = 1
@@ -79,16 +80,58 @@ def pack_index(info: dict[str, Any]) -> bytes:
     return json.dumps(info, sort_keys=True, separators=(",", ":")).encode()
 
 
+MAX_INDEX_BYTES = 64 << 10   # an index entry lists a few levels: a few hundred bytes
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"non-finite number {name} in the index")
+
+
 def unpack_index(key: str, payload: memoryview) -> dict[str, Any]:
+    """Parse an index entry strictly (bounded size, no Infinity/NaN, no nesting beyond its shape):
+    anything else is a CorruptEntryError (a miss; the caller deletes the entry). The entry
+    checksum is unkeyed, so whoever can write to the backend can forge a well-checksummed one."""
     try:
-        d = json.loads(bytes(payload).decode())
+        if len(payload) > MAX_INDEX_BYTES:
+            raise ValueError(f"{len(payload)} bytes (at most {MAX_INDEX_BYTES})")
+        d = json.loads(bytes(payload).decode(), parse_constant=_no_constant)
         if not isinstance(d, dict) or not isinstance(d.get("levels"), dict):
             raise ValueError("no levels")
-        d["levels"] = {str(k): int(v) for k, v in d["levels"].items()}
-        d["tokens"] = int(d["tokens"])
+        levels = {}
+        for k, v in d["levels"].items():
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 63:
+                raise ValueError(f"level {k!r}: size {v!r} is not a byte count")
+            levels[str(k)] = v
+        tokens = d.get("tokens")
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or not 0 < tokens < 1 << 32:
+            raise ValueError(f"bad token count {tokens!r}")
+        d["levels"], d["tokens"] = levels, tokens
         return d
-    except (ValueError, TypeError, UnicodeDecodeError) as e:
-        raise CorruptEntryError(f"index entry {key}: {e}") from None
+    except (ValueError, TypeError, UnicodeDecodeError, RecursionError, OverflowError) as e:
+        raise CorruptEntryError(f"index entry {key}: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+_CONTAINER_DTYPES = {1: "float16", 2: "bfloat16", 3: "float32"}
+
+
+def check_chunk_container(key: str, payload: Any, layer_shapes: Sequence[Sequence[int]], dtype: str,
+                          tokens: int, batch: int = 1) -> None:
+    """Before a stored container is decoded: its layers, heads, head_dim, dtype, batch and tokens
+    must be the fingerprint's (a checksummed entry can still hold another cache's shapes)."""
+    try:
+        h = open_container(payload).header
+    except CacheGenError as e:
+        raise CorruptEntryError(f"entry {key}: {e}") from None
+    shapes = [(l.k_heads, l.k_dim, l.v_heads, l.v_dim) for l in h.layers]
+    want = [tuple(int(x) for x in s) for s in layer_shapes]
+    if shapes != want:
+        raise CorruptEntryError(f"entry {key}: layer shapes {shapes[:2]}... differ from the fingerprint's")
+    got = _CONTAINER_DTYPES.get(h.dtype)
+    if got != dtype:
+        raise CorruptEntryError(f"entry {key}: dtype {got}, the fingerprint says {dtype}")
+    if h.batch != batch or any(l.tokens != tokens for l in h.layers):
+        raise CorruptEntryError(f"entry {key}: batch {h.batch} / tokens {[l.tokens for l in h.layers][:2]}..., "
+                                f"expected batch {batch} and {tokens} tokens per layer")
 
 
 _RAW = struct.Struct("<4sII")  # magic, layers, tokens

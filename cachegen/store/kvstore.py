@@ -33,8 +33,8 @@ from ..api import decode as cg_decode, encode as cg_encode
 from ..config import CodecConfig, get_config
 from ..errors import CacheGenError, ConfigError
 from .backends import Backend, DirectoryBackend
-from .entry import (KIND_DATA, KIND_INDEX, CorruptEntryError, decode_raw, encode_raw, pack_entry,
-                    pack_index, unpack_entry, unpack_index)
+from .entry import (KIND_DATA, KIND_INDEX, CorruptEntryError, check_chunk_container, decode_raw, encode_raw,
+                    pack_entry, pack_index, unpack_entry, unpack_index)
 from .keys import Fingerprint, chunk_hashes
 
 __all__ = ["KVStore", "ChunkRef", "PrefixMatch", "concat_kv", "slice_kv", "prefill_with_reuse"]
@@ -138,6 +138,9 @@ class KVStore:
         if level == "raw":
             kv = decode_raw(payload, self.fp.layer_shapes, dtype=self.kv_dtype)
         else:
+            # Shapes, dtype and tokens checked on the header first: a checksummed entry may still
+            # hold another cache (it is then a miss, never served).
+            check_chunk_container("chunk", payload, self.fp.layer_shapes, self.fp.dtype, self.chunk_tokens)
             kv = cg_decode(payload, device)
         if len(kv) != self.fp.num_layers:
             raise CorruptEntryError(f"chunk has {len(kv)} layers, the model {self.fp.num_layers}")
@@ -250,17 +253,40 @@ class KVStore:
     def get_chunk(self, ref: ChunkRef, level: str, device: str = "cpu") -> Optional[TorchKV]:
         payload = self.fetch(ref, level)
         if payload is None:
+            self._forget_level(ref, level)
             return None
         try:
             kv = self.decode_chunk(payload, level, device)
         except CacheGenError as e:
             self.drop(self.data_key(ref.hash, level), e)
+            self._forget_level(ref, level)
             return None
         if any(int(k.shape[2]) != ref.tokens for k, _ in kv):
             self.drop(self.data_key(ref.hash, level), "wrong token count")
+            self._forget_level(ref, level)
             return None
         self.stats["chunks_loaded"] += 1
         return kv
+
+    def _forget_level(self, ref: ChunkRef, level: str) -> None:
+        """The index lists data that is gone (evicted by the backend's LRU, deleted as corrupt):
+        take the level out of the index entry so lookups stop promising it."""
+        ikey = self.index_key(ref.hash)
+
+        def merge(old: Optional[bytes]) -> Optional[bytes]:
+            if old is None:
+                return None
+            try:
+                info = unpack_index(ikey, unpack_entry(ikey, old, KIND_INDEX))
+            except CorruptEntryError:
+                return None                      # lookup drops it when it reads it
+            if level not in info["levels"]:
+                return None
+            levels = {k: v for k, v in info["levels"].items() if k != level}
+            return pack_entry(ikey, KIND_INDEX, pack_index({"tokens": info["tokens"], "levels": levels}))
+
+        if ref.levels.get(level) is not None:
+            self.backend.update(ikey, merge)
 
     def pick_level(self, ref: ChunkRef, prefer: Sequence[str]) -> Optional[str]:
         for lv in prefer:
