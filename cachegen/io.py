@@ -150,10 +150,22 @@ class DeviceBytes:
     #: per piece (start, end) timing events when the copy was timed (``timing=True``)
     timing_events: list[tuple[Any, Any]] = field(default_factory=list)
     _release: Optional[Callable[[Any], None]] = None
+    _base: Optional[torch.Tensor] = None     # the reader's whole device buffer (room for padding)
 
     @property
     def nbytes(self) -> int:
         return int(self.tensor.numel())
+
+    def padded(self) -> Optional[torch.Tensor]:
+        """The bytes as a view whose length is a multiple of 4 and whose start is 16-byte aligned
+        (what a word-reading kernel wants; the pad bytes are not part of the container), or
+        None when this tensor cannot give one without a copy."""
+        n = self.nbytes
+        n4 = n + (-n % 4)
+        t = self._base if self._base is not None else self.tensor
+        if t.data_ptr() % 16 or t.numel() < n4:
+            return None
+        return t[:n4]
 
     def wait(self, stream=None, upto: Optional[int] = None) -> None:
         """Make ``stream`` (default: the current stream) wait until bytes ``[0, upto)`` (default:
@@ -266,6 +278,7 @@ class PinnedReader:
 
     def _dev_buffer(self, n: int, device: torch.device, stream) -> torch.Tensor:
         buf = self._dev.get(device)
+        n = n + (-n % 4)      # room for the word padding a kernel may ask for (DeviceBytes.padded)
         if buf is None or buf.numel() < n:
             if buf is not None:
                 torch.cuda.synchronize(device)  # the old buffer may still be read
@@ -280,7 +293,17 @@ class PinnedReader:
         else:
             # no consumer said it is done: wait for everything queued on the current stream
             stream.wait_stream(torch.cuda.current_stream(device))
-        return buf[:n]
+        return buf
+
+    def device_copy(self, t: torch.Tensor, stream) -> torch.Tensor:
+        """``t`` (uint8 on a CUDA device) copied into the reader's device buffer on ``stream``,
+        as a padded, aligned view (for device bytes a kernel cannot read in place)."""
+        with self._lock:
+            n = t.numel()
+            buf = self._dev_buffer(n, t.device, stream)
+            with torch.cuda.stream(stream):
+                buf[:n].copy_(t)
+            return buf[:n + (-n % 4)]   # the caller records when its consumer is done (_set_dev_free)
 
     def _copy_stream(self, device: torch.device):
         s = self._streams.get(device)
@@ -440,7 +463,8 @@ class PinnedReader:
 
             def on_piece(host: torch.Tensor, a: int, b: int) -> None:
                 if a == 0:  # the size is known once the source is open
-                    out.tensor = self._dev_buffer(host.numel(), dev, stream)
+                    out._base = self._dev_buffer(host.numel(), dev, stream)
+                    out.tensor = out._base[:host.numel()]
                 with torch.cuda.stream(stream):
                     e0 = None
                     if timing:
@@ -563,6 +587,7 @@ class Staged:
     source: str
     parse_s: float
     timing: bool = False
+    reader: Optional["PinnedReader"] = None
     t0: float = 0.0                  # perf_counter / thread_time at the start of the restore
     c0: float = 0.0
 
@@ -582,7 +607,7 @@ _DECODERS_LOCK = threading.Lock()
 
 
 def default_decoder(device: Union[str, torch.device]) -> Any:
-    """The payload-taking GPU decoder context for ``device`` (``cachegen.gpu.GpuDecoder``, one
+    """The payload-taking GPU decoder context for ``device`` (``cachegen.gpu.v2.GpuDecoder``, one
     per device, built once), or None when this build has none (``restore`` then goes through
     ``cachegen.decode_into``, whose decoder uploads the bytes itself)."""
     d = torch.device(device)
@@ -592,12 +617,12 @@ def default_decoder(device: Union[str, torch.device]) -> Any:
         d = torch.device("cuda", torch.cuda.current_device())
     with _DECODERS_LOCK:
         if d not in _DECODERS:
-            try:
-                from .gpu import GpuDecoder  # type: ignore[attr-defined]
+            try:  # the v2 decoder's own per-device cache (shared with cachegen.decode_into)
+                from .gpu.v2 import default_decoder as _gpu_default
             except ImportError:
                 _DECODERS[d] = None
             else:
-                _DECODERS[d] = GpuDecoder(d)
+                _DECODERS[d] = _gpu_default(d)
         return _DECODERS[d]
 
 
@@ -626,16 +651,14 @@ def _resolve(decoder: Any, dev: torch.device) -> Any:
     return decoder
 
 
-def _verify_kw(fn: Callable, verify: bool) -> dict:
-    """``verify=False`` for a decoder entry point that takes it (checks on by default)."""
-    if verify:
-        return {}
+def _verify_kw(fn: Callable, verify: Any) -> dict:
+    """``verify=`` for a decoder entry point that takes it (one without checks by default)."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return {}
     if "verify" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return {"verify": False}
+        return {"verify": verify}
     return {}
 
 
@@ -648,7 +671,7 @@ def stage(source: Union[Source, Any], device: Union[str, torch.device], *, decod
     t0, c0 = time.perf_counter(), time.thread_time()
     dev = torch.device(device)
     if is_container(source):
-        return Staged(source, None, None, "container", 0.0, timing, t0, c0)
+        return Staged(source, None, None, "container", 0.0, timing, reader, t0, c0)
     rd = reader if reader is not None else default_reader()
     dec = _resolve(decoder, dev)
     dbytes: Optional[DeviceBytes] = None
@@ -670,11 +693,22 @@ def stage(source: Union[Source, Any], device: Union[str, torch.device], *, decod
         src = host.stats.source
     t = time.perf_counter()
     c = _open_container(host.memoryview(), limits)
-    return Staged(c, dbytes, host, src, time.perf_counter() - t, timing, t0, c0)
+    return Staged(c, dbytes, host, src, time.perf_counter() - t, timing, rd, t0, c0)
+
+
+def _payload_ok(dec: Any, c: Any) -> bool:
+    """Whether a payload-taking decoder decodes this container (else cachegen.decode_into does)."""
+    sup = getattr(dec, "supports", None)
+    if callable(sup):
+        return bool(sup(c))
+    # cachegen.gpu.v2.GpuDecoder: format v2, lossy, no anchor-delta groups
+    from .format.container import MODE_LOSSLESS
+    return (len(_CONTAINERS) > 1 and isinstance(c, _CONTAINERS[1]) and c.header.mode != MODE_LOSSLESS
+            and c.header.group_size <= 1)
 
 
 def decode_staged(st: Staged, bufs: Sequence[Sequence[torch.Tensor]], *, decoder: Any = "auto",
-                  stream=None, verify: bool = True, limits: Optional[DecodeLimits] = None) -> RestoreResult:
+                  stream=None, verify: Any = True, limits: Optional[DecodeLimits] = None) -> RestoreResult:
     """Step 2 of :func:`restore`: decode a staged container into ``bufs``."""
     from . import api
 
@@ -684,54 +718,65 @@ def decode_staged(st: Staged, bufs: Sequence[Sequence[torch.Tensor]], *, decoder
     if st.host is not None:
         res.read_ms, res.read_cpu_ms = st.host.stats.wall_s * 1e3, st.host.stats.pool_cpu_s * 1e3
     dbytes = st.device_bytes
+    if dbytes is not None and dbytes.tensor.device != dev:
+        raise InputError(f"the staged bytes are on {dbytes.tensor.device}, the buffers on {dev}")
     dec = _resolve(decoder, dev)
-    if dbytes is not None and (isinstance(dec, str) or dbytes.tensor.device != dev):
-        raise InputError("the staged bytes were queued for another decoder or device")
-    e0 = e1 = None
-    s = None
+    rd = st.reader if st.reader is not None else default_reader()
+    name = dec if isinstance(dec, str) else "auto"
+    e0 = e1 = s = None
     if dev.type == "cuda":
         s = stream if stream is not None else torch.cuda.current_stream(dev)
         if st.timing:
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    copied = False
     t = time.perf_counter()
     try:
         if s is None:
-            res.tokens = api.decode_into(c, bufs, verify=verify, limits=limits,
-                                         decoder="auto" if not isinstance(dec, str) else dec)
-        elif not isinstance(dec, str):
+            res.tokens = api.decode_into(c, bufs, verify=bool(verify), limits=limits, decoder=name)
+        elif not isinstance(dec, str) and _payload_ok(dec, c):
             res.path = "gpu-payload"
-            if dbytes is None:  # a parsed Container: its bytes go up like any host bytes
-                dbytes = default_reader().load(c.data, dev, timing=st.timing)
+            if dbytes is None:  # a parsed container: its bytes go up like any host bytes
+                dbytes = rd.load(c.data, dev, timing=st.timing)
+            payload = dbytes.padded()
+            if payload is None:
+                # device bytes a word-reading kernel cannot take in place (odd length, unaligned):
+                # one device-to-device copy into the reader's buffer
+                dbytes.wait(s)
+                payload = rd.device_copy(dbytes.tensor, s)
+                copied = True
             pipelined = getattr(dec, "decode_into_pipelined", None)
             with torch.cuda.stream(s):
                 if pipelined is not None:
                     # per-chunk entry point: the decoder waits on the bytes each launch reads
                     if e0 is not None:
                         e0.record(s)
-                    pipelined(c, bufs, stream=s, payload=dbytes.tensor, wait=lambda upto: dbytes.wait(s, upto),
+                    pipelined(c, bufs, stream=s, payload=payload, wait=lambda upto: dbytes.wait(s, upto),
                               **_verify_kw(pipelined, verify))
                 else:
                     dbytes.wait(s)  # decoding starts once every byte is on the device
                     if e0 is not None:
                         e0.record(s)
-                    dec.decode_into(c, bufs, stream=s, payload=dbytes.tensor, **_verify_kw(dec.decode_into, verify))
+                    dec.decode_into(c, bufs, stream=s, payload=payload, **_verify_kw(dec.decode_into, verify))
             res.tokens = c.tokens()
         else:
-            # this build's GPU decoder uploads the payload itself (from the pinned buffer when staged)
+            # cachegen.decode_into: its GPU decoder uploads the bytes itself (from the pinned buffer)
             with torch.cuda.stream(s):
                 if e0 is not None:
                     e0.record(s)
-                res.tokens = api.decode_into(c, bufs, verify=verify, limits=limits, decoder=dec)
+                res.tokens = api.decode_into(c, bufs, verify=bool(verify), limits=limits, decoder=name)
     finally:
-        if dbytes is not None and s is not None:
-            dbytes.release(s)   # the reader's next copy into its device buffer waits for this
+        if s is not None:
+            if dbytes is not None:
+                dbytes.release(s)   # the reader's next copy into its device buffer waits for this
+            if copied:
+                rd._set_dev_free(dev, s)
     if e1 is not None:
         e1.record(s)
     res.decode_call_ms = (time.perf_counter() - t) * 1e3
     if e1 is not None:
         e1.synchronize()
         res.decode_gpu_ms = e0.elapsed_time(e1)
-        if dbytes is not None:
+        if dbytes is not None and res.path == "gpu-payload":
             h = dbytes.h2d_ms()
             if h is not None:
                 res.h2d_busy_ms, res.h2d_span_ms = h

@@ -412,26 +412,37 @@ def test_load_sources_to_device(case):
 
 class _PayloadDecoder:
     """A payload-taking decoder for the tests: checks it got the container's bytes on the
-    device (after the events it was told to wait on), then decodes with the API."""
+    device (after the events it was told to wait on) as GpuDecoder wants them (length a
+    multiple of 4, 16-byte aligned), then decodes with the API."""
 
     def __init__(self, pipelined=False):
         self.calls = []
         if pipelined:
             self.decode_into_pipelined = self._pipelined
 
-    def decode_into(self, c, bufs, *, stream=None, payload=None):
+    def supports(self, c):
+        return True
+
+    @staticmethod
+    def _check(payload, n):
+        assert payload.is_cuda and payload.dtype == torch.uint8 and payload.dim() == 1
+        assert payload.numel() == n + (-n % 4) and payload.data_ptr() % 16 == 0
+
+    def decode_into(self, c, bufs, *, stream=None, payload=None, verify=True):
         stream.synchronize()
-        assert payload.is_cuda and payload.dtype == torch.uint8
-        assert payload.cpu().numpy().tobytes() == bytes(c.data)
-        self.calls.append("decode_into")
+        n = len(c.data)
+        self._check(payload, n)
+        assert payload[:n].cpu().numpy().tobytes() == bytes(c.data)
+        self.calls.append(("decode_into", verify))
         cachegen.decode_into(c, bufs)
 
     def _pipelined(self, c, bufs, *, stream, payload, wait):
+        self._check(payload, len(c.data))
         for end in (c.payload_start, len(c.data) // 2, len(c.data)):
             wait(end)
             stream.synchronize()
             assert payload[:end].cpu().numpy().tobytes() == bytes(c.data[:end])
-        self.calls.append("pipelined")
+        self.calls.append(("pipelined", None))
         cachegen.decode_into(c, bufs)
 
 
@@ -444,15 +455,20 @@ def test_restore_with_payload_decoder(tmp_path, case, ref, pipelined):
     dec = _PayloadDecoder(pipelined)
     r = cio.PinnedReader(threads=4, piece_bytes=4096)
     on_dev = torch.frombuffer(bytearray(data), dtype=torch.uint8).cuda()
+    # the same bytes at an odd offset of a bigger device tensor: copied once on the device
+    big = torch.zeros(len(data) + 9, dtype=torch.uint8, device="cuda")
+    big[1:1 + len(data)] = on_dev
+    odd = big[1:1 + len(data)]
     pinned = torch.frombuffer(bytearray(data), dtype=torch.uint8).pin_memory()
-    for src, kind in ((p, "file"), (data, "host"), (pinned, "pinned"), (on_dev, "device")):
+    srcs = ((p, "file"), (data, "host"), (pinned, "pinned"), (on_dev, "device"), (odd, "device"))
+    for src, kind in srcs:
         bufs = _bufs("cuda")
-        res = cio.restore(src, bufs, decoder=dec, reader=r, timing=True)
+        res = cio.restore(src, bufs, decoder=dec, reader=r, timing=True, verify=False)
         assert res.path == "gpu-payload" and res.source == kind and res.tokens == [700] * 3
         assert res.decode_gpu_ms is not None and (kind == "device") == (res.h2d_busy_ms is None)
         torch.cuda.synchronize()
         assert _same(bufs, ref)
-    assert dec.calls == ["pipelined" if pipelined else "decode_into"] * 4
+    assert dec.calls == [("pipelined", None) if pipelined else ("decode_into", False)] * len(srcs)
 
 
 @gpu
