@@ -16,7 +16,7 @@ from .format import v2 as fmt2
 from .format.container import MODE_LOSSLESS, Container, DecodeLimits, parse_container
 from .codec.decoder import decode_lockstep, decode_reference, work_items
 from .codec.lossless import decode_lossless, lossless_items
-from .codec.parallel import parallel_map, worker_count
+from .codec.parallel import parallel_imap, worker_count
 
 AnyContainer = Union[Container, fmt2.ContainerV2]
 
@@ -82,7 +82,7 @@ def cpu_fill(c: AnyContainer, bufs: Sequence[Sequence[torch.Tensor]], decoder: s
     bits = h.mode == MODE_LOSSLESS or h.dtype == 2      # results come as integer bit patterns
     # numpy views of the destination: plain memory copies, no torch intra-op threads
     views = [tuple((t.view(_TORCH_INT[h.dtype]) if bits else t).numpy() for t in pair) for pair in bufs]
-    for result in parallel_map(_decode_item, (c, decoder, verify), items, workers):
+    for result in parallel_imap(_decode_item, (c, decoder, verify), items, workers):  # streamed: one item in memory
         for i, kvi, k, n, arr in result:
             views[i][kvi][:, :, k * C:k * C + n, :] = arr
 
@@ -189,6 +189,7 @@ class BlockParams:
     token_exp: Optional[np.ndarray]   # uint8 [batch * tokens] scale codes, or None
     stream_words: int         # 32-bit words of the block's streams
     streams: int
+    stored_steps: int         # step values stored (1 when one step is shared by the channels)
 
 
 def block_params(c: AnyContainer, k: int, verify: bool = True) -> list[BlockParams]:
@@ -208,13 +209,14 @@ def block_params(c: AnyContainer, k: int, verify: bool = True) -> list[BlockPara
             e = v.tok[int(lay.tok_off[j]):int(lay.tok_off[j]) + h.batch * n] if v.tok is not None else None
             f0, f1 = int(lay.first_stream[j]), int(lay.first_stream[j + 1])
             w = int(ends[f1 - 1] - (ends[f0 - 1] if f0 else 0)) if f1 > f0 else 0
-            out.append(BlockParams(i, kv, n, lo[a:a + ch], step, e, w, f1 - f0))
+            out.append(BlockParams(i, kv, n, lo[a:a + ch], step, e, w, f1 - f0, 1 if h.step_mode == 1 else ch))
         return out
-    from .format.container import parse_lossy_chunk
+    from .format.container import STEP_SHARED, parse_lossy_chunk
     ch = parse_lossy_chunk(c, k, verify)
     for b, (i, kv, n) in enumerate(ch.blocks):
         s0 = ch.first_stream[b]
         s1 = ch.first_stream[b + 1] if b + 1 < len(ch.blocks) else ch.stream_lengths.size
         out.append(BlockParams(i, kv, n, ch.lo[b], ch.step[b], ch.token_exp[b],
-                               int(ch.stream_lengths[s0:s1].sum()), int(s1 - s0)))
+                               int(ch.stream_lengths[s0:s1].sum()), int(s1 - s0),
+                               1 if ch.step_modes[b] == STEP_SHARED else ch.lo[b].size))
     return out
