@@ -151,11 +151,8 @@ def inspect(data: Any, limits: Optional[DecodeLimits] = None, verify: bool = Fal
                 parts["padding"] += lay.dir_at - (lay.tok_at + lay.total_tok)
             for bp in blocks:
                 ch_n = bp.lo.size
-                if v2:
-                    params = pbytes * (ch_n + (1 if h.step_mode == 1 else ch_n))
-                else:
-                    shared = bool(ch_n) and bool(np.all(bp.step == bp.step[0]))
-                    params = 1 + pbytes * (ch_n + (1 if shared else ch_n))
+                # v1 stores a step-mode byte per block; v2 one mode for the whole file
+                params = (0 if v2 else 1) + pbytes * (ch_n + bp.stored_steps)
                 scales = 0 if bp.token_exp is None else bp.token_exp.size
                 words = 4 * bp.stream_words
                 layer_bytes[bp.layer] += params + scales + words + 4 * bp.streams

@@ -5,6 +5,7 @@ Run once, commit the output; tests/test_vectors.py only reads it and never regen
 
     python codec_spec/make_vectors.py NAME ...   # writes new vectors (never overwrites without --force)
     python codec_spec/make_vectors.py --check    # regenerate in memory, report differences
+    python codec_spec/make_vectors.py --format 2 # the format v2 vectors (codec_spec/vectors/v2/)
 
 Every input KV cache is built from a seeded numpy RNG. The .cgk bytes are whatever
 ``cachegen.encode`` produced when the vectors were made; the encoder is not normative (its
@@ -36,6 +37,7 @@ from cachegen import CodecConfig
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "vectors"
+OUT_V2 = OUT / "v2"
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -185,6 +187,31 @@ def v_token_scaled_fp16():
         "scale codes from 0 (an all-zero token) to > 200"
 
 
+def _v2_extensions():
+    from cachegen.format.extensions import EXT_QUALITY, EXT_USER, Extension
+    return [Extension.json(EXT_QUALITY, {"kl_mean": 0.0012, "probe_tokens": 32, "preset": "default"}),
+            Extension.json(EXT_USER, {"doc": "golden vector", "n": 3}),
+            Extension(0x0123, b"an unknown, ignorable record: decoders skip it")]
+
+
+V2_CPS1_CONFIG = CodecConfig(name="v2-cps1-tb8", key_bits=7, value_bits=5, token_scaling=True, scale_sharing=1.0,
+                             group_size=1, chunk_tokens=64, channels_per_stream=1, tables_per_class=3, table_bits=8)
+
+
+def v_v2_cps1_tb8():
+    rng = np.random.default_rng(2001)
+    kv = [layer_pair(rng, 1, 2, 150, 16) for _ in range(2)]
+    return to_torch(kv, torch.float16), V2_CPS1_CONFIG, {}, \
+        "v2 custom config: 1 channel per stream, 8-bit tables (direct lookup of 256 slots), chunk 64, K7/V5, fp16, 150 tokens (64+64+22)"
+
+
+def v_v2_extensions():
+    rng = np.random.default_rng(2002)
+    kv = [layer_pair(rng, 1, 2, 40, 8) for _ in range(2)]
+    return to_torch(kv, torch.float16), "default", {"extensions": "quality+user+unknown"}, \
+        "v2 preset default with three extension records: quality (JSON), user (JSON) and an unknown non-critical kind 0x0123 that a decoder must skip"
+
+
 VECTORS = {
     "default_fp16": v_default_fp16,
     "paper_fp16": v_paper_fp16,
@@ -195,6 +222,21 @@ VECTORS = {
     "prefix_partial": v_prefix_partial,
     "tiny_example": v_tiny_example,
     "token_scaled_fp16": v_token_scaled_fp16,
+}
+
+# Format v2 vectors (codec_spec/vectors/v2/): the v1 inputs re-encoded as v2, plus v2-only ones.
+VECTORS_V2 = {
+    "default_fp16": v_default_fp16,
+    "paper_fp16": v_paper_fp16,
+    "small_batch2_fp32": v_small_batch2_fp32,
+    "hybrid_sliding_bf16": v_hybrid_sliding_bf16,
+    "lossless_fp16": v_lossless_fp16,
+    "lossless_bf16": v_lossless_bf16,
+    "prefix_partial": v_prefix_partial,
+    "tiny_example": v_tiny_example,
+    "token_scaled_fp16": v_token_scaled_fp16,
+    "cps1_tb8": v_v2_cps1_tb8,
+    "extensions": v_v2_extensions,
 }
 
 
@@ -240,9 +282,11 @@ FROZEN_PRESETS = {
 }
 
 
-def build(name: str):
-    kv, cfg, extra, desc = VECTORS[name]()
-    data = cachegen.encode(kv, FROZEN_PRESETS[cfg] if isinstance(cfg, str) else cfg)
+def build(name: str, version: int = 1):
+    kv, cfg, extra, desc = (VECTORS if version == 1 else VECTORS_V2)[name]()
+    exts = _v2_extensions() if extra.get("extensions") else ()
+    data = cachegen.encode(kv, FROZEN_PRESETS[cfg] if isinstance(cfg, str) else cfg, format_version=version,
+                           extensions=exts)
     full = cachegen.decode(data)
     # The input is decoded back and checked here so that a broken encoder cannot produce a vector.
     partial = False
@@ -253,8 +297,9 @@ def build(name: str):
         data = data[:cut]
         partial = True
     dec = cachegen.decode(data, partial=partial)
-    if cachegen.inspect(data)["mode"] == "lossy":
-        lock = cachegen.decode(data, partial=partial, decoder="lockstep")
+    lossy = cachegen.inspect(data)["mode"] == "lossy"
+    if lossy:   # v2's second decoder (the GPU kernel) is checked by tests/test_vectors_v2.py
+        lock = cachegen.decode(data, partial=partial, decoder="lockstep") if version == 1 else dec
         for (a, b), (c, d) in zip(dec, lock):
             assert torch.equal(a.view(torch.int16) if a.dtype != torch.float32 else a.view(torch.int32),
                                c.view(torch.int16) if c.dtype != torch.float32 else c.view(torch.int32))
@@ -280,7 +325,8 @@ def build(name: str):
         "dtype": info["dtype"],
         "expected_encoding": "uint16 bit patterns of bfloat16" if info["dtype"] == "bfloat16" else info["dtype"],
         "decode": {"partial": partial},
-        "decoders": ["reference", "lockstep"] if info["mode"] == "lossy" else ["lossless"],
+        "decoders": (["reference", "lockstep"] if version == 1 else ["reference", "gpu"])
+        if info["mode"] == "lossy" else ["lossless"],
         "layers": info["layers"],
         "batch": info["batch"],
         "chunk_tokens": info["chunk_tokens"],
@@ -289,6 +335,10 @@ def build(name: str):
         "encoder_config": config_desc(cfg),
         "description": desc,
     }
+    if version == 2:
+        entry["table_bits"] = info["table_bits"]
+        entry["extensions"] = [{"kind": x["kind"], "critical": x["critical"], "bytes": x["bytes"]}
+                               for x in info["extensions"]]
     return data, arrays, entry
 
 
@@ -297,38 +347,42 @@ def main(argv=None) -> int:
     ap.add_argument("--check", action="store_true", help="regenerate in memory and compare, write nothing")
     ap.add_argument("--force", action="store_true",
                     help="overwrite existing vectors (only with a format version bump, see FORMAT.md section 17)")
+    ap.add_argument("--format", type=int, choices=(1, 2), default=1, help="format version of the vectors")
     ap.add_argument("names", nargs="*", help="vectors to build (default: all)")
     args = ap.parse_args(argv)
-    names = args.names or list(VECTORS)
-    OUT.mkdir(exist_ok=True)
-    manifest_path = OUT / "MANIFEST.json"
+    version = args.format
+    table = VECTORS if version == 1 else VECTORS_V2
+    out = OUT if version == 1 else OUT_V2
+    names = args.names or list(table)
+    out.mkdir(exist_ok=True)
+    manifest_path = out / "MANIFEST.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     entries = {e["name"]: e for e in manifest.get("vectors", [])}
     status = 0
     for name in names:
-        data, arrays, entry = build(name)
+        data, arrays, entry = build(name, version)
         if args.check:
-            old = (OUT / entry["file"]).read_bytes() if (OUT / entry["file"]).exists() else b""
+            old = (out / entry["file"]).read_bytes() if (out / entry["file"]).exists() else b""
             same = old == data
             print(f"{name}: {'identical' if same else 'DIFFERS'} ({len(data)} bytes)")
             status |= not same
             continue
-        if (OUT / entry["file"]).exists() and not args.force:
+        if (out / entry["file"]).exists() and not args.force:
             print(f"{name}: exists, left alone (golden vectors are frozen; --force to overwrite)")
             continue
-        (OUT / entry["file"]).write_bytes(data)
-        (OUT / entry["expected"]).write_bytes(npz_bytes(arrays))
-        entry["expected_sha256"] = sha256((OUT / entry["expected"]).read_bytes())
+        (out / entry["file"]).write_bytes(data)
+        (out / entry["expected"]).write_bytes(npz_bytes(arrays))
+        entry["expected_sha256"] = sha256((out / entry["expected"]).read_bytes())
         entries[name] = entry
         print(f"{name}: {len(data)} bytes, sha256 {entry['sha256'][:16]}...")
     if not args.check:
         manifest = {
             "format": "cachegen container",
-            "format_version": cachegen.FORMAT_VERSION,
-            "spec": "codec_spec/FORMAT.md",
+            "format_version": version,
+            "spec": "codec_spec/FORMAT.md" if version == 1 else "codec_spec/FORMAT_V2.md",
             "expected_arrays": "npz members layer{i}.key / layer{i}.value, [batch, heads, tokens, head_dim]; "
                                "bfloat16 stored as uint16 bit patterns",
-            "vectors": [entries[n] for n in VECTORS if n in entries],
+            "vectors": [entries[n] for n in table if n in entries],
         }
         manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return status
