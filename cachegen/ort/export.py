@@ -3,7 +3,9 @@
 Route (all offline):
 
 1. transformers reads the GGUF file and dequantizes it to an fp32 torch model
-   (``from_pretrained(dir, gguf_file=name)``), together with its tokenizer.
+   (``from_pretrained(dir, gguf_file=name)``). The tokenizer is built from the GGUF metadata by
+   :mod:`cachegen.ort.tokenizer` (not by transformers, whose GGUF tokenizers differ between
+   releases: 5.17's Gemma-3 tokenizer came back char-level) and checked on a known sentence.
 2. The model is written as a plain Hugging Face folder (config + safetensors + tokenizer).
    transformers 5 refuses ``save_pretrained`` on GGUF-loaded models and needs ``accelerate``
    for both loading and saving; we write the folder ourselves, so ``accelerate`` is optional.
@@ -26,6 +28,7 @@ renamed into place atomically, so a crashed build never leaves a half-written ca
 from __future__ import annotations
 
 from ..errors import ConfigError
+from . import tokenizer as _tok
 
 import importlib.util
 import json
@@ -55,8 +58,8 @@ __all__ = [
 MODELS = ("smollm2", "gemma3")
 PRECISIONS = ("fp32", "fp16")
 PROVIDERS = ("cpu", "cuda")
-#: Bumped whenever this module changes what it writes.
-EXPORT_VERSION = 1
+#: Bumped whenever this module changes what it writes (2: our own GGUF tokenizer).
+EXPORT_VERSION = 2
 
 # Files written next to model.onnx besides the builder's own outputs.
 HF_SUBDIR = "hf"                 # the fp32 Hugging Face folder (tokenizer + weights for reference)
@@ -178,18 +181,37 @@ class _AccelerateShim:
 def load_torch_model(name: str):
     """The reference fp32 transformers model and its tokenizer, read from the GGUF file.
 
-    Returns ``(model, tokenizer)``; the model is in eval mode. Slow (20-60 s): prefer
+    Returns ``(model, tokenizer)``; the model is in eval mode, the tokenizer a checked
+    ``PreTrainedTokenizerFast`` (see :mod:`cachegen.ort.tokenizer`). Slow (20-60 s): prefer
     ``load_torch_model_from_dir(model_dir)`` on an exported folder.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     p = gguf_path(name)
+    with tempfile.TemporaryDirectory(prefix="cachegen-tok-") as d:
+        _write_tokenizer(name, Path(d))
+        tok = _tok.load_tokenizer(d, model=name)
     with _AccelerateShim():
-        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
         model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
     model.eval()
     return model, tok
+
+
+def _write_tokenizer(name: str, out: Path) -> None:
+    """Build the tokenizer from the GGUF, check it, write tokenizer.json + tokenizer_config.json."""
+    tk, spec = _tok.build_tokenizer(gguf_path(name))
+    _tok.save_tokenizer(tk, spec, out)
+
+
+def _load_gguf_model(name: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    p = gguf_path(name)
+    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+    model.eval()
+    return model
 
 
 def load_torch_model_from_dir(model_dir: os.PathLike | str):
@@ -203,7 +225,7 @@ def load_torch_model_from_dir(model_dir: os.PathLike | str):
     return model
 
 
-def _save_hf_folder(name: str, model, tok, out: Path) -> None:
+def _save_hf_folder(name: str, model, out: Path) -> None:
     """Write a normal HF folder from a GGUF-loaded model (save_pretrained refuses it)."""
     import safetensors.torch as st
 
@@ -223,7 +245,9 @@ def _save_hf_folder(name: str, model, tok, out: Path) -> None:
         model.generation_config.save_pretrained(str(out))
     # save_model de-duplicates tied weights (embed_tokens / lm_head).
     st.save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
-    tok.save_pretrained(str(out))
+    _write_tokenizer(name, out)
+    # checked as saved and reloaded: that round trip is what went char-level in transformers 5.17
+    _tok.load_tokenizer(out, model=name)
     cfg_path = out / "config.json"
     data = json.loads(cfg_path.read_text())
     data.pop("quantization_config", None)
@@ -327,9 +351,10 @@ def export_model(name: str = "smollm2", precision: str = "fp32", provider: str =
         hf_dir = out / HF_SUBDIR
         _log(f"[1/3] loading {name} from GGUF with transformers (dequantizing to fp32)", progress)
         t0 = time.time()
-        model, tok = load_torch_model(name)
-        _log(f"      loaded in {time.time() - t0:.1f} s; writing Hugging Face folder", progress)
-        _save_hf_folder(name, model, tok, hf_dir)
+        with _AccelerateShim():
+            model = _load_gguf_model(name)
+        _log(f"      loaded in {time.time() - t0:.1f} s; writing Hugging Face folder + tokenizer", progress)
+        _save_hf_folder(name, model, hf_dir)
         cfg = model.config
         del model
         _log(f"[2/3] running onnxruntime-genai model builder (-p {precision} -e {provider})", progress)
@@ -354,6 +379,8 @@ def export_model(name: str = "smollm2", precision: str = "fp32", provider: str =
             "bos_token_id": getattr(cfg, "bos_token_id", None),
             "eos_token_id": getattr(cfg, "eos_token_id", None),
             "add_bos": name == "gemma3",
+            "tokenizer": {"built_by": "cachegen.ort.tokenizer", "versions": _tok.tokenizer_versions(),
+                          "check_sentence_tokens": len(_tok.EXPECTED_IDS[name])},
             "build_seconds": round(time.time() - t_start, 1),
         }
         (out / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -379,13 +406,13 @@ def read_export_meta(model_dir: os.PathLike | str) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
-def load_tokenizer(model_dir: os.PathLike | str):
-    """The transformers tokenizer saved with an export (offline)."""
-    from transformers import AutoTokenizer
-
+def load_tokenizer(model_dir: os.PathLike | str, check: bool = True):
+    """The tokenizer saved with an export (offline), checked on a known sentence (a
+    :class:`~cachegen.errors.ModelError` if it is char-level, wrong for a reference model, or
+    does not round-trip; see :func:`cachegen.ort.tokenizer.check_tokenizer`)."""
     d = Path(model_dir)
     hf = d / HF_SUBDIR
-    return AutoTokenizer.from_pretrained(str(hf if hf.is_dir() else d))
+    return _tok.load_tokenizer(hf if hf.is_dir() else d, model=read_export_meta(d).get("model"), check=check)
 
 
 def encode_text(tokenizer, text: str, model_dir: os.PathLike | str | None = None,
