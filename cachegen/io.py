@@ -639,11 +639,11 @@ def default_reader() -> PinnedReader:
 
 def _resolve(decoder: Any, dev: torch.device) -> Any:
     """A decoder object taking ``payload=``, or a ``cachegen.decode_into`` decoder name."""
-    if decoder is None or decoder == "auto":
+    if decoder is None or decoder in ("auto", "gpu"):
         if dev.type == "cuda":
             d = default_decoder(dev)
-            return d if d is not None else "auto"
-        return "auto"
+            return d if d is not None else (decoder or "auto")
+        return decoder or "auto"
     if isinstance(decoder, str):
         return decoder
     if not callable(getattr(decoder, "decode_into", None)):

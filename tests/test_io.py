@@ -501,3 +501,19 @@ def test_restore_back_to_back_without_sync(tmp_path):
             cio.restore(p, b, reader=r)
         torch.cuda.synchronize()
         assert _same(out[0], refs[0]) and _same(out[1], refs[1])
+
+
+@gpu
+@needs_cuda
+def test_entry_read_into_pinned_buffer_is_restored_in_place(tmp_path, case, ref):
+    """The store hook: a file holding a container after its own header (a store entry) is read
+    into the reader's pinned buffer; the container's slice of it is used in place (no copy)."""
+    _, data = case
+    p = _write(tmp_path, b"ENTRY-HEADER-17b" + data)
+    r = cio.PinnedReader(threads=2, piece_bytes=8192)
+    h = r.read(p)
+    inner = h.memoryview()[16:]
+    bufs = _bufs("cuda")
+    res = cio.restore(inner, bufs, reader=r)
+    torch.cuda.synchronize()
+    assert res.source == "pinned" and _same(bufs, ref)
