@@ -224,7 +224,7 @@ def read_sweep(path: Path, reps: int, dry: bool) -> list[dict]:
     n = os.path.getsize(path)
     for piece in (1 << 20, 4 << 20, 16 << 20):
         for threads in (1, 2, 4, 8):
-            r = cio.PinnedReader(threads=threads, piece_bytes=piece)
+            r = cio.PinnedReader(threads=threads, piece_bytes=piece, adaptive=False)
             r.read(path)
             ts = []
             for _ in range(reps):

@@ -69,6 +69,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 Source = Union[PathLike, bytes, bytearray, memoryview, np.ndarray, torch.Tensor]
 
 _MiB = 1 << 20
+_MIN_PIECE = 256 << 10      # adaptive pieces never get smaller (per-copy overhead)
 OnPiece = Callable[[torch.Tensor, int, int], None]   # (buffer the piece is in, start, end)
 
 
@@ -206,19 +207,24 @@ class PinnedReader:
     build one, call it many times.
 
     ``threads``: reader threads (``preadv`` into disjoint pieces of the buffer; 1 = read on the
-    calling thread). ``piece_bytes``: piece size, the unit of parallel reads and of H2D copies.
-    ``pin``: pin the host buffer (default: when CUDA is available). ``max_bytes``: largest
-    source accepted (:class:`LimitExceededError` beyond; nothing is allocated for it).
+    calling thread; default min(8, CPUs)). ``piece_bytes``: piece size, the unit of parallel
+    reads and of H2D copies; with ``adaptive`` (default) smaller for small sources, so that
+    every thread gets about two pieces (never below 256 KiB). ``pin``: pin the host buffer
+    (default: when CUDA is available). ``max_bytes``: largest source accepted
+    (:class:`LimitExceededError` beyond; nothing is allocated for it).
     """
 
-    def __init__(self, threads: int = 4, piece_bytes: int = 4 * _MiB, *, pin: Optional[bool] = None,
-                 max_bytes: int = 16 << 30) -> None:
+    def __init__(self, threads: Optional[int] = None, piece_bytes: int = 4 * _MiB, *, adaptive: bool = True,
+                 pin: Optional[bool] = None, max_bytes: int = 16 << 30) -> None:
+        if threads is None:
+            threads = max(1, min(8, os.cpu_count() or 1))
         if not isinstance(threads, int) or threads < 1 or threads > 64:
             raise InputError(f"threads must be an int in [1, 64], got {threads!r}")
         if not isinstance(piece_bytes, int) or piece_bytes < 4096:
             raise InputError(f"piece_bytes must be an int >= 4096, got {piece_bytes!r}")
         self.threads = threads
         self.piece_bytes = piece_bytes
+        self.adaptive = bool(adaptive)
         self.pin = cuda_available() if pin is None else bool(pin)
         if self.pin:
             _need_cuda("pinned host memory")
@@ -319,6 +325,9 @@ class PinnedReader:
     # ------------------------------------------------------------------ filling
     def _ranges(self, n: int) -> list[tuple[int, int]]:
         P = self.piece_bytes
+        if self.adaptive and self.threads > 1:
+            want = -(-n // (2 * self.threads))
+            P = min(P, max(_MIN_PIECE, -(-want // 65536) * 65536))
         return [(a, min(a + P, n)) for a in range(0, n, P)]
 
     def _fill(self, job: Optional[Callable[[int, int], None]], host: torch.Tensor, on_piece: Optional[OnPiece],

@@ -69,6 +69,18 @@ def test_read_exact_bytes(tmp_path, threads, size):
         assert h.stats.threads == (1 if threads == 1 or size <= 4096 else min(threads, h.stats.pieces))
 
 
+def test_adaptive_pieces_split_small_files_across_threads(tmp_path):
+    data = os.urandom(3_000_000)
+    p = _write(tmp_path, data)
+    r = cio.PinnedReader(threads=8, piece_bytes=4 << 20)
+    h = r.read(p)
+    assert bytes(h.memoryview()) == data
+    assert h.stats.pieces == -(-len(data) // (256 << 10)) and h.stats.threads == 8   # 256 KiB floor
+    fixed = cio.PinnedReader(threads=8, piece_bytes=4 << 20, adaptive=False).read(p)
+    assert fixed.stats.pieces == 1 and bytes(fixed.memoryview()) == data
+    assert cio.PinnedReader().threads == max(1, min(8, os.cpu_count() or 1))
+
+
 def test_buffer_reused_and_grown(tmp_path):
     a, b, c = (np.full(n, i, np.uint8).tobytes() for i, n in ((1, 300_000), (2, 100_000), (3, 3_000_000)))
     r = cio.PinnedReader(threads=2, piece_bytes=65536)
