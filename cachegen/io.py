@@ -51,10 +51,13 @@ from .format.container import Container, DecodeLimits, parse_container
 
 try:  # format v2 (cachegen.dispatch picks the parser by version); v1 only before it
     from .dispatch import open_container as _open_container
+    from .format.v2 import VERSION as _V2
+    from .format.v2 import _PREAMBLE as _V2_PREAMBLE
     from .format.v2 import ContainerV2 as _ContainerV2
     _CONTAINERS: tuple = (Container, _ContainerV2)
 except ImportError:  # pragma: no cover - a build without format v2
     _open_container = parse_container
+    _V2, _V2_PREAMBLE = None, None
     _CONTAINERS = (Container,)
 
 
@@ -671,12 +674,50 @@ def _verify_kw(fn: Callable, verify: Any) -> dict:
     return {}
 
 
+def _parse_device_bytes(rd: PinnedReader, t: torch.Tensor, dec: Any, verify: Any,
+                        limits: Optional[DecodeLimits]) -> tuple[HostBytes, Any]:
+    """Container bytes that are on the GPU already: the host parser needs the header, the
+    host check each chunk's metadata (``verify=True``). For a format v2 container that a
+    payload decoder takes, only those come back (the payload stays on the device); otherwise
+    (format v1, the CPU path, ``verify="full"``: a host CRC of every word) all of it."""
+    n = t.numel()
+    t0 = time.perf_counter()
+    with rd._lock:
+        rd._check_open()
+        rd._limit(n)
+        host = rd._host_buffer(n)
+        head = 0
+        if _V2_PREAMBLE is not None and n >= _V2_PREAMBLE.size:
+            pre = _V2_PREAMBLE.size
+            host[:pre].copy_(t[:pre])
+            _, version, _, _, header_size, _ = _V2_PREAMBLE.unpack_from(host[:pre].numpy())
+            if version == _V2 and pre + header_size <= n:
+                head = pre + header_size
+                host[pre:head].copy_(t[pre:head])
+        if not head:
+            host.copy_(t)
+    hb = HostBytes(host, rd.pin, ReadStats("device", n, 1, 1))
+    c = _open_container(hb.memoryview(), limits)
+    if head:
+        if isinstance(dec, str) or not _payload_ok(dec, c) or verify == "full":
+            host[head:].copy_(t[head:])
+        elif verify:
+            offs = c.index["offset"].astype(np.int64) + c.payload_start
+            for a, m in zip(offs.tolist(), c.index["meta_size"].astype(np.int64).tolist()):
+                if m:
+                    host[a:a + m].copy_(t[a:a + m], non_blocking=True)
+            torch.cuda.current_stream(t.device).synchronize()
+    hb.stats.wall_s = time.perf_counter() - t0
+    return hb, c
+
+
 def stage(source: Union[Source, Any], device: Union[str, torch.device], *, decoder: Any = "auto",
           reader: Optional[PinnedReader] = None, limits: Optional[DecodeLimits] = None,
-          timing: bool = False) -> Staged:
+          timing: bool = False, verify: Any = True) -> Staged:
     """Step 1 of :func:`restore`: the source's bytes in host memory (read / copied into the
     reader's buffer, or used in place), queued to ``device`` when ``decoder`` resolves to a
-    payload-taking GPU decoder, and the container parsed on the host."""
+    payload-taking GPU decoder, and the container parsed on the host. ``verify``: what the
+    decoder will check on the host (decides what comes back from device sources)."""
     t0, c0 = time.perf_counter(), time.thread_time()
     dev = torch.device(device)
     if is_container(source):
@@ -686,10 +727,11 @@ def stage(source: Union[Source, Any], device: Union[str, torch.device], *, decod
     dbytes: Optional[DeviceBytes] = None
     if dev.type == "cuda" and not isinstance(dec, str):
         dbytes = rd.load(source, dev, timing=timing)
-        # bytes that were on the GPU: the host parser reads a copy (the seam for a decoder that
-        # parses on the device: only the header would come back)
-        host = dbytes.host if dbytes.host is not None else rd.stage(dbytes.tensor)
-        src = "device" if dbytes.host is None else host.stats.source
+        if dbytes.host is None:   # the bytes were on the GPU: header (+ metadata) back to the host
+            host, c = _parse_device_bytes(rd, dbytes.tensor, dec, verify, limits)
+            return Staged(c, dbytes, host, "device", 0.0, timing, rd, t0, c0)
+        host = dbytes.host
+        src = host.stats.source
     elif dev.type == "cpu" and not isinstance(source, (str, os.PathLike)) \
             and not (isinstance(source, torch.Tensor) and source.device.type == "cuda"):
         # the CPU decoder parses host bytes in place: no staging copy
@@ -813,5 +855,5 @@ def restore(source: Union[Source, Any], bufs: Sequence[Sequence[torch.Tensor]], 
     synchronizes at the end so that the GPU times of the result are filled in.
     """
     dev = _bufs_device(bufs)
-    st = stage(source, dev, decoder=decoder, reader=reader, limits=limits, timing=timing)
+    st = stage(source, dev, decoder=decoder, reader=reader, limits=limits, timing=timing, verify=verify)
     return decode_staged(st, bufs, decoder=decoder, stream=stream, verify=verify, limits=limits)

@@ -427,8 +427,10 @@ class _PayloadDecoder:
     device (after the events it was told to wait on) as GpuDecoder wants them (length a
     multiple of 4, 16-byte aligned), then decodes with the API."""
 
-    def __init__(self, pipelined=False):
+    def __init__(self, expect, pipelined=False):
+        self.expect = expect          # the container's bytes
         self.calls = []
+        self.host_seen = []           # the host copy the decoder was given (bytes of c.data)
         if pipelined:
             self.decode_into_pipelined = self._pipelined
 
@@ -444,18 +446,23 @@ class _PayloadDecoder:
         stream.synchronize()
         n = len(c.data)
         self._check(payload, n)
-        assert payload[:n].cpu().numpy().tobytes() == bytes(c.data)
+        assert payload[:n].cpu().numpy().tobytes() == self.expect
+        assert bytes(c.data[:c.payload_start]) == self.expect[:c.payload_start]
+        if verify:   # what GpuDecoder checks on the host: each chunk's metadata CRC
+            for k in range(c.n_chunks):
+                c.verify_chunk(k, words=verify == "full")
         self.calls.append(("decode_into", verify))
-        cachegen.decode_into(c, bufs)
+        self.host_seen.append(bytes(c.data))
+        cachegen.decode_into(c.data if verify == "full" else self.expect, bufs)
 
     def _pipelined(self, c, bufs, *, stream, payload, wait):
         self._check(payload, len(c.data))
         for end in (c.payload_start, len(c.data) // 2, len(c.data)):
             wait(end)
             stream.synchronize()
-            assert payload[:end].cpu().numpy().tobytes() == bytes(c.data[:end])
+            assert payload[:end].cpu().numpy().tobytes() == self.expect[:end]
         self.calls.append(("pipelined", None))
-        cachegen.decode_into(c, bufs)
+        cachegen.decode_into(self.expect, bufs)
 
 
 @gpu
@@ -464,7 +471,7 @@ class _PayloadDecoder:
 def test_restore_with_payload_decoder(tmp_path, case, ref, pipelined):
     _, data = case
     p = _write(tmp_path, data)
-    dec = _PayloadDecoder(pipelined)
+    dec = _PayloadDecoder(data, pipelined)
     r = cio.PinnedReader(threads=4, piece_bytes=4096)
     on_dev = torch.frombuffer(bytearray(data), dtype=torch.uint8).cuda()
     # the same bytes at an odd offset of a bigger device tensor: copied once on the device
@@ -529,3 +536,36 @@ def test_entry_read_into_pinned_buffer_is_restored_in_place(tmp_path, case, ref)
     res = cio.restore(inner, bufs, reader=r)
     torch.cuda.synchronize()
     assert res.source == "pinned" and _same(bufs, ref)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("verify", [False, True, "full"])
+def test_device_bytes_only_header_and_metadata_come_back(case, ref, verify):
+    """Bytes on the GPU: the host gets the header (and, for verify=True, each chunk's metadata),
+    not the payload; verify="full" (a host CRC of every word) brings everything back."""
+    _, data = case
+    r = cio.PinnedReader(threads=2, piece_bytes=8192)
+    r.stage(b"\xaa" * len(data))                    # mark the reused host buffer
+    dec = _PayloadDecoder(data)
+    on_dev = torch.frombuffer(bytearray(data), dtype=torch.uint8).cuda()
+    bufs = _bufs("cuda")
+    res = cio.restore(on_dev, bufs, decoder=dec, reader=r, verify=verify)
+    torch.cuda.synchronize()
+    assert res.source == "device" and _same(bufs, ref)
+    seen = dec.host_seen[-1]
+    c = parse_container(data)
+    head = c.payload_start
+    assert seen[:head] == data[:head]
+    if verify == "full":
+        assert seen == data
+        return
+    meta = np.zeros(len(data), bool)
+    for k in range(c.n_chunks):
+        a = head + int(c.index["offset"][k])
+        meta[a:a + int(c.index["meta_size"][k])] = True
+    body = np.frombuffer(seen, np.uint8)[head:]
+    want = np.frombuffer(data, np.uint8)[head:]
+    m = meta[head:]
+    assert np.array_equal(body[m], want[m]) == bool(verify)
+    assert (body[~m] == 0xAA).all()                  # the stream words never left the device

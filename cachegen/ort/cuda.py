@@ -121,7 +121,7 @@ class StaticKV:
         if cio.is_container(data):
             c = data
         else:
-            st = cio.stage(data, self.device, decoder=decoder, reader=self.reader(), timing=timing)
+            st = cio.stage(data, self.device, decoder=decoder, reader=self.reader(), timing=timing, verify=verify)
             c = st.container
         consumed = False
         try:
