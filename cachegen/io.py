@@ -663,15 +663,24 @@ def _resolve(decoder: Any, dev: torch.device) -> Any:
     return decoder
 
 
+_TAKES_VERIFY: dict = {}
+
+
 def _verify_kw(fn: Callable, verify: Any) -> dict:
     """``verify=`` for a decoder entry point that takes it (one without checks by default)."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return {}
-    if "verify" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return {"verify": verify}
-    return {}
+    key = getattr(fn, "__func__", fn)
+    takes = _TAKES_VERIFY.get(key)
+    if takes is None:
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            params = {}
+        takes = "verify" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+        try:
+            _TAKES_VERIFY[key] = takes
+        except TypeError:  # unhashable callable: ask again next time
+            pass
+    return {"verify": verify} if takes else {}
 
 
 def _parse_device_bytes(rd: PinnedReader, t: torch.Tensor, dec: Any, verify: Any,
