@@ -24,11 +24,14 @@ at a time (calls from several threads are serialized); use one reader per thread
 concurrency.
 
 :func:`restore` chains read -> H2D -> decode into caller-owned buffers. The GPU decoder gets the
-container parsed on the host and its bytes already on the device (``payload=``), so it does no
-H2D of its own. Pipelining seam: a decoder with a ``decode_into_pipelined(container, bufs, *,
-stream, payload, wait)`` entry point is called as soon as the container is parsed and calls
-``wait(end)`` before it launches work that reads bytes ``[0, end)``; a decoder with only
-``decode_into`` starts after all bytes are on the device.
+container parsed on the host and its bytes on the device (``payload=``, padded to whole 32-bit
+words), so it does no H2D of its own. The host parses once every byte is in host memory; the
+last H2D pieces may still be in flight then. Pipelining seam: a decoder with a
+``decode_into_pipelined(container, bufs, *, stream, payload, wait)`` entry point is called at
+that moment and calls ``wait(end)`` before it launches work that reads bytes ``[0, end)``
+(overlapping its launches with the copies); a decoder with only ``decode_into`` starts after
+all bytes are on the device. Bytes already on the GPU stay there: only the header (and, for
+the host checks, each chunk's metadata) is copied back for the host parser.
 """
 from __future__ import annotations
 
