@@ -205,6 +205,8 @@ def measure_row(r, model: str, T: int, ids: list[int], reps: int, dry: bool) -> 
         row[f"{name}_ratio"] = row[f"{name}_ttft_ms"] / row["recompute_ms"]
         # end to end restore throughput, in bytes of the restored cache's dtype (fp16 on the GPU)
         row[f"{name}_restore_GBs"] = out_bytes / row[f"{name}_restore_ms"] / 1e6
+    rd = s.reader()
+    row["reader"] = dict(threads=rd.threads, piece_bytes=rd.piece_bytes, adaptive=rd.adaptive, pinned=rd.pin)
     row["kv_identical_across_sources"] = len(set(prints.values())) == 1
     row["first_token_restore"] = sorted(set().union(*toks.values()))
     row["first_token_recompute"] = rec_tok

@@ -1,5 +1,9 @@
 """Time to first token on a CUDA GPU, three ways, plus TPOT and peak GPU memory.
 
+(The issue-11 restore benchmark, per source of the bytes -- file warm/cold, pinned, on the GPU --
+with the I/O breakdown, is benches/bench_restore.py; this one keeps the raw-fp16 baseline, TPOT
+and memory.)
+
     python benches/bench_ttft.py [--models gemma3 smollm2] [--out ttft.json]
     python -m pytest benches/bench_ttft.py --benchmark-enable          # pytest-benchmark entries
 
@@ -7,9 +11,9 @@
     then argmax of the last row;
 (b) raw: fp16 KV file read from local disk into a pinned host buffer (allocated beforehand), one
     H2D copy, scattered into the static IOBinding buffers (D2D), then one decode step;
-(c) restore: compressed file read from local disk, ``StaticKV.restore`` = ``cachegen.decode_into``
-    on the GPU straight into the buffers bound to the session (parse + CRC when verify + plan +
-    H2D + kernels + error check), then one decode step.
+(c) restore: compressed file read from local disk into ``bytes``, ``StaticKV.restore(bytes)``
+    (staged through cachegen.io's reused pinned buffer, H2D, GPU decode straight into the buffers
+    bound to the session: parse + checks + plan + kernels + error check), then one decode step.
 "warm" reads come from the page cache; "cold" reads drop the file's pages first
 (posix_fadvise DONTNEED; the VM's virtual disk behind it). Gemma-3's files hold its windowed
 cache (sliding layers: last 512 tokens), both raw and compressed.
