@@ -11,7 +11,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import LimitExceededError, StreamError
+from ..errors import FormatError, LimitExceededError, StreamError
 from ..format.container import Container, DecodeLimits, LossyChunk, chunk_blocks, parse_lossy_chunk
 from ..format.tables import TOKEN_SCALES
 from . import entropy, grouping, quantize
@@ -56,7 +56,10 @@ def models_for(container: Container, ids) -> dict:
     for t in ids:
         t = int(t)
         if t not in cache:
-            cache[t] = entropy.model_for(ts.freqs_of(t))
+            try:
+                cache[t] = entropy.model_for(ts.freqs_of(t))
+            except ValueError as e:   # constriction refuses the table (cannot happen for A >= 2)
+                raise FormatError(f"table {t}: not usable by the entropy coder: {e}") from None
     return cache
 
 
