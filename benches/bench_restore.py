@@ -211,10 +211,6 @@ def measure_row(r, model: str, T: int, ids: list[int], reps: int, dry: bool) -> 
     row["first_token_restore"] = sorted(set().union(*toks.values()))
     row["first_token_recompute"] = rec_tok
     row["first_token_equal"] = row["first_token_restore"] == [rec_tok]
-    del s, srcs
-    gc.collect()
-    if not dry:
-        torch.cuda.empty_cache()
     return row
 
 
@@ -353,6 +349,9 @@ def main(argv=None) -> int:
         for T in ctxs:
             t = time.perf_counter()
             row = measure_row(r, model, T, ids, a.reps, dry)
+            gc.collect()                 # the row's static buffers and sources
+            if not dry:
+                torch.cuda.empty_cache()
             res["rows"].append(row)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
                               if not isinstance(v, list) or k.startswith("first")}), flush=True)

@@ -33,8 +33,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 WORK = Path(os.environ.get("TTFT_WORK", "/tmp/cachegen_ttft"))
 CONTEXTS = {"gemma3": [1024, 4096, 8192, 16384], "smollm2": [1024, 4096, 8128]}

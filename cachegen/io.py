@@ -798,6 +798,8 @@ def decode_staged(st: Staged, bufs: Sequence[Sequence[torch.Tensor]], *, decoder
             res.tokens = api.decode_into(c, bufs, verify=bool(verify), limits=limits, decoder=name)
         elif not isinstance(dec, str) and _payload_ok(dec, c):
             res.path = "gpu-payload"
+            from .dispatch import check_buffers
+            bufs = check_buffers(c, bufs)   # shapes, dtype, capacity: before any kernel writes
             if dbytes is None:  # a parsed container: its bytes go up like any host bytes
                 dbytes = rd.load(c.data, dev, timing=st.timing)
             payload = dbytes.padded()

@@ -569,3 +569,15 @@ def test_device_bytes_only_header_and_metadata_come_back(case, ref, verify):
     m = meta[head:]
     assert np.array_equal(body[m], want[m]) == bool(verify)
     assert (body[~m] == 0xAA).all()                  # the stream words never left the device
+
+
+@gpu
+@needs_cuda
+def test_payload_path_checks_buffers_first(case):
+    _, data = case
+    dec = _PayloadDecoder(data)
+    for bad in (_bufs("cuda", cap=600), _bufs("cuda", layers=2),
+                [(k.float(), v.float()) for k, v in _bufs("cuda")]):
+        with pytest.raises(InputError):
+            cio.restore(data, bad, decoder=dec)
+    assert dec.calls == []
