@@ -581,3 +581,22 @@ def test_payload_path_checks_buffers_first(case):
         with pytest.raises(InputError):
             cio.restore(data, bad, decoder=dec)
     assert dec.calls == []
+
+
+@pytest.mark.slow
+def test_statickv_real_model_cpu_restore_from_path_continues_like_load(tmp_path):
+    """A real ORT session (SmolLM2, CPU fp32): restore from a file through cachegen.io, then
+    greedy, equals loading the CPU-decoded cache."""
+    from conftest_models import runner, text_ids
+    from cachegen.ort.cuda import StaticKV
+    r = runner("smollm2")
+    ids = list(text_ids("smollm2"))[:301]
+    _, kv = r.prefill(ids[:300])
+    kv = [(torch.as_tensor(np.asarray(k)), torch.as_tensor(np.asarray(v))) for k, v in kv]
+    data = cachegen.encode(kv, "default")
+    p = _write(tmp_path, data)
+    a = StaticKV(r, 340)
+    assert a.restore(p) == 300 and a.last_restore.source == "file"
+    b = StaticKV(r, 340)
+    b.load(cachegen.decode(data))
+    assert a.greedy(ids[300:301], 8) == b.greedy(ids[300:301], 8)
