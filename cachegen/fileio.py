@@ -7,16 +7,46 @@ import time
 from pathlib import Path
 from typing import Optional, Union
 
+from .errors import ConfigError
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (/proc), else by
+    setting and restoring it (a brief race with other threads creating files)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def file_mode(mode: Optional[int] = None) -> int:
+    """The mode a new file gets: ``mode`` as given, or what ``open()`` would give (0o666 less
+    the umask); mkstemp alone gives 0o600, which locks out every other user of a shared store."""
+    if mode is None:
+        return 0o666 & ~current_umask()
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+        raise ConfigError(f"file mode must be an int in [0, 0o7777], got {mode!r}")
+    return mode
+
 
 def write_atomic(path: Union[str, os.PathLike], data: bytes, fsync: bool = True,
-                 prefix: Optional[str] = None) -> None:
+                 prefix: Optional[str] = None, mode: Optional[int] = None) -> None:
     """Write to a temp file in the same folder, then rename over `path`; on any failure the
-    temp file is removed and an existing `path` is left untouched."""
+    temp file is removed and an existing `path` is left untouched. The file gets ``mode``
+    (default: 0o666 less the umask, like ``open()``)."""
     path = Path(path)
+    perm = file_mode(mode)
     fd, tmp = tempfile.mkstemp(prefix=prefix if prefix is not None else f".{path.name}.", suffix=".tmp",
                                dir=str(path.parent))
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), perm)
             f.write(data)
             if fsync:
                 f.flush()

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-from ..fileio import write_atomic
+from ..fileio import file_mode, write_atomic
 
 try:
     import fcntl
@@ -105,10 +105,14 @@ class DirectoryBackend(Backend):
 
     def __init__(self, root: Union[str, os.PathLike], max_bytes: Optional[int] = None,
                  low_water: float = 0.9, fsync: bool = False, temp_max_age_s: float = 600.0,
-                 sweep_interval_s: float = 300.0) -> None:
+                 sweep_interval_s: float = 300.0, mode: Optional[int] = None) -> None:
         super().__init__()
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        # Entry files get ``mode`` (e.g. 0o664 for a store shared by a group), default 0o666 less
+        # the umask like open(); folders made for entries get the same bits plus x where r is set.
+        self.mode = None if mode is None else file_mode(mode)
+        self._dir_mode = None if mode is None else self.mode | ((self.mode & 0o444) >> 2)
         self.max_bytes = max_bytes
         self.low_water = low_water
         self.fsync = fsync
@@ -174,8 +178,14 @@ class DirectoryBackend(Backend):
         self.stats["puts"] += 1
         p = self.path(key)
         try:
-            p.parent.mkdir(exist_ok=True)
-            write_atomic(p, data, fsync=self.fsync, prefix=".tmp.")
+            if not p.parent.is_dir():
+                p.parent.mkdir(exist_ok=True)
+                if self._dir_mode is not None:
+                    try:
+                        os.chmod(p.parent, self._dir_mode)
+                    except OSError:   # made by another user at the same moment: theirs
+                        pass
+            write_atomic(p, data, fsync=self.fsync, prefix=".tmp.", mode=self.mode)
         except OSError as e:
             self.stats["errors"] += 1
             log.warning("store: writing %s failed: %s", p, e)
