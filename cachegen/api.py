@@ -83,10 +83,15 @@ def decode_into(data: Any, buffers: Sequence[Sequence[torch.Tensor]], *, decoder
 
 
 def save(path: Union[str, os.PathLike], kv: KVCache, config: Union[str, CodecConfig, None] = "default",
-         progress: Progress = None) -> int:
+         progress: Progress = None, guard: Any = None) -> int:
     """Encode and write atomically (temp file + rename: an existing file is never half-written).
-    Returns the number of bytes written."""
-    data = encode(kv, config, progress)
+    ``guard``: a ``cachegen.guard.Guard`` (model + probe + KL budget): ``config`` is stepped up
+    until the budget holds and the measured figures are stored in the file (EXT_QUALITY).
+    The file's mode honours the umask, like ``open()``. Returns the number of bytes written."""
+    if guard is not None:
+        data = guard.encode(kv, config, progress=progress).data
+    else:
+        data = encode(kv, config, progress)
     write_atomic(path, data)
     return len(data)
 
@@ -125,8 +130,8 @@ def inspect(data: Any, limits: Optional[DecodeLimits] = None, verify: bool = Fal
     if v2:
         sizes = c.index["size"].astype(np.int64)
         offsets = c.index["offset"].astype(np.int64)
-        chunks = [{"offset": int(o), "size": int(n), "meta_crc32": f"{int(m):08x}", "words_crc32": f"{int(w):08x}"}
-                  for o, n, m, w in zip(offsets, sizes, c.index["meta_crc"], c.index["words_crc"])]
+        chunks = [{"offset": int(o), "size": int(n), "meta_crc32": f"{int(m):08x}", "words_sum": f"{int(w):016x}"}
+                  for o, n, m, w in zip(offsets, sizes, c.index["meta_crc"], c.index["words_sum"])]
         size = c.payload_start + (int(offsets[-1] + sizes[-1]) if c.n_chunks else 0)
         parts["padding"] = size - c.payload_start - int(sizes.sum())
         n_tables = h.n_tables

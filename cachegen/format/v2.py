@@ -41,13 +41,32 @@ FIXED_SIZE = _FIXED.size            # 64
 LAYER_DT = np.dtype([("tokens", "<u4"), ("k_heads", "<u2"), ("k_dim", "<u2"), ("v_heads", "<u2"),
                      ("v_dim", "<u2"), ("k_bits", "u1"), ("v_bits", "u1"), ("res", "<u2")])
 CHUNK_DT = np.dtype([("offset", "<u8"), ("size", "<u4"), ("meta_size", "<u4"), ("meta_crc", "<u4"),
-                     ("words_crc", "<u4")])
+                     ("res", "<u4"), ("words_sum", "<u8")])
 _EXT = struct.Struct("<HHI")
-assert FIXED_SIZE == 64 and LAYER_DT.itemsize == 16 and CHUNK_DT.itemsize == 24
+assert FIXED_SIZE == 64 and LAYER_DT.itemsize == 16 and CHUNK_DT.itemsize == 32
 
 
 def _align4(n: int) -> int:
     return (n + 3) & ~3
+
+
+_K1 = np.uint64(0x9E3779B97F4A7C15)
+_K2 = np.uint64(0xBF58476D1CE4E5B9)
+
+
+def words_checksum(words: np.ndarray) -> int:
+    """The stream-words checksum of a chunk (FORMAT_V2.md, "Words checksum"): the sum mod 2**64
+    of mix(w_i | i << 32) over the chunk's words, mix = a splitmix64-style bijective finalizer.
+    Order-free (a GPU computes it from the words each stream reads anyway) yet position-aware,
+    and any change of a single word always changes it (mix is a bijection)."""
+    w = np.asarray(words, dtype="<u4")
+    v = w.astype(np.uint64) | (np.arange(w.size, dtype=np.uint64) << np.uint64(32))
+    with np.errstate(over="ignore"):
+        v *= _K1
+        v ^= v >> np.uint64(29)
+        v *= _K2
+        v ^= v >> np.uint64(32)
+    return int(v.sum(dtype=np.uint64))
 
 
 def _need(cond: bool, msg: str, exc=FormatError) -> None:
@@ -157,11 +176,22 @@ class ContainerV2:
         m = int(e["meta_size"])
         if crc32(view[:m]) != int(e["meta_crc"]):
             raise ChecksumError(f"chunk {k}: metadata checksum mismatch")
-        if words and crc32(view[m:]) != int(e["words_crc"]):
-            raise ChecksumError(f"chunk {k}: stream checksum mismatch")
+        if words:
+            if self.header.mode == MODE_LOSSY:
+                ok = words_checksum(np.frombuffer(view[m:], dtype="<u4")) == int(e["words_sum"])
+            else:   # lossless chunks: the same sum over the payload's whole words, then its tail bytes
+                ok = payload_checksum(view) == int(e["words_sum"])
+            if not ok:
+                raise ChecksumError(f"chunk {k}: stream checksum mismatch")
 
 
 # ----------------------------------------------------------------------------------- writing
+
+def payload_checksum(payload) -> int:
+    """Lossless chunks: words_checksum of the payload padded with zero bytes to whole words."""
+    b = bytes(payload)
+    return words_checksum(np.frombuffer(b + b"\0" * (_align4(len(b)) - len(b)), dtype="<u4"))
+
 
 def pack_tables(alphabets: Sequence[int], units: np.ndarray) -> bytes:
     a = np.asarray(alphabets, dtype="<u2").tobytes()
@@ -226,7 +256,8 @@ def build_container(header: HeaderV2, chunks: Sequence[tuple[bytes, int]]) -> by
         if len(p) >= 1 << 32:
             raise InputError(f"chunk {k} would be {len(p)} bytes (over 4 GiB): use fewer tokens per chunk")
         mv = memoryview(p)
-        index[k] = (off, len(p), meta, crc32(mv[:meta]), crc32(mv[meta:]))
+        ws = words_checksum(np.frombuffer(mv[meta:], dtype="<u4")) if lossy else payload_checksum(mv)
+        index[k] = (off, len(p), meta, crc32(mv[:meta]), 0, ws)
         off += _align4(len(p))
     payload_size = off
     fixed = _FIXED.pack(h.dtype, h.param_dtype, h.group_size, h.token_scaling, h.step_mode, h.table_bits,
@@ -342,6 +373,7 @@ def parse_container(data, limits: Optional[DecodeLimits] = None, partial: bool =
     _need(bool((offs == want[:-1]).all()), "chunk offsets are not contiguous (4-byte aligned)")
     _need(int(want[-1]) == payload_size, "chunk index does not add up to the payload size")
     _need(bool((index["meta_size"].astype(np.int64) <= sizes).all()), "a chunk's metadata is larger than the chunk")
+    _need(not index["res"].any(), "chunk index reserved field not zero")
 
     if mode == MODE_LOSSY:
         raw_model = _inflate_model(body[pos:pos + model_comp], model_raw, limits)

@@ -25,10 +25,20 @@ BCOLS = 14
 
 
 @triton.jit
+def _mix(w, i, k1, k2):
+    """cachegen.format.v2.words_checksum's per-word term (uint64 arithmetic wraps)."""
+    v = w | (i << 32)
+    v = v * k1
+    v = v ^ (v >> 29)
+    v = v * k2
+    return v ^ (v >> 32)
+
+
+@triton.jit
 def v2_decode_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr,
                      sblk_ptr, ssic_ptr, sc0_ptr, snch_ptr, steps_ptr, blk_ptr, cbase_ptr, cwords_ptr,
-                     lut_ptr, scale_ptr, out_ptr, obase_ptr, ostride_ptr, hdim_ptr, err_ptr,
-                     n_streams, batch,
+                     lut_ptr, scale_ptr, out_ptr, obase_ptr, ostride_ptr, hdim_ptr, err_ptr, wsum_ptr,
+                     n_streams, batch, k1, k2,
                      TB: tl.constexpr, PSZ: tl.constexpr, SHARED: tl.constexpr, HAS_TS: tl.constexpr,
                      OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -69,10 +79,13 @@ def v2_decode_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr,
     last = tl.load(u32_ptr + wb + ptr - 1, mask=ok & (ptr > 0), other=0).to(tl.uint32).to(tl.uint64)
     bad = bad | ((ptr > 0) & (last == 0))
     x = tl.zeros([BLOCK], dtype=tl.uint64)
+    # Words checksum: every word a stream reads, mixed with its index in the chunk's word area.
+    wsum = tl.zeros([BLOCK], dtype=tl.uint64)
     for _k in tl.static_range(2):
         need = ((x >> 32) == 0) & (ptr > 0)
         w = tl.load(u32_ptr + wb + ptr - 1, mask=need, other=0).to(tl.uint32).to(tl.uint64)
         x = tl.where(need, (x << 32) | w, x)
+        wsum += tl.where(need, _mix(w, (e_beg + ptr - 1).to(tl.uint64), k1, k2), 0)
         ptr = ptr - need.to(tl.int32)
 
     # Per-channel state, reloaded when a channel ends.
@@ -125,6 +138,7 @@ def v2_decode_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr,
         need = active & ((x >> 32) == 0) & (ptr > 0)
         w = tl.load(u32_ptr + wb + ptr - 1, mask=need, other=0).to(tl.uint32).to(tl.uint64)
         x = tl.where(need, (x << 32) | w, x)
+        wsum += tl.where(need, _mix(w, (e_beg + ptr - 1).to(tl.uint64), k1, k2), 0)
         ptr = ptr - need.to(tl.int32)
         # Advance (channel-major; batch-major then token inside a channel).
         t = t + 1
@@ -146,3 +160,4 @@ def v2_decode_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr,
         cofs = tl.where(chg, hh.to(tl.int64) * sh + (c - hh * hd).to(tl.int64) * sd, cofs)
     bad = bad | (ok & ((x != 0) | (ptr != 0)))
     tl.store(err_ptr + lane, bad.to(tl.int8), mask=m)
+    tl.store(wsum_ptr + lane, wsum.to(tl.int64, bitcast=True), mask=m)

@@ -23,11 +23,12 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..errors import InputError, StreamError
+from ..errors import ChecksumError, InputError, StreamError
 from ..format import v2 as fmt2
 from ..format.container import MODE_LOSSLESS
 from ..format.tables import TOKEN_SCALES
 BCOLS = 14     # block table columns: see kernels_v2
+_K1, _K2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9   # words checksum constants (format.v2)
 
 Verify = Union[bool, str]
 
@@ -47,6 +48,7 @@ class ShapePlan:
     blocks: torch.Tensor   # int64 [NB, BCOLS]
     n_blocks: int
     nsym: np.ndarray       # int64 [S] symbols of each stream (host copy)
+    stream_chunk: torch.Tensor  # int64 [S] chunk of each stream (for the words checksums)
     steps: dict            # BLOCK -> int32 device tensor: longest stream of each program
 
     def program_steps(self, block: int, device) -> torch.Tensor:
@@ -111,7 +113,8 @@ def build_shape_plan(h: fmt2.HeaderV2, n_chunks: int, device: torch.device) -> S
     S = int(sum(x.size for x in sblk))
     return ShapePlan(S, cat(sblk, np.int32), cat(ssic, np.int32), cat(sc0, np.int32), cat(snch, np.int32),
                      cat(rows, np.int64).reshape(-1, BCOLS), nb,
-                     np.concatenate(nsym).astype(np.int64) if nsym else np.zeros(0, np.int64), {})
+                     np.concatenate(nsym).astype(np.int64) if nsym else np.zeros(0, np.int64),
+                     cat([np.full(x.size, k, np.int64) for k, x in enumerate(sblk)], np.int64), {})
 
 
 def build_lut(units: torch.Tensor, alphabets: torch.Tensor, table_bits: int) -> torch.Tensor:
@@ -236,7 +239,8 @@ class GpuDecoder:
             host[i, 1:5] = t.stride()
             host[i, 5] = t.shape[3]
         chunk = np.stack([c.payload_start + c.index["offset"].astype(np.int64),
-                          (c.index["size"].astype(np.int64) - c.index["meta_size"].astype(np.int64)) // 4])
+                          (c.index["size"].astype(np.int64) - c.index["meta_size"].astype(np.int64)) // 4,
+                          c.index["words_sum"].view(np.int64)])
         meta = torch.from_numpy(np.concatenate([host.reshape(-1), chunk.reshape(-1)]))
         scales = self._scales
         if scales is None:
@@ -250,7 +254,8 @@ class GpuDecoder:
             strides = hm[:, 1:5].contiguous()
             hdim = hm[:, 5].contiguous()
             cbase = md[6 * nf:6 * nf + c.n_chunks]
-            cwords = md[6 * nf + c.n_chunks:]
+            cwords = md[6 * nf + c.n_chunks:6 * nf + 2 * c.n_chunks]
+            stored = md[6 * nf + 2 * c.n_chunks:]
             # Tables and ids come from the host parse (the model section is zstd-compressed, small).
             alph = torch.from_numpy(h.alphabets.astype(np.int64)).to(dev, non_blocking=True)
             units = torch.from_numpy(h.units.astype(np.int64)).to(dev, non_blocking=True)
@@ -259,6 +264,7 @@ class GpuDecoder:
             lut = build_lut(units, alph, h.table_bits)
             par = payload.view(torch.float16 if h.param_dtype == 1 else torch.float32)
             err = torch.zeros(max(p.n_streams, 1), dtype=torch.int8, device=dev)
+            wsum = torch.zeros(max(p.n_streams, 1), dtype=torch.int64, device=dev)
             block = self.block or BLOCK
             nw = self.num_warps or NUM_WARPS
             grid = (triton_cdiv(p.n_streams, block),)
@@ -267,16 +273,23 @@ class GpuDecoder:
                     payload.view(torch.int32), ids, par, payload, p.sblk, p.ssic, p.sc0, p.snch,
                     p.program_steps(block, dev), p.blocks,
                     cbase, cwords, lut, scales, base.view(torch.int16) if bf16 else base, obase, strides, hdim,
-                    err, p.n_streams, h.batch,
+                    err, wsum, p.n_streams, h.batch, _K1, _K2,
                     TB=h.table_bits, PSZ=2 if h.param_dtype == 1 else 4, SHARED=h.step_mode == 1,
                     HAS_TS=bool(h.token_scaling), OUT_BF16=bf16, BLOCK=block, num_warps=nw,
                     enable_fp_fusion=False)
+            # Per-chunk words checksums from the lanes' partial sums (int64 adds wrap like u64).
+            sums = torch.zeros(c.n_chunks, dtype=torch.int64, device=dev)
+            if p.n_streams:
+                sums.index_add_(0, p.stream_chunk, wsum[:p.n_streams])
+            flags = torch.stack([err.sum(dtype=torch.int64), (sums != stored).sum()])
         if not check:
-            return err
-        nbad = int(err.sum())
+            return flags
+        nbad, nsum = (int(x) for x in flags.tolist())
         if nbad:
             raise StreamError(f"{nbad} stream(s) failed on the GPU (corrupt directory, parameters or "
                               "rANS stream not ending in its initial state)")
+        if nsum and verify:
+            raise ChecksumError(f"{nsum} chunk(s): stream words checksum mismatch")
         return None
 
 
