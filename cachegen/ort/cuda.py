@@ -118,6 +118,7 @@ class StaticKV:
         from .. import io as cio
 
         st = None
+        self.last_restore = None
         if cio.is_container(data):
             c = data
         else:
@@ -135,7 +136,6 @@ class StaticKV:
             views = self._views(tokens)
             if st is None:
                 cachegen.decode_into(c, views, verify=verify, decoder=decoder if isinstance(decoder, str) else "auto")
-                self.last_restore = None
             else:
                 consumed = True
                 self.last_restore = cio.decode_staged(st, views, decoder=decoder, verify=verify)
