@@ -154,18 +154,19 @@ def test_real_model_continuation_from_restored_cache(name, n_ctx, tmp_path):
     model, ids, _ = _real(name)
     cache = _prefill(model, ids[:n_ctx])
     assert cache.get_seq_length() == n_ctx
+    kv_orig = hf.from_dynamic_cache(cache)               # the tensors: a continuation replaces, not mutates, them
     hf.save(tmp_path / "ctx.cgk", cache, "lossless")
+    lossy_data = hf.encode(cache, "default")
     restored = hf.load(tmp_path / "ctx.cgk", model.config)
     assert restored.get_seq_length() == n_ctx            # Gemma-3: not 511 (its sliding window - 1)
     r = hf.HFRunner(model)
     q = ids[n_ctx:n_ctx + 4]
-    gen_restored = r.generate(q, 6, kv=hf.from_dynamic_cache(restored))
+    assert r.generate(q, 6, kv=hf.from_dynamic_cache(restored)) == r.generate(q, 6, kv=kv_orig)
     lg_r = _next_logits(model, restored, q)
-    lg_o = _next_logits(model, cache, q)                 # the original cache, continued last
+    lg_o = _next_logits(model, cache, q)                 # the model's own cache object, continued
     assert torch.equal(lg_r, lg_o)
-    assert gen_restored == r.generate(q, 6, kv=hf.from_dynamic_cache(_prefill(model, ids[:n_ctx])))
     # lossy: the default preset still gives a cache of the right length and a close continuation
-    lossy = hf.decode(hf.encode(_prefill(model, ids[:n_ctx]), "default"), model.config)
+    lossy = hf.decode(lossy_data, model.config)
     assert lossy.get_seq_length() == n_ctx
     p = torch.softmax(lg_o[0, -1].double(), -1)
     pl = torch.softmax(_next_logits(model, lossy, q)[0, -1].double(), -1)
