@@ -97,7 +97,11 @@ class KVStore:
 
     def __init__(self, backend: Union[Backend, str, Any], fingerprint: Fingerprint,
                  levels: Sequence[str] = ("default",), configs: Optional[Mapping[str, CodecConfig]] = None,
-                 kv_dtype: torch.dtype = torch.float32) -> None:
+                 kv_dtype: torch.dtype = torch.float32, guard: Any = None) -> None:
+        # guard: a cachegen.guard.GuardPolicy; put() then steps each level up until the prompt's
+        # probe holds the KL budget and stores it under the level it reached (see guard_chunks)
+        self.guard = guard
+        self.last_guard: dict = {}
         self.backend = backend if isinstance(backend, Backend) else DirectoryBackend(backend)
         self.fp = fingerprint
         self.levels = tuple(levels)
@@ -181,6 +185,14 @@ class KVStore:
                         existing[start_chunk + i] = unpack_index(key, p)
                     except CorruptEntryError as e:
                         self.drop(key, e)
+        guarded: dict = {}
+        if self.guard is not None and start_chunk < len(hashes):
+            from ..guard import guard_chunks
+
+            for lv in levels:
+                if lv != "raw" and any(not e or lv not in e["levels"] for e in existing[start_chunk:]):
+                    guarded[lv] = guard_chunks(self.guard, tokens, kv, C, start_chunk, len(hashes), lv)
+                    self.last_guard[lv] = guarded[lv][2]
         written = 0
         for k in range(start_chunk, len(hashes)):
             h = hashes[k]
@@ -191,9 +203,12 @@ class KVStore:
             chunk = slice_kv(kv, k * C, (k + 1) * C)
             ok = False
             for lv in todo:
-                payload = self.encode_chunk(chunk, lv)
-                if self.backend.put(self.data_key(h, lv), pack_entry(self.data_key(h, lv), KIND_DATA, payload)):
-                    have[lv] = len(payload)
+                if lv in guarded:       # stored under the level the guard reached
+                    name, payload = guarded[lv][0], guarded[lv][1][k]
+                else:
+                    name, payload = lv, self.encode_chunk(chunk, lv)
+                if self.backend.put(self.data_key(h, name), pack_entry(self.data_key(h, name), KIND_DATA, payload)):
+                    have[name] = len(payload)
                     ok = True
             if ok:
                 if self._merge_index(h, have, C):

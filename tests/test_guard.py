@@ -1,0 +1,245 @@
+"""Quality guard (cachegen.guard) on a tiny numpy attention model; real-model figures are in
+benches/bench_guard.py and benches/RESULTS.md."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import cachegen
+from cachegen.config import get_config
+from cachegen.errors import ConfigError, InputError
+from cachegen.format.extensions import EXT_QUALITY, EXT_USER, Extension
+from cachegen.guard import (Guard, GuardPolicy, _encode_keep, _reconstruct, _spot_check, encode_guarded,
+                            step_counts, with_extensions)
+from cachegen.store import KVStore
+from cachegen.store.backends import MemoryBackend
+from cachegen.store.keys import fingerprint_from_kv
+
+
+class TinyAttention:
+    """Logits of each probe token = W . concat over layers of softmax(q K^T / sqrt(D)) V, with
+    q an embedding of the token: the cache's keys and values both matter, as in an LLM."""
+
+    def __init__(self, layers: int, heads: int, dim: int, vocab: int = 97, sharp: float = 6.0, seed: int = 0,
+                 torch_logits: bool = False):
+        rng = np.random.default_rng(seed)
+        self.E = rng.standard_normal((vocab, heads, dim)) * 2.0
+        self.W = rng.standard_normal((layers * heads * dim, vocab)) * sharp / math.sqrt(layers * heads * dim)
+        self.dim = dim
+        self.torch_logits = torch_logits
+        self.calls = 0
+
+    def continue_from(self, kv, ids):
+        self.calls += 1
+        ids = np.asarray(ids).reshape(-1)
+        feats = []
+        for k, v in kv:
+            k = (k.float().numpy() if isinstance(k, torch.Tensor) else np.asarray(k, np.float64))[0]
+            v = (v.float().numpy() if isinstance(v, torch.Tensor) else np.asarray(v, np.float64))[0]
+            q = self.E[ids]                                             # [N, H, D]
+            s = np.einsum("nhd,htd->nht", q, k) / math.sqrt(self.dim)
+            a = np.exp(s - s.max(-1, keepdims=True))
+            a /= a.sum(-1, keepdims=True)
+            feats.append(np.einsum("nht,htd->nhd", a, v).reshape(len(ids), -1))
+        logits = (np.concatenate(feats, 1) @ self.W)[None].astype(np.float32)
+        return (torch.from_numpy(logits) if self.torch_logits else logits), kv
+
+
+def make_kv(layers=3, heads=2, tokens=600, dim=16, dtype=np.float32, seed=1, short_layer=None):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(layers):
+        t = 300 if i == short_layer else tokens
+        base = rng.standard_normal((1, heads, 1, dim)) * 2
+        k = (base + rng.standard_normal((1, heads, t, dim))).astype(dtype)
+        v = rng.standard_normal((1, heads, t, dim)).astype(dtype)
+        out.append((k, v))
+    return out
+
+
+def kl_of(runner, kv, restored, probe):
+    lo = np.asarray(runner.continue_from(kv, probe)[0], np.float64)[0]
+    lr = np.asarray(runner.continue_from(restored, probe)[0], np.float64)[0]
+    lpo = lo - lo.max(-1, keepdims=True)
+    lpo -= np.log(np.exp(lpo).sum(-1, keepdims=True))
+    lpr = lr - lr.max(-1, keepdims=True)
+    lpr -= np.log(np.exp(lpr).sum(-1, keepdims=True))
+    return float(np.maximum((np.exp(lpo) * (lpo - lpr)).sum(-1), 0).mean())
+
+
+@pytest.fixture(scope="module")
+def setup():
+    kv = make_kv()
+    m = TinyAttention(3, 2, 16)
+    probe = list(range(5, 37))
+    kls = {p: kl_of(m, kv, cachegen.decode(cachegen.encode(kv, p)), probe) for p in ("tiny", "small", "default", "high")}
+    return kv, m, probe, kls
+
+
+def test_presets_order_on_the_tiny_model(setup):
+    _, _, _, kls = setup
+    assert kls["tiny"] > kls["small"] > kls["default"] > kls["high"] > 0, kls
+
+
+def test_steps_up_until_the_budget_holds(setup):
+    kv, m, probe, kls = setup
+    budget = math.sqrt(kls["default"] * kls["high"])          # default fails, high passes
+    res = encode_guarded(kv, Guard(m, probe, max_kl=budget), config="default")
+    assert res.config == "high" and res.met and res.stepped_up == 1
+    assert [s.config for s in res.steps] == ["default", "high"]
+    assert not res.steps[0].passed and res.steps[1].passed
+    # the figures are those of the real decoder: same as encode -> decode -> model
+    assert res.steps[0].kl_mean == pytest.approx(kls["default"], rel=1e-9)
+    assert res.kl_mean == pytest.approx(kls["high"], rel=1e-9) and res.kl_mean <= budget
+    # the container is the "high" cache, with the record
+    dec = cachegen.decode(res.data)
+    ref = cachegen.decode(cachegen.encode(kv, "high"))
+    assert all(torch.equal(a, b) for p, q in zip(dec, ref) for a, b in zip(p, q))
+    ext = [e for e in cachegen.inspect(res.data)["extensions"] if e["kind"] == EXT_QUALITY]
+    assert len(ext) == 1
+    rec = ext[0]["value"]
+    assert rec["config"] == "high" and rec["met"] and rec["max_kl"] == budget
+    assert rec["kl_mean"] == pytest.approx(res.kl_mean, rel=1e-5)
+    assert [s["config"] for s in rec["steps"]] == ["default", "high"]
+    assert rec["probe"] == {"kind": "continuation", "tokens": 32, "sha1": Guard(m, probe).probe_digest()}
+
+
+def test_start_below_the_ladder_and_loose_budget(setup):
+    kv, m, probe, kls = setup
+    res = Guard(m, probe, max_kl=1e9).encode(kv, "tiny")
+    assert res.config == "tiny" and res.stepped_up == 0 and res.kl_mean == pytest.approx(kls["tiny"], rel=1e-9)
+    budget = math.sqrt(kls["small"] * kls["default"])
+    res = Guard(m, probe, max_kl=budget).encode(kv, "tiny")       # tiny -> default (the ladder's next)
+    assert [s.config for s in res.steps] == ["tiny", "default"] and res.met
+
+
+def test_zero_budget_stores_lossless(setup):
+    kv, m, probe, _ = setup
+    res = Guard(m, probe, max_kl=0.0).encode(kv)
+    assert [s.config for s in res.steps] == ["default", "high", "lossless"]
+    assert res.config == "lossless" and res.met and res.kl_mean == 0.0 and not res.steps[-1].measured
+    dec = cachegen.decode(res.data)
+    assert all(np.array_equal(d.numpy(), o) for p, q in zip(dec, kv) for d, o in zip(p, q))
+
+
+def test_ladder_without_lossless_can_fail(setup):
+    kv, m, probe, kls = setup
+    res = Guard(m, probe, max_kl=0.0, presets=("small",)).encode(kv, "tiny")
+    assert [s.config for s in res.steps] == ["tiny", "small"] and not res.met and res.config == "small"
+    assert cachegen.inspect(res.data)["extensions"][0]["value"]["met"] is False
+
+
+def test_fast_check_equals_full_decode(setup):
+    kv, m, probe, kls = setup
+    budget = math.sqrt(kls["default"] * kls["high"])
+    a = Guard(m, probe, max_kl=budget).encode(kv)
+    b = Guard(m, probe, max_kl=budget, check="decode").encode(kv)
+    assert a.data == b.data
+    assert [(s.config, s.kl_mean, s.kl_max, s.top1) for s in a.steps] == \
+           [(s.config, s.kl_mean, s.kl_max, s.top1) for s in b.steps]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, "bf16"])
+@pytest.mark.parametrize("preset", ["default", "tiny", "cachegen-paper"])
+def test_reconstruction_is_bit_exact(dtype, preset):
+    kv = make_kv(tokens=700, short_layer=1, dtype=np.float32 if dtype == "bf16" else dtype, seed=3)
+    if dtype == "bf16":
+        kv = [(torch.from_numpy(k).bfloat16(), torch.from_numpy(v).bfloat16()) for k, v in kv]
+    cfg = get_config(preset)
+    data, h, outs = _encode_keep(kv, cfg)
+    assert data == cachegen.encode(kv, cfg)
+    rec = _reconstruct(h, outs)
+    dec = cachegen.decode(data)
+    for (rk, rv), (dk, dv) in zip(rec, dec):
+        for r, d in ((rk, dk), (rv, dv)):
+            assert r.shape == tuple(d.shape)
+            assert torch.equal(torch.from_numpy(np.ascontiguousarray(r)).to(d.dtype), d)
+    for k in range(h.n_chunks):
+        _spot_check(data, rec, k)
+
+
+def test_spot_check_catches_a_wrong_reconstruction():
+    kv = make_kv()
+    data, h, outs = _encode_keep(kv, get_config("default"))
+    rec = _reconstruct(h, outs)
+    rec[0][0][0, 0, -1, 0] += 1.0
+    with pytest.raises(RuntimeError, match="differs from the decoder"):
+        _spot_check(data, rec)
+
+
+def test_probe_from_context_and_torch_logits(setup):
+    kv, _, _, _ = setup
+    m = TinyAttention(3, 2, 16, torch_logits=True)
+    ctx = list(np.random.default_rng(0).integers(0, 97, 600))
+    g = Guard.from_context(m, ctx, probe_tokens=16, max_kl=1e9)
+    assert g.probe_ids == [int(t) for t in ctx[-16:]] and g.probe_kind == "context_tail"
+    res = g.encode(kv, "small")
+    rec = cachegen.inspect(res.data)["extensions"][0]["value"]
+    assert rec["probe"]["kind"] == "context_tail" and rec["probe"]["tokens"] == 16
+    assert m.calls == 2                     # exact cache once, decoded cache once
+
+
+def test_keeps_other_extensions_and_with_extensions(setup):
+    kv, m, probe, _ = setup
+    user = Extension.json(EXT_USER, {"doc": "a"})
+    res = Guard(m, probe, max_kl=1e9).encode(kv, "small", extensions=[user])
+    kinds = [e["kind"] for e in cachegen.inspect(res.data)["extensions"]]
+    assert kinds == [EXT_USER, EXT_QUALITY]
+    bare = with_extensions(res.data, [])
+    assert cachegen.inspect(bare)["extensions"] == []
+    assert bare == cachegen.encode(kv, "small")
+    with pytest.raises(InputError):
+        with_extensions(cachegen.encode(kv, "small", format_version=1), [user])
+
+
+def test_save_with_guard(tmp_path, setup):
+    kv, m, probe, kls = setup
+    budget = math.sqrt(kls["default"] * kls["high"])
+    n = cachegen.save(tmp_path / "c.cgk", kv, "default", guard=Guard(m, probe, max_kl=budget))
+    data = (tmp_path / "c.cgk").read_bytes()
+    assert n == len(data)
+    rec = cachegen.inspect(data)["extensions"][0]["value"]
+    assert rec["config"] == "high" and rec["kl_mean"] <= budget
+    assert len(cachegen.load(tmp_path / "c.cgk")) == 3
+
+
+@pytest.mark.parametrize("kw,exc", [({"max_kl": -1.0}, ConfigError), ({"max_kl": float("nan")}, ConfigError),
+                                    ({"presets": ("nope",)}, ConfigError), ({"check": "maybe"}, ConfigError),
+                                    ({"probe_ids": []}, InputError)])
+def test_bad_guard_arguments(setup, kw, exc):
+    _, m, probe, _ = setup
+    args = {"runner": m, "probe_ids": probe, **kw}
+    with pytest.raises(exc):
+        Guard(**args)
+
+
+def test_runner_without_protocol_is_refused():
+    with pytest.raises(InputError):
+        Guard(object(), [1, 2])
+    with pytest.raises(InputError):
+        Guard.from_context(TinyAttention(1, 1, 4), [])
+
+
+def test_store_put_with_guard(setup):
+    kv, m, probe, kls = setup
+    budget = math.sqrt(kls["default"] * kls["high"])
+    tokens = list(np.random.default_rng(2).integers(0, 97, 600))
+    fp = fingerprint_from_kv(kv, "tiny-attn", chunk_tokens=256)
+    store = KVStore(MemoryBackend(), fp, levels=("default",), guard=GuardPolicy(m, max_kl=budget))
+    assert store.put(tokens, kv) == 2                       # 600 tokens: 2 full chunks
+    res = store.last_guard["default"]
+    match = store.lookup(tokens)
+    assert len(match) == 2
+    assert all(set(c.levels) == {res.config} for c in match.chunks)
+    assert res.met and res.kl_mean <= budget
+    got, n = store.load(match, level=[res.config])
+    assert n == 512
+    ref = cachegen.decode(cachegen.encode([(k[:, :, :256], v[:, :, :256]) for k, v in kv], res.config))
+    assert torch.equal(got[0][0][:, :, :256], ref[0][0])
+    rec = cachegen.inspect(bytes(store.fetch(match.chunks[1], res.config)))["extensions"][0]["value"]
+    assert rec["scope"] == {"chunks": [0, 2], "chunk_tokens": 256} and rec["config"] == res.config
+    counts = step_counts([res])
+    assert counts["n"] == 1 and counts["stored"] == {res.config: 1}
