@@ -87,7 +87,7 @@ def _set_ext_kind(data: bytes, index: int, kind: int) -> bytes:
     pre, fixed = 16, 64
     n_layers, n_chunks = len(h.layers), c.n_chunks
     model_comp = struct.unpack_from("<I", data, pre + 28)[0]
-    pos = pre + fixed + 16 * n_layers + 24 * n_chunks + ((model_comp + 3) & ~3)
+    pos = pre + fixed + 16 * n_layers + fmt2.CHUNK_DT.itemsize * n_chunks + ((model_comp + 3) & ~3)
     for _ in range(index):
         n = struct.unpack_from("<I", data, pos + 4)[0]
         pos += 8 + ((n + 3) & ~3)
