@@ -47,7 +47,7 @@ def test_bad_magic_version_and_checksums():
     with pytest.raises(cachegen.FormatError, match="magic"):
         cachegen.decode(b"XXXX" + data[4:])
     with pytest.raises(cachegen.UnsupportedVersionError):
-        cachegen.decode(data[:4] + bytes([2]) + data[5:])
+        cachegen.decode(data[:4] + bytes([3]) + data[5:])     # 2 is format v2 now
     b = bytearray(data)
     b[PREAMBLE_SIZE + 3] ^= 1
     with pytest.raises(cachegen.ChecksumError):
@@ -83,6 +83,26 @@ def test_corrupt_stream_words_are_caught_without_checksum():
 def test_expansion_limit_is_configurable():
     data = seeds()[0]
     with pytest.raises(cachegen.LimitExceededError):
-        cachegen.decode(data, limits=cachegen.DecodeLimits(max_expansion=1))
+        cachegen.decode(data, limits=cachegen.DecodeLimits(max_expansion=1, free_output_bytes=0))
     with pytest.raises(cachegen.LimitExceededError):
         cachegen.decode(data, limits=cachegen.DecodeLimits(max_output_bytes=100))
+
+
+def test_field_targeted_campaign_both_formats():
+    """A few thousand field-targeted mutants (tests/fuzz/fields.py) of v1 and v2 seeds; the full
+    campaign is `python -m tests.fuzz.campaign --n 100000` (benches/RESULTS.md)."""
+    from fuzz import campaign, fields
+    seeds = campaign.make_seeds()
+    versions = {d[4] for _, d in seeds}
+    assert {1, 2} <= versions or versions == {1}
+    for name, d in seeds:                     # the splitter knows every seed's layout exactly
+        p = fields.split(d)
+        assert p is not None and fields.join(p) == d, name
+    res = campaign.run(3000, workers=2, seed=7, timeout=20.0)
+    assert res["n_bugs"] == 0, res["bugs"][:5]
+    out = res["outcomes"]
+    assert out.get("decoded:same", 0) > 50 and out.get("decoded:other", 0) > 20   # deep checks reached
+    for cls in ("ChecksumError", "FormatError", "StreamError"):
+        assert out.get(f"rejected:{cls}", 0) > 10
+    assert {"fixed", "layer", "index", "model", "chunk", "resize", "reorder", "splice", "raw"} <= set(res["by_mutator"])
+    assert res["worst_time_s"] < 2.0 and res["worst_rss_growth_mb"] < 256

@@ -20,11 +20,12 @@ from cachegen.format.container import PREAMBLE_SIZE  # noqa: E402
 from helpers import make_kv  # noqa: E402
 
 
-def seeds() -> list[bytes]:
+def seeds(format_version: int = 1) -> list[bytes]:
+    """Small containers of one format version (the offsets in tests/test_fuzz.py are v1's)."""
     kv = make_kv(layers=2, batch=1, heads=1, tokens=40, dim=8, seed=1, lengths=[40, 12])
     small = cachegen.CodecConfig(chunk_tokens=16, channels_per_stream=3)
-    return [cachegen.encode(kv, "default"), cachegen.encode(kv, "cachegen-paper"),
-            cachegen.encode(kv, small), cachegen.encode(kv, "lossless")]
+    return [cachegen.encode(kv, cfg, format_version=format_version)
+            for cfg in ("default", "cachegen-paper", small, "lossless")]
 
 
 def fix_header_crc(b: bytearray) -> None:
@@ -71,7 +72,7 @@ def mutate(data: bytes, rng: np.random.Generator) -> tuple[bytes, bool]:
 
 def run(iterations: int, seed: int, decoders=("reference", "lockstep"), quiet: bool = True) -> dict:
     rng = np.random.default_rng(seed)
-    base = seeds()
+    base = seeds(1) + seeds(2)
     stats = {"decoded": 0, "rejected": 0}
     t0 = time.perf_counter()
     for it in range(iterations):
