@@ -458,12 +458,16 @@ class PinnedReader:
             self._check_open()
             return self._stage(source, None)
 
-    def load(self, source: Source, device: Union[str, torch.device], *, timing: bool = False) -> DeviceBytes:
+    def load(self, source: Source, device: Union[str, torch.device], *, timing: bool = False,
+             on_piece: Optional[OnPiece] = None) -> DeviceBytes:
         """Bytes of ``source`` on ``device`` (a CUDA device), pipelined: each piece is copied
         on the reader's copy stream as soon as it is in host memory. Returns once the last copy
         is *queued*: consumers wait with :meth:`DeviceBytes.wait`. A uint8 CUDA tensor on
         ``device`` is returned as it is (no copy). A pinned source tensor is copied from in
-        place: do not modify it before :meth:`DeviceBytes.synchronize`."""
+        place: do not modify it before :meth:`DeviceBytes.synchronize`. ``on_piece(host, a,
+        b)``: called on this thread after each piece's copy is queued (``host``: the whole
+        host view; bytes ``[0, b)`` are in it), e.g. to parse the header while the rest is read."""
+        user_piece = on_piece
         with self._lock:
             self._check_open()
             dev = _cuda_device(device)
@@ -492,6 +496,8 @@ class PinnedReader:
                 out.events.append(ev)
                 if e0 is not None:
                     out.timing_events.append((e0, ev))
+                if user_piece is not None:
+                    user_piece(host, a, b)
 
             try:
                 host = self._stage(source, on_piece)
@@ -723,6 +729,33 @@ def _parse_device_bytes(rd: PinnedReader, t: torch.Tensor, dec: Any, verify: Any
     return hb, c
 
 
+class _EarlyParser:
+    """An ``on_piece`` hook: a v2 parser reads only the header, ``[0, payload_start)``, so the
+    container is parsed as soon as that much is in host memory, on the calling thread, while the
+    reader threads read the rest (format v1, or a header that never completes: not parsed)."""
+
+    def __init__(self, limits: Optional[DecodeLimits]) -> None:
+        self.limits = limits
+        self.head: Optional[int] = -1     # -1: preamble not seen yet; None: not a v2 container
+        self.container: Any = None
+        self.parse_s = 0.0
+
+    def __call__(self, h: torch.Tensor, a: int, b: int) -> None:
+        if self.container is not None or self.head is None or _V2_PREAMBLE is None:
+            return
+        if self.head == -1:
+            if b < _V2_PREAMBLE.size:
+                return
+            _, version, _, _, header_size, _ = _V2_PREAMBLE.unpack_from(h[:_V2_PREAMBLE.size].numpy())
+            self.head = _V2_PREAMBLE.size + header_size if version == _V2 else None
+            if self.head is None:
+                return
+        if b >= min(self.head, h.numel()):
+            t = time.perf_counter()
+            self.container = _open_container(memoryview(h.numpy()).cast("B"), self.limits)
+            self.parse_s = time.perf_counter() - t
+
+
 def stage(source: Union[Source, Any], device: Union[str, torch.device], *, decoder: Any = "auto",
           reader: Optional[PinnedReader] = None, limits: Optional[DecodeLimits] = None,
           timing: bool = False, verify: Any = True) -> Staged:
@@ -738,11 +771,14 @@ def stage(source: Union[Source, Any], device: Union[str, torch.device], *, decod
     dec = _resolve(decoder, dev)
     dbytes: Optional[DeviceBytes] = None
     if dev.type == "cuda" and not isinstance(dec, str):
-        dbytes = rd.load(source, dev, timing=timing)
+        early = _EarlyParser(limits)
+        dbytes = rd.load(source, dev, timing=timing, on_piece=early)
         if dbytes.host is None:   # the bytes were on the GPU: header (+ metadata) back to the host
             host, c = _parse_device_bytes(rd, dbytes.tensor, dec, verify, limits)
             return Staged(c, dbytes, host, "device", 0.0, timing, rd, t0, c0)
         host = dbytes.host
+        if early.container is not None:
+            return Staged(early.container, dbytes, host, host.stats.source, early.parse_s, timing, rd, t0, c0)
         src = host.stats.source
     elif dev.type == "cpu" and not isinstance(source, (str, os.PathLike)) \
             and not (isinstance(source, torch.Tensor) and source.device.type == "cuda"):

@@ -262,6 +262,35 @@ def test_drop_page_cache(tmp_path):
     assert after < before / 4
 
 
+def test_early_parser_parses_once_the_header_is_in(case):
+    """The hook that parses a v2 header while the rest is still being read."""
+    _, data = case
+    c = parse_container(data)
+    head = c.payload_start
+    buf = torch.zeros(len(data), dtype=torch.uint8)     # filled piece by piece below
+    src = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    ep = cio._EarlyParser(None)
+    seen = []
+    for a in range(0, len(data), 4096):
+        b = min(a + 4096, len(data))
+        buf[a:b] = src[a:b]
+        ep(buf, a, b)
+        seen.append(ep.container is not None)
+        if b < head:
+            assert ep.container is None
+    assert ep.container is not None and seen.index(True) == (head - 1) // 4096   # the piece completing the header
+    assert ep.container.tokens() == c.tokens() and ep.parse_s > 0
+    v1 = bytearray(data)
+    v1[4] = 1                                            # not a v2 preamble: never parsed early
+    ep1 = cio._EarlyParser(None)
+    ep1(torch.frombuffer(v1, dtype=torch.uint8), 0, len(v1))
+    assert ep1.container is None and ep1.head is None
+    bad = bytearray(data)
+    bad[20] ^= 0xFF                                      # header checksum: raised at once
+    with pytest.raises(CacheGenError):
+        cio._EarlyParser(None)(torch.frombuffer(bad, dtype=torch.uint8), 0, len(bad))
+
+
 # ----------------------------------------------------------------------------- restore (CPU)
 
 def test_restore_cpu_all_sources(tmp_path, case, ref):
