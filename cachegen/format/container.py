@@ -63,7 +63,7 @@ class DecodeLimits:
     free_output_bytes: int = 64 << 20    # ... for outputs above this size (small caches are exempt)
     max_model_bytes: int = 64 << 20      # decompressed model section
     max_table_symbols: int = 1 << 22     # symbols of all referenced tables together
-    max_lockstep_steps: int = 1 << 16    # lockstep decoder: numpy steps beyond one per 256 symbols
+    max_lockstep_steps: int = 1 << 15    # lockstep decoder: numpy steps beyond one per 256 symbols (~1 s)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
