@@ -192,9 +192,14 @@ def measure_row(r, model: str, T: int, ids: list[int], reps: int, dry: bool) -> 
     for name in srcs:
         if name == "file_warm":
             path.read_bytes()            # the whole file in the page cache (not timed)
-        once(name)                       # warm-up (first call: JIT, buffer growth)
-        prints[name] = _kv_fingerprint(s, T)
-        runs = [once(name) for _ in range(reps)]
+        try:
+            once(name)                   # warm-up (first call: JIT, buffer growth)
+            prints[name] = _kv_fingerprint(s, T)
+            runs = [once(name) for _ in range(reps)]
+        except Exception as e:  # noqa: BLE001 - one failing source must not cost the whole run
+            row[f"{name}_error"] = f"{type(e).__name__}: {e}"
+            print(f"[{model} {T}] {name} failed: {row[f'{name}_error']}", flush=True)
+            continue
         toks[name] = {t for _, t in runs}
         rs = [x for x, _ in runs]
         for k in ("ttft", "restore", "step", "proc_cpu", "host_cpu", "read", "read_cpu", "parse", "decode_call",
@@ -208,7 +213,7 @@ def measure_row(r, model: str, T: int, ids: list[int], reps: int, dry: bool) -> 
     rd = s.reader()
     row["reader"] = dict(threads=rd.threads, piece_bytes=rd.piece_bytes, adaptive=rd.adaptive, pinned=rd.pin)
     row["kv_identical_across_sources"] = len(set(prints.values())) == 1
-    row["first_token_restore"] = sorted(set().union(*toks.values()))
+    row["first_token_restore"] = sorted(set().union(*toks.values())) if toks else []
     row["first_token_recompute"] = rec_tok
     row["first_token_equal"] = row["first_token_restore"] == [rec_tok]
     return row
@@ -277,7 +282,11 @@ def markdown(res: dict) -> str:
              "| model | tokens | comp MB | ×fp16 | recompute ms | " + " | ".join(f"{s} ms" for s in srcs) + " | "
              + " | ".join(f"{s}/rec" for s in srcs) + " |",
              "|---|---|---|---|---|" + "---|" * (2 * len(srcs))]
+    ok = [r for r in res["rows"] if "error" not in r]
     for r in res["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['tokens']} | failed: {r['error']} |")
+            continue
         lines.append(f"| {r['model']} | {r['tokens']} | {r['comp_bytes'] / 1e6:.2f} | {r['ratio']:.2f} | "
                      f"{_f(r['recompute_ms'])} | " + " | ".join(_f(r.get(f'{s}_ttft_ms')) for s in srcs) + " | "
                      + " | ".join(_f(r.get(f'{s}_ratio'), 2) for s in srcs) + " |")
@@ -288,7 +297,7 @@ def markdown(res: dict) -> str:
               "wall time.", "",
               "| model | tokens | source | path | restore | read | H2D | parse | decoder call | kernels | step | "
               "host CPU | proc CPU | GB/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in res["rows"]:
+    for r in ok:
         for s in srcs:
             if f"{s}_ttft_ms" not in r:
                 continue
@@ -299,8 +308,11 @@ def markdown(res: dict) -> str:
                          f"{_f(g('proc_cpu'), 2)} | {_f(r.get(f'{s}_restore_GBs'), 1)} |")
     checks = [f"{r['model']} {r['tokens']}: KV identical across sources {r['kv_identical_across_sources']}, "
               f"first token restore {r['first_token_restore']} vs recompute {r['first_token_recompute']}"
-              for r in res["rows"]]
+              for r in ok]
+    errs = [f"{r['model']} {r['tokens']} {k[:-6]}: {v}" for r in ok for k, v in r.items() if k.endswith("_error")]
     lines += ["", "Checks: " + "; ".join(checks) + "."]
+    if errs:
+        lines += ["", "Failed sources: " + "; ".join(errs) + "."]
     if res.get("read_sweep"):
         lines += ["", f"Read sweep ({res['read_sweep'][0]['bytes'] / 1e6:.1f} MB file in the page cache; GB/s):", "",
                   "| piece MiB | threads | -> pinned buffer | -> device (read + H2D) |", "|---|---|---|---|"]
@@ -348,7 +360,11 @@ def main(argv=None) -> int:
         print(f"[{model}] runner ready in {time.perf_counter() - t:.1f}s", flush=True)
         for T in ctxs:
             t = time.perf_counter()
-            row = measure_row(r, model, T, ids, a.reps, dry)
+            try:
+                row = measure_row(r, model, T, ids, a.reps, dry)
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory at one context: keep the others
+                row = dict(model=model, tokens=T, error=f"{type(e).__name__}: {e}")
+                print(f"[{model} {T}] failed: {row['error']}", flush=True)
             gc.collect()                 # the row's static buffers and sources
             if not dry:
                 torch.cuda.empty_cache()
@@ -372,7 +388,8 @@ def main(argv=None) -> int:
     out.with_suffix(".md").write_text(md)
     print(md)
     print(f"wrote {out} and {out.with_suffix('.md')} in {res['total_s']:.0f}s", flush=True)
-    bad = [r for r in res["rows"] if not r["kv_identical_across_sources"]]
+    bad = [r for r in res["rows"] if "error" in r or not r["kv_identical_across_sources"]
+           or any(k.endswith("_error") for k in r)]
     return 1 if bad else 0
 
 
