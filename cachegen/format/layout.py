@@ -122,13 +122,35 @@ def _build(blocks: tuple, channels: tuple, batch: int, group_size: int, cps: int
                        total_steps, total_tok)
 
 
-def chunk_layout(header, k: int) -> ChunkLayout:
-    """The layout of lossy chunk k of a (v2) header. Cached: chunks with the same blocks share it."""
+def chunk_layouts(header) -> list[ChunkLayout]:
+    """The layout of every chunk of a (v2) header, computed once per distinct block set
+    (vectorized over chunks: a long cache has only a handful of distinct ones)."""
     h = header
-    blocks = chunk_blocks([l.tokens for l in h.layers], k, h.chunk_tokens)
+    T = np.array([l.tokens for l in h.layers], dtype=np.int64)
+    C = h.chunk_tokens
+    ks = np.arange(-(-int(T.max()) // C), dtype=np.int64)
+    n = np.clip(T[None, :] - ks[:, None] * C, 0, C)          # [chunks, layers] tokens per block
+    rows, inverse = np.unique(n, axis=0, return_inverse=True)
     channels = tuple((l.channels(0), l.channels(1)) for l in h.layers)
-    return _build(blocks, channels, h.batch, h.group_size, h.channels_per_stream,
-                  2 if h.param_dtype == 1 else 4, h.step_mode, h.token_scaling)
+    pb = 2 if h.param_dtype == 1 else 4
+    distinct = []
+    for r in rows.tolist():
+        blocks = tuple((i, kv, t) for i, t in enumerate(r) if t for kv in (0, 1))
+        distinct.append(_build(blocks, channels, h.batch, h.group_size, h.channels_per_stream, pb,
+                               h.step_mode, h.token_scaling))
+    return [distinct[j] for j in np.asarray(inverse).reshape(-1).tolist()]
+
+
+def chunk_layout(header, k: int) -> ChunkLayout:
+    """The layout of lossy chunk k of a (v2) header (memoized on the header)."""
+    cache = getattr(header, "_layouts", None)
+    if cache is None or len(cache) <= k:
+        cache = chunk_layouts(header)
+        try:
+            header._layouts = cache
+        except AttributeError:
+            pass
+    return cache[k]
 
 
 def stream_groups(channels: int, per_stream: int) -> list[tuple[int, int]]:

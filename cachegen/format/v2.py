@@ -27,7 +27,7 @@ from ..errors import (ChecksumError, FormatError, InputError, LimitExceededError
 from .container import (DTYPE_CODES, MAGIC, MODE_LOSSLESS, MODE_LOSSY, PARAM_DTYPES, DecodeLimits,
                         LayerInfo, crc32)
 from .extensions import MAX_EXTENSIONS, Extension, check_known
-from .layout import STEP_PER_CHANNEL, STEP_SHARED, ChunkLayout, chunk_layout, chunk_token_count
+from .layout import STEP_PER_CHANNEL, STEP_SHARED, ChunkLayout, chunk_layout, chunk_layouts, chunk_token_count
 from .tables import MAX_ALPHABET, PRECISION_BITS
 
 VERSION = 2
@@ -95,6 +95,7 @@ class HeaderV2:
     extensions: list[Extension] = field(default_factory=list)
     version: int = VERSION
     model_section_bytes: int = 0     # stored (compressed, padded) size; set by the parser
+    _layouts: Optional[list] = field(default=None, repr=False, compare=False)   # layout memo
 
     @property
     def max_tokens(self) -> int:
@@ -382,11 +383,11 @@ def parse_container(data, limits: Optional[DecodeLimits] = None, partial: bool =
         used = _parse_tables(header, raw_model, n_tables)
         _parse_ids(header, raw_model[used:])
         # Each lossy chunk's metadata size follows from the layout: a cheap structural check.
-        for k in range(n_chunks):
-            lay = header.layout(k)
-            _need(int(index["meta_size"][k]) == lay.meta_size,
-                  f"chunk {k}: metadata size {int(index['meta_size'][k])} != {lay.meta_size} of its layout")
-            _need((int(sizes[k]) - lay.meta_size) % 4 == 0, f"chunk {k}: stream area is not whole words")
+        want_meta = np.array([lay.meta_size for lay in chunk_layouts(header)], dtype=np.int64)
+        got_meta = index["meta_size"].astype(np.int64)
+        bad = np.flatnonzero((got_meta != want_meta) | ((sizes - want_meta) % 4 != 0))
+        _need(bad.size == 0, f"chunk {int(bad[0]) if bad.size else 0}: metadata size does not match its layout "
+                             "(or the stream area is not whole words)")
     else:
         _need(not index["meta_size"].any(), "lossless chunks carry no metadata section")
     header.extensions = _parse_extensions(body[pos:pos + ext_size], ext_count)
