@@ -1,5 +1,11 @@
-"""GPU decoder: ANS streams decoded on the GPU (Triton), dequantized straight into the caller's
-tensors. Entry points (called by ``cachegen.api``): ``decode_gpu`` and ``decode_gpu_into``.
+"""GPU decoders (Triton), writing straight into the caller's tensors.
+
+* format v2: ``cachegen.gpu.v2.GpuDecoder`` -- one fused launch (rANS decode + dequantize +
+  store), a reusable per-device context; the path ``cachegen.decode``/``decode_into`` take.
+* format v1 (this module): ``decode_gpu`` and ``decode_gpu_into``, two launches, described below.
+
+Both are called by ``cachegen.dispatch`` (which handles lossless containers on the CPU); this
+package never imports the API.
 
 Bit-identical to the CPU decoders: the kernels run ``lockstep_decode``'s integer arithmetic and
 the exact fp32 dequantization (no FMA contraction), then round to the stored dtype.
@@ -172,8 +178,7 @@ def decode_gpu(container: Container, device, verify: bool = True) -> list[tuple[
     """Decode a parsed container into new tensors on `device` (a CUDA device)."""
     device = torch.device(device)
     if container.header.mode == MODE_LOSSLESS:
-        from ..api import decode as _decode
-        return [(k.to(device), v.to(device)) for k, v in _decode(container, "cpu", verify=verify)]
+        raise InputError("lossless containers decode on the CPU (cachegen.dispatch copies them to the GPU)")
     bufs = _alloc(container, device)
     launch(prepare(container, device, verify), bufs, container)
     return bufs
@@ -187,11 +192,7 @@ def decode_gpu_into(container: Container, bufs: Sequence[Sequence[torch.Tensor]]
         raise InputError(f"decode_into buffers must be on one device, got {sorted(map(str, devices))}")
     device = devices.pop()
     if container.header.mode == MODE_LOSSLESS:
-        from ..api import decode as _decode
-        for (kb, vb), (k, v) in zip(bufs, _decode(container, "cpu", verify=verify)):
-            kb[:, :, :k.shape[2]].copy_(k)
-            vb[:, :, :v.shape[2]].copy_(v)
-        return
+        raise InputError("lossless containers decode on the CPU (cachegen.dispatch copies them to the GPU)")
     launch(prepare(container, device, verify), bufs, container)
 
 
