@@ -15,7 +15,7 @@ from ..errors import FormatError, LimitExceededError, StreamError
 from ..format.container import Container, DecodeLimits, LossyChunk, chunk_blocks, parse_lossy_chunk
 from ..format.tables import TOKEN_SCALES
 from . import entropy, grouping, quantize
-from .layout import segment_counts, stream_groups
+from .layout import segment_counts
 
 Block = tuple[int, int, int, int, np.ndarray]  # (layer, kv, chunk, n, x float32 [B, H, n, D])
 
@@ -43,10 +43,6 @@ def _finish_block(container: Container, chunk: LossyChunk, b: int, v: np.ndarray
     x = quantize.dequantize(v, chunk.lo[b], chunk.step[b], ts)
     heads, dim = layer.heads_dim(kvi)
     return i, kvi, chunk.index, n, x.reshape(heads, dim, h.batch, n).transpose(2, 0, 3, 1)
-
-
-def _stream_words(chunk: LossyChunk, si: int) -> np.ndarray:
-    return chunk.words[chunk.stream_ends[si] - chunk.stream_lengths[si]:chunk.stream_ends[si]]
 
 
 def models_for(container: Container, ids) -> dict:
@@ -79,14 +75,23 @@ def decode_reference(container: Container, item: tuple[int, int, int], verify: b
         ch = layer.channels(kvi)
         anchors = np.empty((ch, na), dtype=np.int32)
         deltas = np.empty((ch, nd), dtype=np.int32)
-        idl = ids.tolist()
-        for s, (c0, c1) in enumerate(stream_groups(ch, h.channels_per_stream)):
-            segs = []
-            for c in range(c0, c1):
-                segs.append((na, m[idl[c][0]]))
-                if roles == 2:
-                    segs.append((nd, m[idl[c][1]]))
-            out = entropy.decode_stream(_stream_words(chunk, chunk.first_stream[b] + s), segs)
+        # Per-stream Python work is the cost floor of this decoder: plain lists, no per-stream numpy.
+        id0 = ids[:, 0].tolist()
+        id1 = ids[:, 1].tolist() if roles == 2 else None
+        cps = h.channels_per_stream
+        fs = chunk.first_stream[b]
+        n_s = -(-ch // cps)
+        ends = chunk.stream_ends[fs:fs + n_s].tolist()
+        lens = chunk.stream_lengths[fs:fs + n_s].tolist()
+        words = chunk.words
+        for s in range(n_s):
+            c0 = s * cps
+            c1 = min(c0 + cps, ch)
+            if roles == 2:
+                segs = [x for c in range(c0, c1) for x in ((na, m[id0[c]]), (nd, m[id1[c]]))]
+            else:
+                segs = [(na, m[id0[c]]) for c in range(c0, c1)]
+            out = entropy.decode_stream(words[ends[s] - lens[s]:ends[s]], segs)
             anchors[c0:c1] = out[0::roles]
             if roles == 2:
                 deltas[c0:c1] = out[1::2]

@@ -130,3 +130,16 @@ FORGED = {"tables_x_layers": tables_x_layers, "models_per_chunk": models_per_chu
           "model_section_bomb": model_section_bomb, "padded_tables": padded_tables,
           "lockstep_steps": lockstep_steps, "many_referenced_tables": many_referenced_tables,
           "lossless_rle": lossless_rle}
+
+
+def referenced_tables(T: int = 65535) -> bytes:
+    """T distinct referenced two-symbol tables (one per channel, K and V share them): ~0.9 MB for
+    T = 65535, 256 KB of output. Cheap for the CPU decoders; a per-table GPU lookup table of
+    2^12 int64 slots would take T x 32 KiB."""
+    ids = np.arange(T, dtype=np.uint16)
+    raw = model_section([np.ones(2, np.uint16)] * T, [ids, ids])
+    blk = b"\x01" + b"\0\0" * T + b"\0\0"          # shared step, lo = 0 per channel, step 0
+    return container(layers=[(1, 1, T, 1, T, 1, 1)], model_raw=raw, chunks=[blk * 2 + b"\0\0\0\0" * (2 * T)])
+
+
+FORGED["referenced_tables"] = referenced_tables
