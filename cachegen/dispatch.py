@@ -156,8 +156,12 @@ def decode_into(c: AnyContainer, bufs: Sequence[Sequence[torch.Tensor]], decoder
     dev = bufs[0][0].device
     if dev.type == "cuda" and decoder in ("auto", "gpu") and c.header.mode != MODE_LOSSLESS:
         if isinstance(c, fmt2.ContainerV2):
-            from .gpu.v2 import default_decoder
-            default_decoder(dev).decode_into(c, bufs, verify=verify)
+            from .gpu.v2 import default_decoder, supports
+            if supports(c):
+                default_decoder(dev).decode_into(c, bufs, verify=verify)
+                return
+            # anchor-delta v2 containers: no fused kernel; decode on the CPU and copy
+            _cpu_then_copy(c, bufs, "reference", verify)
         else:
             from .gpu import decode_gpu_into
             decode_gpu_into(c, bufs, verify=verify)

@@ -295,6 +295,17 @@ def as_bytes_view(data) -> memoryview:
     return mv
 
 
+def header_extent(prefix) -> int:
+    """Bytes from the file start to the payload start, read from a prefix of at least
+    PREAMBLE_SIZE bytes (so a reader can parse the header before the rest has arrived)."""
+    mv = as_bytes_view(prefix)
+    _need(len(mv) >= _PREAMBLE.size, f"data too short for a container ({len(mv)} bytes)")
+    magic, version, _mode, _flags, header_size, _crc = _PREAMBLE.unpack_from(mv, 0)
+    _need(magic == MAGIC, "not a cachegen container (bad magic)")
+    _need(version == VERSION, f"not a format v2 container (version {version})", UnsupportedVersionError)
+    return _PREAMBLE.size + header_size
+
+
 def peek_version(data) -> int:
     mv = as_bytes_view(data)
     _need(len(mv) >= _PREAMBLE.size, f"data too short for a container ({len(mv)} bytes)")

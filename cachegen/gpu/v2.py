@@ -147,8 +147,15 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
+def supports(c: fmt2.ContainerV2) -> bool:
+    """Whether the fused kernel decodes this container (v2, lossy, no anchor-delta grouping)."""
+    return isinstance(c, fmt2.ContainerV2) and c.header.mode != MODE_LOSSLESS and c.header.group_size == 1
+
+
 class GpuDecoder:
     """Reusable v2 GPU decoder context for one CUDA device."""
+
+    supports = staticmethod(supports)
 
     def __init__(self, device: Any = "cuda", block: Optional[int] = None, num_warps: Optional[int] = None):
         self.device = torch.device(device)
