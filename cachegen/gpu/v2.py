@@ -33,8 +33,8 @@ _K1, _K2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9   # words checksum constants (
 Verify = Union[bool, str]
 
 # Tunables (H200 sweep: benches/gpu_notes.md).
-BLOCK = 64
-NUM_WARPS = 2
+BLOCK = 32
+NUM_WARPS = 1
 
 
 @dataclass
