@@ -143,3 +143,58 @@ def referenced_tables(T: int = 65535) -> bytes:
 
 
 FORGED["referenced_tables"] = referenced_tables
+
+
+# ------------------------------------------------------------------------ format v2 variants
+
+def v2_container(layers, n_tables: int, table_ids, chunk_tokens: int = 256, alphabet: int = 2,
+                 table_bits: int = 12, big_last: int = 0) -> bytes:
+    """A v2 container of empty streams (lo = step = 0) with n_tables tables, written with the
+    v2 module's own packers (the hostile part is in the counts, not the bytes)."""
+    from cachegen.format import v2 as fmt2
+    from cachegen.format.container import LayerInfo
+    alph = np.full(n_tables, alphabet, dtype=np.int64)
+    if big_last:
+        alph[-1] = big_last
+    units = np.concatenate([np.full(a, (1 << table_bits) // a, np.uint16) + np.eye(1, a, 0, dtype=np.uint16)[0]
+                            * ((1 << table_bits) - a * ((1 << table_bits) // a)) for a in alph])
+    h = fmt2.HeaderV2(mode=0, dtype=1, batch=1, chunk_tokens=chunk_tokens,
+                      layers=[LayerInfo(*l) for l in layers], param_dtype=1, group_size=1,
+                      channels_per_stream=1, token_scaling=0, table_bits=table_bits,
+                      alphabets=alph, units=units.astype(np.uint16), table_ids=table_ids)
+    chunks = []
+    for k in range(h.n_chunks):
+        lay = h.layout(k)
+        chunks.append(fmt2.pack_lossy_chunk(lay, 1, np.zeros(lay.total_channels), np.zeros(lay.total_steps), None,
+                                            [np.zeros(0, np.uint32)] * lay.n_streams))
+    return fmt2.build_container(h, chunks)
+
+
+def v2_tables_x_layers(L: int = 4096, NT: int = 65535) -> bytes:
+    z = np.zeros((1, 1), np.uint16)
+    return v2_container([(1, 1, 1, 1, 1, 1, 1)] * L, NT, [[z, z] for _ in range(L)])
+
+
+def v2_models_per_chunk(n: int = 100) -> bytes:
+    z = np.zeros((1, 1), np.uint16)
+    return v2_container([(n, 1, 1, 1, 1, 1, 1)], 65535, [[z, z]], chunk_tokens=1)
+
+
+def v2_padded_tables() -> bytes:
+    z = np.zeros((1, 1), np.uint16)
+    return v2_container([(1, 1, 1, 1, 1, 1, 1)], 65535, [[z, z]], chunk_tokens=1, big_last=2047)
+
+
+def v2_lockstep_steps(tokens: int = 1 << 24, chunk_tokens: int = 65536) -> bytes:
+    z = np.zeros((1, 1), np.uint16)
+    return v2_container([(tokens, 1, 1, 1, 1, 1, 1)], 1, [[z, z]], chunk_tokens=chunk_tokens)
+
+
+def v2_referenced_tables(T: int = 65535) -> bytes:
+    ids = np.arange(T, dtype=np.uint16)[:, None]
+    return v2_container([(1, 1, T, 1, T, 1, 1)], T, [[ids, ids]])
+
+
+FORGED_V2 = {"v2_tables_x_layers": v2_tables_x_layers, "v2_models_per_chunk": v2_models_per_chunk,
+             "v2_padded_tables": v2_padded_tables, "v2_lockstep_steps": v2_lockstep_steps,
+             "v2_referenced_tables": v2_referenced_tables}
