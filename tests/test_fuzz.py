@@ -104,5 +104,6 @@ def test_field_targeted_campaign_both_formats():
     assert out.get("decoded:same", 0) > 50 and out.get("decoded:other", 0) > 20   # deep checks reached
     for cls in ("ChecksumError", "FormatError", "StreamError"):
         assert out.get(f"rejected:{cls}", 0) > 10
-    assert {"fixed", "layer", "index", "model", "chunk", "resize", "reorder", "splice", "raw"} <= set(res["by_mutator"])
+    assert {"fixed", "layer", "index", "model", "chunk", "resize", "reorder", "splice", "raw",
+            "store_index"} <= set(res["by_mutator"])
     assert res["worst_time_s"] < 2.0 and res["worst_rss_growth_mb"] < 256
