@@ -1,6 +1,6 @@
 """Prefill a prompt with ONNX Runtime, compress its KV cache with cachegen, save it.
 
-    python examples/compress_ort_kv.py --model smollm2 --out /tmp/ctx.cgkv [--text-file doc.txt]
+    python examples/compress_ort_kv.py --model smollm2 --out /tmp/ctx.cgk [--text-file doc.txt]
 
 Writes the compressed cache and, next to it, ``<out>.json`` with the model and the token ids
 (so that restore_and_generate.py knows what the cache covers).
@@ -22,7 +22,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3"])
     ap.add_argument("--text-file", default=None, help="context text (default: the demo story)")
     ap.add_argument("--preset", default="default")
-    ap.add_argument("--out", default="context.cgkv")
+    ap.add_argument("--out", default="context.cgk")
     ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--no-trim-window", action="store_true",
                     help="keep sliding-window layers at full length (Gemma-3)")

@@ -1,6 +1,6 @@
 """Load a compressed KV cache written by compress_ort_kv.py and continue generating from it.
 
-    python examples/restore_and_generate.py --cache /tmp/ctx.cgkv --prompt "\n\nIn short," -n 40
+    python examples/restore_and_generate.py --cache /tmp/ctx.cgk --prompt "\n\nIn short," -n 40
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from cachegen.ort import OrtRunner, export_model
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cache", default="context.cgkv")
+    ap.add_argument("--cache", default="context.cgk")
     ap.add_argument("--prompt", default="\n\nIn short, this text is about",
                     help="text fed after the cached context (at least one token)")
     ap.add_argument("-n", "--max-new-tokens", type=int, default=40)

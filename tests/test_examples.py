@@ -19,7 +19,7 @@ def run(*args: str, timeout: int = 600) -> str:
 
 
 def test_compress_then_restore_and_generate(tmp_path):
-    out = tmp_path / "ctx.cgkv"
+    out = tmp_path / "ctx.cgk"
     run("examples/compress_ort_kv.py", "--model", "smollm2", "--out", str(out), "--max-tokens", "300")
     assert out.exists() and out.stat().st_size > 0
     meta = json.loads(Path(str(out) + ".json").read_text())
