@@ -425,13 +425,7 @@ def test_d11_save_removes_stale_temp_files_of_its_target(tmp_path):
 
 # ------------------------------------------------------------ the forged set, both formats
 
-_SLOW_V2 = pytest.mark.xfail(reason="format v2: HeaderV2.table_starts recomputes a cumsum over all tables per "
-                                    "referenced table (O(T^2): 17 s for this 0.9 MB file); fix in format/v2.py",
-                             strict=False)
-
-
-@pytest.mark.parametrize("name", sorted(forge.FORGED) + [
-    pytest.param(n, marks=_SLOW_V2) if n == "v2_referenced_tables" else n for n in sorted(forge.FORGED_V2)])
+@pytest.mark.parametrize("name", sorted(forge.FORGED) + sorted(forge.FORGED_V2))
 def test_forged_inputs_are_refused_or_cheap(name):
     """Every forged input (<= 1 MB) ends in a CacheGenError or decodes within 2 s, for inspect and
     both CPU decoders (issue 9's target)."""

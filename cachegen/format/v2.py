@@ -96,6 +96,7 @@ class HeaderV2:
     version: int = VERSION
     model_section_bytes: int = 0     # stored (compressed, padded) size; set by the parser
     _layouts: Optional[list] = field(default=None, repr=False, compare=False)   # layout memo
+    _starts: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
     @property
     def max_tokens(self) -> int:
@@ -119,7 +120,11 @@ class HeaderV2:
 
     @property
     def table_starts(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(self.alphabets)]).astype(np.int64)
+        """Offset of each table's first frequency in ``units`` (computed once: O(T))."""
+        st = self._starts
+        if st is None or st.size != self.alphabets.size + 1:
+            st = self._starts = np.concatenate([[0], np.cumsum(self.alphabets)]).astype(np.int64)
+        return st
 
     def table_freqs24(self, t: int) -> np.ndarray:
         """Exact 24-bit frequencies of table t (int64), as the rANS coder uses them."""
