@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The LMCache serde plugin against the real lmcache package, in its own venv (lmcache pins
-# numpy <= 2.2.6, which the main environment does not). Usage: bash tests/lmcache/run.sh [VENV]
-# The run recorded in tests/lmcache/RECORDED_RUN.txt was made with this script.
+# numpy <= 2.2.6, which the main environment does not). Usage: bash tests/lmcache_venv/run.sh [VENV]
+# The run recorded in tests/lmcache_venv/RECORDED_RUN.txt was made with this script.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VENV="${1:-${TMPDIR:-/tmp}/cachegen-lmcache-venv}"

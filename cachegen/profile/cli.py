@@ -1,0 +1,51 @@
+"""``cachegen profile MODEL``: fit (or show) the profile of a reference model export."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+
+def build_parser(ap: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    ap = ap or argparse.ArgumentParser(prog="cachegen profile",
+                                       description="Fit a model profile (transform + bit allocation) "
+                                                   "on the shipped calibration text; stored next to the export.")
+    ap.add_argument("model", help="reference model name (smollm2, gemma3)")
+    ap.add_argument("--text", type=Path, default=None, help="calibration text file (default: the shipped one)")
+    ap.add_argument("--out", type=Path, default=None, help="profile file (default: <export>/cachegen_profile.npz)")
+    ap.add_argument("--no-allocate", action="store_true", help="skip the bit allocation (uniform presets; fast)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--show", action="store_true", help="print the stored profile and exit")
+    ap.add_argument("--force", action="store_true", help="refit even if a profile exists")
+    return ap
+
+
+def main(argv: Optional[list] = None) -> int:
+    from ..ort import OrtRunner, export_model
+    from . import fit_profile, profile_path
+    from .profile import Profile
+
+    a = build_parser().parse_args(argv)
+    model_dir = export_model(a.model, "fp32", "cpu", progress=not a.show)
+    out = a.out or profile_path(model_dir)
+    if a.show or (out.is_file() and not a.force):
+        if not out.is_file():
+            print(f"no profile at {out}", file=sys.stderr)
+            return 1
+        p = Profile.load(out)
+        print(json.dumps(dict(path=str(out), hash=p.hash_hex, model=p.model, layers=p.n_layers, sinks=p.sinks,
+                              presets={n: q.to_dict() for n, q in p.presets.items()},
+                              info={k: v for k, v in p.info.items() if not k.startswith("sensitivity")}), indent=1))
+        return 0
+    runner = OrtRunner(model_dir, threads=a.threads)
+    text = a.text.read_text() if a.text else None
+    p = fit_profile(a.model, runner, text, allocate=not a.no_allocate, log=lambda s: print(s, flush=True))
+    p.save(out)
+    print(f"profile {p.hash_hex} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

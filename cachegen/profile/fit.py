@@ -1,0 +1,215 @@
+"""Fitting a profile on a calibration text with the model itself (benches/rd_profile_notes.md).
+
+1. Prefill the calibration text (up to ``max_tokens``), remove RoPE from the keys (positions
+   0..T-1, the model's per-layer theta), and fit one orthonormal basis per (layer, K/V) over all
+   heads: eigenvectors of the *uncentred* second-moment matrix (centring measured worse: it makes
+   the per-token scales of outlying tokens, e.g. the attention sink, swing).
+2. Bit allocation (``allocate=True``): on a calibration window, for every (layer, K/V) tensor and
+   width 2..9, the coded size and MSE of that tensor alone in the transform domain, and the KL
+   when only that tensor is quantized at 5 bits (KL is close to additive over tensors). Each
+   tensor then takes ``argmin_b  s * mse(b)/mse(5) + lambda * bytes(b)/fp16_bytes``; lambda is
+   bisected per preset so that the mean KL measured on the calibration windows (the real codec,
+   the real model) meets the preset's target. ``default-p`` targets the KL that the profile-free
+   ``default`` preset gets on the same windows, so it is never worse than ``default`` there.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+from . import codec as pcodec
+from . import transform as tf
+from .modelinfo import model_info
+from .profile import Profile, ProfilePreset
+
+# name -> KL target on the calibration windows (None: that of the standard "default" preset)
+PRESET_TARGETS: Dict[str, Optional[float]] = {"default-p": None, "small-p": 0.006, "tiny-p": 0.015}
+# without allocation: uniform widths (coefficients need about one bit less than raw channels)
+UNIFORM_PRESETS = {"default-p": (7, 5), "small-p": (6, 4), "tiny-p": (5, 3)}
+BREF = 5
+BITS = tuple(range(2, 10))
+
+Log = Optional[Callable[[str], None]]
+
+
+@dataclass
+class _Window:
+    kv: list
+    cont: list
+    lo: np.ndarray
+    fp16: int
+
+
+def _log(log: Log, msg: str) -> None:
+    if log:
+        log(msg)
+
+
+def fit_bases(runner: Any, ids: Sequence[int], info) -> tuple[np.ndarray, np.ndarray]:
+    _, kv = runner.prefill(list(ids))
+    kb, vb = tf.fit_bases(kv, info.rope_theta, key_rope=True, center=False)
+    return (np.stack([b.basis for b in kb]).astype(np.float32), np.stack([b.basis for b in vb]).astype(np.float32))
+
+
+def _window(runner: Any, ids: Sequence[int]) -> _Window:
+    ctx, cont = list(ids[:-128]), list(ids[-128:])
+    _, kv = runner.prefill(ctx)
+    if any(w is not None for w in runner.windows):
+        kv = runner.window_kv(kv)
+    kv = [(np.asarray(k, dtype=np.float32), np.asarray(v, dtype=np.float32)) for k, v in kv]
+    return _Window(kv, cont, runner.score(kv, cont), runner.kv_nbytes_fp16(kv))
+
+
+def _kl(runner: Any, w: _Window, restored) -> float:
+    from ..quality import compare_logits
+
+    lr = runner.score(restored, w.cont)
+    return float(compare_logits(w.lo[:-1], lr[:-1])["kl"].mean())
+
+
+def _round_trip(profile: Profile, kv, cfg) -> tuple[int, list]:
+    data = pcodec.encode(kv, profile, cfg)
+    out = pcodec.decode(data, profiles=[profile])
+    return len(data), [(k.numpy(), v.numpy()) for k, v in out]
+
+
+def _tensor_rd(profile: Profile, w: _Window) -> tuple[np.ndarray, np.ndarray]:
+    import cachegen
+
+    starts = pcodec.layer_starts(w.kv)
+    coeffs, _ = pcodec.forward(w.kv, profile, starts)
+    L = len(coeffs)
+    rate = np.zeros((L, 2, max(BITS) + 1))
+    mse = np.zeros_like(rate)
+    for i, pair in enumerate(coeffs):
+        n = tf.sink_count(starts[i], pair[0].shape[2], profile.sinks)
+        for j, y in enumerate(pair):
+            for b in BITS:
+                cfg = cachegen.CodecConfig(name="fit", key_bits=b, value_bits=b, **pcodec._MODERN)
+                data = cachegen.encode([(y, y)], cfg)     # the tensor twice: half is its size
+                d = cachegen.decode(data)[0][0].numpy()
+                rate[i, j, b] = len(data) / 2
+                mse[i, j, b] = float(np.mean((d[:, :, n:] - y[:, :, n:]) ** 2))
+    return rate, mse
+
+
+def _sensitivity(runner: Any, profile: Profile, w: _Window, log: Log) -> np.ndarray:
+    import cachegen
+
+    cfg = cachegen.CodecConfig(name="fit", key_bits=BREF, value_bits=BREF, **pcodec._MODERN)
+    _, rest = _round_trip(profile, w.kv, cfg)
+    s = np.zeros((len(w.kv), 2))
+    for i in range(len(w.kv)):
+        for j in (0, 1):
+            kv = list(w.kv)
+            pair = list(kv[i])
+            pair[j] = rest[i][j]
+            kv[i] = tuple(pair)
+            s[i, j] = _kl(runner, w, kv)
+        _log(log, f"  sensitivity layer {i}: K {s[i, 0]:.2e} V {s[i, 1]:.2e}")
+    return s
+
+
+def allocation(sens: np.ndarray, rate: np.ndarray, mse: np.ndarray, lam: float, fp16: int) -> tuple:
+    """Per-tensor widths minimising  s * mse(b)/mse(BREF) + lam * bytes(b)/fp16  (Lagrangian)."""
+    bs = np.array(BITS)
+    kb, vb = [], []
+    for i in range(sens.shape[0]):
+        for j, out in ((0, kb), (1, vb)):
+            d = sens[i, j] * mse[i, j, bs] / max(mse[i, j, BREF], 1e-30)
+            cost = d + lam * rate[i, j, bs] / fp16
+            out.append(int(bs[int(np.argmin(cost))]))
+    return tuple(kb), tuple(vb)
+
+
+def fit_profile(model_name: str, runner: Any, text: Optional[str] = None, *, allocate: bool = True,
+                max_tokens: int = 4096, sinks: int = 1, targets: Optional[Dict[str, Optional[float]]] = None,
+                log: Log = None) -> Profile:
+    """Fit a profile for ``runner``'s model on ``text`` (default: the shipped calibration text).
+
+    ``allocate=False`` skips the model-in-the-loop bit allocation (seconds instead of minutes):
+    the presets then use uniform widths (UNIFORM_PRESETS)."""
+    from . import calibration_text
+
+    import cachegen
+
+    t_start = time.time()
+    text = calibration_text() if text is None else text
+    info = model_info(runner.model_dir, model_name)
+    ids = runner.encode(text)[:max_tokens]
+    if len(ids) < 16:
+        raise InputError(f"calibration text too short ({len(ids)} tokens)")
+    _log(log, f"[profile {model_name}] fitting bases on {len(ids)} calibration tokens")
+    kb, vb = fit_bases(runner, ids, info)
+    base = Profile(model=model_name, n_layers=info.n_layers, kv_heads=info.kv_heads, head_dim=info.head_dim,
+                   rope_theta=tuple(info.rope_theta), key_basis=kb, value_basis=vb, sinks=sinks,
+                   presets={n: ProfilePreset((k,) * info.n_layers, (v,) * info.n_layers)
+                            for n, (k, v) in UNIFORM_PRESETS.items()},
+                   info=dict(calibration_sha256=hashlib.sha256(text.encode()).hexdigest(),
+                             calibration_tokens=len(ids), model_dir=str(runner.model_dir.name)))
+    if not allocate:
+        return base.with_presets(base.presets, fit_seconds=round(time.time() - t_start, 1), allocated=False)
+
+    # calibration windows: 1,024-token contexts + 128-token continuations
+    wins = [_window(runner, ids[s:s + 1152]) for s in (0, 2048) if s + 1152 <= len(ids)]
+    if not wins:
+        n = len(ids)
+        if n < 160:
+            raise InputError(f"calibration text too short for bit allocation ({n} tokens)")
+        wins = [_window(runner, ids[:n])]
+    _log(log, f"[profile {model_name}] per-tensor rate/MSE and sensitivity on {len(wins)} window(s)")
+    rate, mse = _tensor_rd(base, wins[0])
+    sens = _sensitivity(runner, base, wins[0], log)
+
+    def measure(cfg) -> tuple[float, float]:
+        kls, ratios = [], []
+        for w in wins:
+            nb, rest = _round_trip(base, w.kv, cfg)
+            kls.append(_kl(runner, w, rest))
+            ratios.append(w.fp16 / nb)
+        return float(np.mean(kls)), float(np.mean(ratios))
+
+    def std_default_kl() -> float:
+        kls = []
+        for w in wins:
+            rest = cachegen.decode(cachegen.encode(w.kv, "default"))
+            kls.append(_kl(runner, w, [(k.numpy(), v.numpy()) for k, v in rest]))
+        return float(np.mean(kls))
+
+    presets: Dict[str, ProfilePreset] = {}
+    fp16 = wins[0].fp16
+    for name, target in (targets or PRESET_TARGETS).items():
+        if target is None:
+            target = std_default_kl()
+            _log(log, f"  {name}: target = KL of 'default' on the calibration windows = {target:.4f}")
+        lo, hi = math.log(1e-4), math.log(3.0)   # log lambda: small = more bits
+        best = None
+        for _ in range(7):
+            mid = 0.5 * (lo + hi)
+            kbits, vbits = allocation(sens, rate, mse, math.exp(mid), fp16)
+            cfg = cachegen.CodecConfig(name=name, key_bits=kbits, value_bits=vbits, **pcodec._MODERN)
+            kl, ratio = measure(cfg)
+            _log(log, f"  {name}: lambda {math.exp(mid):.2e} -> x{ratio:.2f} KL {kl:.4f}")
+            if kl <= target:
+                lo = mid
+                if best is None or ratio > best.calib_ratio:
+                    best = ProfilePreset(kbits, vbits, kl, ratio, target)
+            else:
+                hi = mid
+        if best is None:   # nothing met the target: the most precise allocation tried
+            kbits, vbits = allocation(sens, rate, mse, math.exp(lo), fp16)
+            cfg = cachegen.CodecConfig(name=name, key_bits=kbits, value_bits=vbits, **pcodec._MODERN)
+            kl, ratio = measure(cfg)
+            best = ProfilePreset(kbits, vbits, kl, ratio, target)
+        presets[name] = best
+        _log(log, f"  {name}: K{list(best.key_bits)} V{list(best.value_bits)} x{best.calib_ratio:.2f} "
+                  f"KL {best.calib_kl:.4f}")
+    return base.with_presets(presets, fit_seconds=round(time.time() - t_start, 1), allocated=True,
+                             sensitivity_k=[float(x) for x in sens[:, 0]],
+                             sensitivity_v=[float(x) for x in sens[:, 1]])
