@@ -1,5 +1,5 @@
 """The LMCache serde plugin against the real lmcache package (skipped where it is not installed:
-it pins numpy <= 2.2.6, so it lives in its own environment, see tests/lmcache/run.sh)."""
+it pins numpy <= 2.2.6, so it lives in its own environment, see tests/lmcache_venv/run.sh)."""
 from __future__ import annotations
 
 import select

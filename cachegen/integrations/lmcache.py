@@ -23,7 +23,7 @@ deserialize checks the frame, the container's checksums and the destination's sh
 and raises on any mismatch (LMCache then treats the chunk as a miss).
 
 Needs the ``lmcache`` package, which pins numpy <= 2.2.6: use it in its own environment
-(``tests/lmcache/run.sh`` builds one and runs ``tests/test_lmcache.py`` there).
+(``tests/lmcache_venv/run.sh`` builds one and runs ``tests/test_lmcache.py`` there).
 """
 from __future__ import annotations
 
