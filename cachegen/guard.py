@@ -220,15 +220,19 @@ def _reconstruct(h: Any, outs: list) -> list:
     return restored
 
 
-def _spot_check(data: bytes, restored: list, k: Optional[int] = None) -> None:
-    """Decode chunk ``k`` (default: the last) with the real CPU decoder; it must equal ``restored``."""
+def _spot_check(data: bytes, restored: list, k: Optional[int] = None, blocks: Optional[int] = 8) -> None:
+    """Decode the first ``blocks`` (layer, K/V) blocks of chunk ``k`` (default: the last; all blocks
+    with ``blocks=None``) with the real CPU decoder; they must equal ``restored``. A drift of the
+    encoder away from this module's copy of its steps shows in any block, so a few suffice."""
+    import itertools
+
     from .codec.decoder_v2 import decode_chunk
     from .format import v2 as fmt2
 
     c = fmt2.parse_container(data)
     k = c.n_chunks - 1 if k is None else k
     C = c.header.chunk_tokens
-    for i, kvi, _k, n, x in decode_chunk(c, k):
+    for i, kvi, _k, n, x in itertools.islice(decode_chunk(c, k), blocks):
         mine = restored[i][kvi][:, :, k * C:k * C + n, :]
         if not np.array_equal(mine.view(np.uint32), np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)):
             raise RuntimeError(f"guard: reconstructed cache differs from the decoder (layer {i}, chunk {k}); "

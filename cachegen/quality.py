@@ -224,3 +224,126 @@ def evaluate(runner, text_or_ids: Union[str, Sequence[int]],
         rep.compressed_bytes = int(nbytes)
         rep.ratio = rep.fp16_bytes / max(1, int(nbytes))
     return rep
+
+
+# ------------------------------------------------------------------ held-out text and greedy rates
+
+def eval_texts() -> dict:
+    """Held-out evaluation texts that ship with Python and with our dependencies (no hub, no
+    demo text): name -> ``(text, source)``. Missing sources are left out."""
+    import importlib.util
+    from pathlib import Path
+
+    out: dict = {}
+    try:
+        import pydoc_data.topics as topics      # the Python language reference, as prose
+
+        keys = sorted(topics.topics)
+        half = len(keys) // 2
+        out["pydocs-a"] = ("\n\n".join(topics.topics[k] for k in keys[:half]), "pydoc_data.topics (first half)")
+        out["pydocs-b"] = ("\n\n".join(topics.topics[k] for k in keys[half:]), "pydoc_data.topics (second half)")
+    except ImportError:
+        pass
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is not None and spec.origin:
+        p = Path(spec.origin).parent / "ThirdPartyNotices.txt"   # licence prose shipped with onnxruntime
+        if p.is_file():
+            out["ort-notices"] = (p.read_text(errors="replace"), "onnxruntime/ThirdPartyNotices.txt")
+    for mod in ("argparse", "difflib"):
+        s = importlib.util.find_spec(mod)
+        if s is not None and s.origin:
+            out[f"code-{mod}"] = (Path(s.origin).read_text(), f"Python stdlib {mod}.py")
+    return out
+
+
+def text_windows(ids: Sequence[int], length: int, count: int, bos: Optional[int] = None) -> List[List[int]]:
+    """``count`` windows of ``length`` tokens spread evenly over ``ids`` (non-overlapping where the
+    text is long enough); ``bos`` is put in front of each window that does not start the text."""
+    ids = [int(t) for t in ids]
+    body = length - (1 if bos is not None else 0)
+    if len(ids) < length:
+        return []
+    starts = np.linspace(0, len(ids) - length, num=count).astype(int) if count > 1 else [0]
+    out = []
+    for s in starts:
+        if bos is None:
+            out.append(ids[s:s + length])
+        elif ids[s] == bos:                     # the text's own start
+            out.append(ids[s:s + length])
+        else:
+            out.append([bos] + ids[s:s + body])
+    return [w for w in out if len(w) == length]
+
+
+@dataclass
+class Divergence:
+    """Where a greedy continuation from the restored cache first differs from the original's."""
+    position: int                 # index in the generated tokens
+    original_token: int
+    restored_token: int
+    original_top2: List[Any]      # [(token, prob), (token, prob)] of the original cache at that step
+    restored_top2: List[Any]
+    margin: float                 # original p(top1) - p(top2): a near-tie when small
+
+    def explain(self, decode: Optional[Callable[[List[int]], str]] = None) -> str:
+        def tok(t: int) -> str:
+            return repr(decode([t])) if decode else str(t)
+
+        (a, pa), (b, pb) = self.original_top2
+        (c, pc), (d, pd) = self.restored_top2
+        kind = "a near-tie" if self.margin < 0.1 else "not a near-tie"
+        return (f"diverged at generated token {self.position}: the original cache's top two were {tok(a)} "
+                f"p={pa:.3f} and {tok(b)} p={pb:.3f} (margin {self.margin:.3f}, {kind}); the restored "
+                f"cache's {tok(c)} p={pc:.3f} and {tok(d)} p={pd:.3f}")
+
+
+def _top2(logits: np.ndarray) -> List[Any]:
+    lp = log_softmax(logits)
+    idx = np.argsort(-lp)[:2]
+    return [(int(i), float(np.exp(lp[i]))) for i in idx]
+
+
+def find_divergence(runner, kv, restored, prompt_ids: Sequence[int], gen_o: Sequence[int],
+                    gen_r: Sequence[int]) -> Optional[Divergence]:
+    """Both caches' next-token distributions where two greedy continuations (after feeding
+    ``prompt_ids``) first differ; None when they do not."""
+    n = _common_prefix(gen_o, gen_r)
+    if n >= min(len(gen_o), len(gen_r)):
+        return None
+    feed = [int(t) for t in prompt_ids] + [int(t) for t in gen_o[:n]]
+    lo = runner.continue_from(kv, feed)[0]
+    lr = runner.continue_from(restored, feed)[0]
+    lo = np.asarray(lo if not type(lo).__module__.startswith("torch") else lo.float().cpu().numpy())[0, -1]
+    lr = np.asarray(lr if not type(lr).__module__.startswith("torch") else lr.float().cpu().numpy())[0, -1]
+    to, tr = _top2(lo), _top2(lr)
+    return Divergence(n, int(gen_o[n]), int(gen_r[n]), to, tr, to[0][1] - to[1][1])
+
+
+@dataclass
+class GreedyStats:
+    """Greedy agreement over many prompts: a rate, not one anecdote."""
+    prompts: int
+    tokens_per_prompt: int
+    identical: int                    # prompts whose continuations are identical
+    agreement: float                  # mean over prompts of (common prefix length / tokens)
+    divergences: List[Divergence] = field(default_factory=list)
+
+    @property
+    def identical_rate(self) -> float:
+        return self.identical / max(1, self.prompts)
+
+    def summary(self) -> str:
+        s = (f"greedy agreement {100 * self.agreement:.1f}% of {self.tokens_per_prompt}-token continuations "
+             f"({self.identical}/{self.prompts} identical)")
+        if self.divergences:
+            near = sum(d.margin < 0.1 for d in self.divergences)
+            s += (f"; {near}/{len(self.divergences)} divergences at near-ties (original top-2 margin < 0.1, "
+                  f"median margin {float(np.median([d.margin for d in self.divergences])):.3f})")
+        return s
+
+
+def greedy_stats(pairs: Sequence[tuple], tokens: int) -> GreedyStats:
+    """``pairs``: ``(generated_original, generated_restored, divergence or None)`` per prompt."""
+    agree = [_common_prefix(o, r) / max(1, tokens) for o, r, _ in pairs]
+    return GreedyStats(len(pairs), tokens, sum(list(o) == list(r) for o, r, _ in pairs),
+                       float(np.mean(agree)) if agree else 1.0, [d for _, _, d in pairs if d is not None])

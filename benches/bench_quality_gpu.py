@@ -1,0 +1,329 @@
+"""Quality of every preset in the serving configuration: fp16 CUDA graphs, restore through StaticKV.
+
+For each model (SmolLM2-135M, Gemma-3-270M), context length (1K, 4K) and held-out window (text
+shipped with Python and onnxruntime, see ``cachegen.quality.eval_texts``: Python's reference
+docs, onnxruntime's licence notices, stdlib code; never the demo text, never a hub), the context
+is prefilled once with the ORT graph. The exact cache is loaded into a ``StaticKV`` (buffers
+bound as past *and* present) and the continuation scored teacher-forced; then for every preset
+the compressed cache is restored into the same buffers (GPU decode on CUDA) and scored again:
+
+* Δppl (relative), mean / max KL(exact || restored) in nats, top-1 agreement over the
+  continuation's positions (256 tokens);
+* greedy agreement as a rate: over many windows (32 × 64 tokens at 1K by default), the mean
+  fraction of tokens generated identically before the first difference, and how many windows
+  are identical; where one diverges, the exact cache's top-2 probabilities at that step (a
+  near-tie explains a flip that the KL figures call harmless).
+
+Gemma-3's sliding layers are stored with their 512-token window (``window_kv``), as in the
+demo. The tokenizer is checked on every run (``OrtRunner.encode`` raises ModelError on a broken
+one) and the characters per token are recorded.
+
+GPU (the H200 machine; resumable: rows already in --out are skipped):
+
+    python benches/bench_quality_gpu.py --device cuda --out benches/quality_gpu.json
+
+CPU end-to-end check of the script (fp32 CPU graphs, small sizes):
+
+    python benches/bench_quality_gpu.py --device cpu --quick --out /tmp/quality_cpu.json
+
+Writes ``--out`` (JSON) and the same name with ``.md`` (tables).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+MODELS = ("smollm2", "gemma3")
+PRESET_ORDER = ("tiny", "small", "default", "cachegen-paper", "high", "lossless")
+
+
+def log(msg: str) -> None:
+    print(f"[quality_gpu {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _np(x) -> np.ndarray:
+    if type(x).__module__.startswith("torch"):
+        return x.float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+class Model:
+    """One exported model on one device, with a StaticKV sized for the longest run."""
+
+    def __init__(self, name: str, device: str, capacity: int, threads: Optional[int] = None):
+        from cachegen.ort import OrtRunner, export_model
+        from cachegen.ort.cuda import StaticKV
+
+        self.name, self.device = name, device
+        self.precision = "fp16" if device == "cuda" else "fp32"
+        self.dir = export_model(name, self.precision, device)
+        self.runner = OrtRunner(self.dir, provider=device, threads=threads)
+        self.skv = StaticKV(self.runner, capacity)
+        self.bos = self.runner.bos_token_id if self.runner.add_bos else None
+
+    def prefill(self, ids):
+        _, kv = self.runner.prefill(ids)
+        return kv
+
+    def logits_after(self, kv_or_data, ids: Sequence[int], length: int) -> np.ndarray:
+        """Restore (exact KV via load, a container via restore), then feed ``ids``; [T, V] float32."""
+        if isinstance(kv_or_data, (bytes, bytearray, memoryview)):
+            self.skv.restore(bytes(kv_or_data))
+        else:
+            self.skv.load(kv_or_data)
+        assert self.skv.length == length, (self.skv.length, length)
+        return _np(self.skv.step(list(ids)))[0]
+
+    def greedy_after(self, kv_or_data, first: Sequence[int], n: int) -> List[int]:
+        if isinstance(kv_or_data, (bytes, bytearray, memoryview)):
+            self.skv.restore(bytes(kv_or_data))
+        else:
+            self.skv.load(kv_or_data)
+        return self.skv.greedy(list(first), n)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    z = x - x.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def compare(lo: np.ndarray, lr: np.ndarray, targets: Sequence[int]) -> Dict[str, float]:
+    lpo, lpr = _log_softmax(lo), _log_softmax(lr)
+    kl = np.maximum((np.exp(lpo) * (lpo - lpr)).sum(-1), 0.0)
+    t = np.asarray(targets, dtype=np.int64)
+    i = np.arange(len(t))
+    ppl_o = float(np.exp(-lpo[i, t].mean()))
+    ppl_r = float(np.exp(-lpr[i, t].mean()))
+    return dict(ppl_exact=ppl_o, ppl_restored=ppl_r, delta_ppl_rel=(ppl_r - ppl_o) / ppl_o,
+                kl_mean=float(kl.mean()), kl_max=float(kl.max()),
+                top1=float((lo.argmax(-1) == lr.argmax(-1)).mean()))
+
+
+def _windows(m: Model, texts: Dict[str, Any], length: int, count: int) -> List[tuple]:
+    """``count`` windows of ``length`` tokens, taken round-robin over the texts."""
+    from cachegen.quality import text_windows
+
+    names = [n for n in ("pydocs-a", "ort-notices", "code-argparse", "pydocs-b", "code-difflib") if n in texts]
+    per = max(1, math.ceil(count / len(names)))
+    by = {n: text_windows(m.runner.encode(texts[n][0]), length, per, bos=m.bos) for n in names}
+    return [(f"{n}#{j}", by[n][j]) for j in range(per) for n in names if j < len(by[n])][:count]
+
+
+def run(device: str, models: Sequence[str], presets: Sequence[str], contexts: Sequence[int], windows: int,
+        cont: int, greedy_windows: int, greedy_tokens: int, greedy_context: int, out: Path,
+        threads: Optional[int] = None) -> dict:
+    import cachegen
+    from cachegen.quality import eval_texts, find_divergence, greedy_stats
+
+    texts = eval_texts()
+    res = json.loads(out.read_text()) if out.is_file() else {}
+    res.setdefault("windows", [])
+    res.setdefault("greedy", [])
+    res.setdefault("tokenizer", {})
+    res["meta"] = dict(
+        device=device, when=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        host=platform.node(), texts={k: v[1] for k, v in texts.items()}, continuation_tokens=cont,
+        greedy=dict(windows=greedy_windows, tokens=greedy_tokens, context=greedy_context))
+    try:
+        import torch
+        if device == "cuda":
+            res["meta"]["gpu"] = torch.cuda.get_device_name(0)
+    except Exception:
+        pass
+    done_w = {(r["model"], r["context"], r["window"], r["preset"]) for r in res["windows"]}
+    done_g = {(r["model"], r["preset"]) for r in res["greedy"]}
+
+    def save() -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1) + "\n")
+        out.with_suffix(".md").write_text(report(res) + "\n")
+
+    for name in models:
+        m = Model(name, device, capacity=max(list(contexts) + [greedy_context]) + max(cont, greedy_tokens + 1) + 8,
+                  threads=threads)
+        probe = texts.get("pydocs-a", next(iter(texts.values())))[0][:20000]
+        n_tok = len(m.runner.encode(probe))
+        res["tokenizer"][name] = dict(chars=len(probe), tokens=n_tok, chars_per_token=len(probe) / n_tok,
+                                      export=str(m.dir))
+        log(f"{name} {m.precision} {device}: tokenizer {len(probe) / n_tok:.2f} chars/token")
+        for C in contexts:
+            for wname, w in _windows(m, texts, C + cont, windows):
+                todo = [p for p in presets if (name, C, wname, p) not in done_w]
+                if not todo:
+                    continue
+                ctx, tail = w[:C], w[C:]
+                kv = m.prefill(ctx)
+                stored = m.runner.window_kv(kv)
+                lo = m.logits_after(stored, tail, C)[:-1]
+                # the StaticKV path against the plain runner (fp16 noise only)
+                lref = _np(m.runner.continue_from(kv, tail)[0])[0][:-1]
+                path_kl = compare(lref, lo, tail[1:])["kl_mean"]
+                fp16 = m.runner.kv_nbytes_fp16(stored)
+                for p in todo:
+                    t0 = time.perf_counter()
+                    data = cachegen.encode(stored, p)
+                    enc_s = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    lr = m.logits_after(data, tail, C)[:-1]
+                    rs_s = time.perf_counter() - t0
+                    row = dict(model=name, precision=m.precision, device=device, context=C, window=wname,
+                               preset=p, bytes=len(data), ratio=fp16 / len(data), encode_s=enc_s,
+                               restore_and_score_s=rs_s, statickv_path_kl=path_kl, **compare(lo, lr, tail[1:]))
+                    res["windows"].append(row)
+                    log(f"{name} {C} {wname} {p}: ratio {row['ratio']:.2f} dppl {100 * row['delta_ppl_rel']:+.2f}% "
+                        f"KL {row['kl_mean']:.4f} top1 {row['top1']:.3f}")
+                save()
+        # greedy agreement over many windows
+        todo = [p for p in presets if (name, p) not in done_g]
+        if todo and greedy_windows > 0:
+            pairs: Dict[str, list] = {p: [] for p in todo}
+            for wname, w in _windows(m, texts, greedy_context + 1, greedy_windows):
+                ctx, first = w[:greedy_context], w[greedy_context:]
+                kv = m.runner.window_kv(m.prefill(ctx))
+                gen_o = m.greedy_after(kv, first, greedy_tokens)
+                for p in todo:
+                    data = cachegen.encode(kv, p)
+                    gen_r = m.greedy_after(data, first, greedy_tokens)
+                    div = None
+                    if gen_r != gen_o:
+                        div = _divergence(m, kv, data, first, gen_o, gen_r, greedy_context)
+                    pairs[p].append((gen_o, gen_r, div))
+            for p in todo:
+                st = greedy_stats(pairs[p], greedy_tokens)
+                row = dict(model=name, precision=m.precision, device=device, preset=p, context=greedy_context,
+                           windows=st.prompts, tokens=st.tokens_per_prompt, agreement=st.agreement,
+                           identical=st.identical, identical_rate=st.identical_rate,
+                           divergences=[dict(position=d.position, margin=d.margin,
+                                             original_top2=d.original_top2, restored_top2=d.restored_top2)
+                                        for d in st.divergences],
+                           summary=st.summary())
+                res["greedy"].append(row)
+                log(f"{name} {p}: {st.summary()}")
+            save()
+    save()
+    return res
+
+
+def _divergence(m: Model, kv, data, first, gen_o, gen_r, C):
+    """Top-2 of both caches at the first differing step (same tokens fed to both)."""
+    from cachegen.quality import Divergence, _common_prefix, _top2
+
+    n = _common_prefix(gen_o, gen_r)
+    feed = list(first) + list(gen_o[:n])
+    lo = m.logits_after(kv, feed, C)[-1]
+    lr = m.logits_after(data, feed, C)[-1]
+    to, tr = _top2(lo), _top2(lr)
+    return Divergence(n, int(gen_o[n]), int(gen_r[n]), to, tr, to[0][1] - to[1][1])
+
+
+def report(res: dict) -> str:
+    meta = res.get("meta", {})
+    lines = [f"Device: {meta.get('device')} {meta.get('gpu', '')}, {meta.get('when', '')}; continuation "
+             f"{meta.get('continuation_tokens')} tokens; texts: "
+             + "; ".join(f"{k} = {v}" for k, v in meta.get("texts", {}).items()), ""]
+    for name, t in res.get("tokenizer", {}).items():
+        lines.append(f"Tokenizer {name}: {t['chars_per_token']:.2f} characters per token on {t['chars']} characters.")
+    lines += ["", "| model | context | preset | windows | ratio | Δppl mean | Δppl max | KL mean | KL max (of means) "
+              "| top-1 | StaticKV path KL |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = res.get("windows", [])
+    key = lambda r: (r["model"], r["context"], PRESET_ORDER.index(r["preset"]) if r["preset"] in PRESET_ORDER else 99, r["preset"])
+    for k in sorted({key(r) for r in rows}):
+        rs = [r for r in rows if key(r) == k]
+        d = [r["delta_ppl_rel"] for r in rs]
+        lines.append(f"| {k[0]} | {k[1]} | {k[3]} | {len(rs)} | {np.mean([r['ratio'] for r in rs]):.2f} | "
+                     f"{100 * np.mean(d):+.2f} % | {100 * max(d, key=abs):+.2f} % | "
+                     f"{np.mean([r['kl_mean'] for r in rs]):.4f} | {max(r['kl_mean'] for r in rs):.4f} | "
+                     f"{100 * np.mean([r['top1'] for r in rs]):.1f} % | {max(r['statickv_path_kl'] for r in rs):.1e} |")
+    g = res.get("greedy", [])
+    if g:
+        lines += ["", "| model | preset | greedy agreement | identical | divergences at near-ties (margin < 0.1) |",
+                  "|---|---|---|---|---|"]
+        for r in sorted(g, key=lambda r: (r["model"], PRESET_ORDER.index(r["preset"]) if r["preset"] in PRESET_ORDER else 99)):
+            dv = r["divergences"]
+            near = sum(d["margin"] < 0.1 for d in dv)
+            lines.append(f"| {r['model']} | {r['preset']} | {100 * r['agreement']:.1f} % of {r['windows']} × "
+                         f"{r['tokens']} tokens | {r['identical']}/{r['windows']} | "
+                         + (f"{near}/{len(dv)} (median margin {np.median([d['margin'] for d in dv]):.3f})" if dv else "-")
+                         + " |")
+    lines += ["", "Targets (issue 12): " + "; ".join(targets(res))]
+    return "\n".join(lines)
+
+
+def targets(res: dict) -> List[str]:
+    out = []
+    rows = res.get("windows", [])
+    for name in sorted({r["model"] for r in rows}):
+        d = [r for r in rows if r["model"] == name and r["preset"] == "default"]
+        if d:
+            by_c = {}
+            for r in d:
+                by_c.setdefault(r["context"], []).append(r)
+            for C, rs in sorted(by_c.items()):
+                mean_d = float(np.mean([r["delta_ppl_rel"] for r in rs]))
+                kl = max(r["kl_mean"] for r in rs)
+                ok = mean_d <= 0.01 and kl <= 0.01
+                out.append(f"{name} {C} default Δppl mean {100 * mean_d:+.2f} % (≤ 1 %), KL max {kl:.4f} (≤ 0.01): "
+                           + ("met" if ok else "NOT met"))
+    for r in res.get("greedy", []):
+        if r["preset"] == "high":
+            out.append(f"{r['model']} high greedy agreement {100 * r['agreement']:.1f} % (≥ 95 %): "
+                       + ("met" if r["agreement"] >= 0.95 else "NOT met"))
+    return out
+
+
+def main(argv=None) -> int:
+    import cachegen
+
+    ap = argparse.ArgumentParser(description="preset quality on the serving path (fp16 CUDA graphs + StaticKV)")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--presets", default=None, help="comma list (default: every preset)")
+    ap.add_argument("--contexts", default="1024,4096")
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--continuation", type=int, default=256)
+    ap.add_argument("--greedy-windows", type=int, default=32)
+    ap.add_argument("--greedy-tokens", type=int, default=64)
+    ap.add_argument("--greedy-context", type=int, default=1024)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quick", action="store_true",
+                    help="small sizes to check the script end to end (context 256, 2 windows, 32-token "
+                         "continuation, 4 x 16 greedy, presets default/high/lossless)")
+    ap.add_argument("--out", required=True, help="results JSON (a .md table is written next to it)")
+    ap.add_argument("--report", action="store_true", help="only rewrite the .md from --out")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    if a.report:
+        res = json.loads(out.read_text())
+        out.with_suffix(".md").write_text(report(res) + "\n")
+        print(report(res))
+        return 0
+    if a.device == "cuda":
+        from cachegen.ort.cuda import cuda_provider_available
+        if not cuda_provider_available():
+            print("no CUDA GPU / onnxruntime CUDA provider here: use --device cpu", file=sys.stderr)
+            return 2
+    presets = a.presets.split(",") if a.presets else [p for p in PRESET_ORDER if p in cachegen.PRESETS] + \
+        [p for p in cachegen.PRESETS if p not in PRESET_ORDER]
+    contexts = [int(c) for c in a.contexts.split(",")]
+    windows, cont, gw, gt, gc = a.windows, a.continuation, a.greedy_windows, a.greedy_tokens, a.greedy_context
+    if a.quick:
+        contexts, windows, cont, gw, gt, gc = [256], 2, 32, 4, 16, 256
+        if not a.presets:
+            presets = ["default", "high", "lossless"]
+    res = run(a.device, a.models.split(","), presets, contexts, windows, cont, gw, gt, gc, out, a.threads)
+    print(report(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
