@@ -24,6 +24,13 @@ texts followed by the stdlib's json/decoder.py, none of them in the sweep.
     python benches/bench_rd.py --report                  # table + plot from rd_results.json
     python benches/bench_rd.py --sensitivity smollm2     # per-layer K/V sensitivity (one layer at a time)
     python benches/bench_rd.py --configs FILE.json       # extra CodecConfigs (list of dicts) on all domains
+    python benches/bench_rd.py --profiles                # model-profile presets vs presets + LMCache
+                                                         # (rd_profile_results.json, rd_profile_notes.md)
+
+Profile methods (issue 13) need the profile next to the export: ``cachegen profile MODEL``.
+``kvtc-style`` is the KVTC recipe on our codec: PCA basis per (layer, K/V) with keys before RoPE,
+attention sink exact, one shared step per block (low-variance coefficients get ~0 bits), no
+per-layer allocation (uniform K6/V4 widths on the coefficients).
 """
 from __future__ import annotations
 
@@ -90,6 +97,21 @@ def codec_methods() -> Dict[str, Any]:
     m["cachegen-paper-g1"] = dataclasses.replace(P["cachegen-paper"], name="cachegen-paper-g1", group_size=1)
     m["default-g10"] = dataclasses.replace(P["default"], name="default-g10", group_size=10)
     return m
+
+
+PROFILE_METHODS = ("default-p", "small-p", "tiny-p", "kvtc-style")
+PROFILE_RESULTS = HERE / "rd_profile_results.json"
+PROFILE_NOTES = HERE / "rd_profile_notes.md"
+
+
+def profile_method_config(name: str, prof):
+    """(profile, config) for a profile method."""
+    import cachegen
+
+    if name == "kvtc-style":
+        return cachegen.CodecConfig(name=name, key_bits=6, value_bits=4, group_size=1, token_scaling=True,
+                                    scale_sharing=1.0)
+    return name
 
 
 BASELINE_METHODS = ("fp16", "zstd-fp16", "int8-channel", "fp8-e4m3", "kivi-2bit", "kivi-2bit-r128",
@@ -178,6 +200,22 @@ class Case:
         return self.record(name, "cachegen", len(data), q, encode_s=enc, decode_s=dec,
                            eval_s=time.perf_counter() - t0, config=cfgd)
 
+    def run_profile(self, name: str, prof, score_only: bool = False) -> dict:
+        from cachegen import profile as cp
+
+        cfg = profile_method_config(name, prof)
+        t0 = time.perf_counter()
+        data = cp.encode(self.kv, prof, cfg)
+        enc = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        restored = cp.decode(data, profiles=prof)
+        dec = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        q = self.quality(restored, score_only)
+        cfgd = cp.preset_config(prof, cfg).to_dict() if isinstance(cfg, str) else cfg.to_dict()
+        return self.record(name, "profile", len(data), q, encode_s=enc, decode_s=dec,
+                           eval_s=time.perf_counter() - t0, config=cfgd, profile=prof.hash_hex)
+
     def run_baseline(self, name: str, score_only: bool = False, cache: Optional[dict] = None) -> dict:
         t0 = time.perf_counter()
         restored, nbytes = bl.BASELINES[name](self.kv)
@@ -224,11 +262,16 @@ def sweep(plan: Sequence[tuple], methods: Optional[Sequence[str]] = None, out: P
     codecs = codec_methods()
     names = list(methods) if methods else list(codecs) + list(BASELINE_METHODS)
     runners: Dict[str, Any] = {}
+    profiles: Dict[str, Any] = {}
     for model, context, domains in plan:
         if model not in runners:
             runners.clear()
             runners[model] = make_runner(model)
         runner = runners[model]
+        if any(n in PROFILE_METHODS for n in names) and model not in profiles:
+            from cachegen.profile import load_for_model
+
+            profiles[model] = load_for_model(runner.model_dir)
         for domain in domains:
             todo = [n for n in names if (model, domain, context, n) not in done]
             if not todo:
@@ -239,7 +282,9 @@ def sweep(plan: Sequence[tuple], methods: Optional[Sequence[str]] = None, out: P
             qcache: dict = {}
             for n in todo:
                 t0 = time.perf_counter()
-                if n in codecs:
+                if n in PROFILE_METHODS:
+                    r = case.run_profile(n, profiles[model])
+                elif n in codecs:
                     cfg = codecs[n]
                     r = case.run_codec(n, cfg, eval_quality=not cfg.lossless)
                 else:
@@ -334,7 +379,8 @@ def _agg(rows: List[dict]) -> dict:
                 greedy=f"{sum(bool(x) for x in g)}/{len(g)}")
 
 
-def report(res: dict, notes: Path = NOTES, plot: Path = PLOT, kinds=("cachegen", "baseline", "custom")) -> str:
+def report(res: dict, notes: Path = NOTES, plot: Path = PLOT,
+           kinds=("cachegen", "baseline", "custom", "profile")) -> str:
     rows = [r for r in res["results"] if r["kind"] in kinds and r["domain"] != "heldout"]
     meta = res.get("meta", {})
     lines = ["# Rate–distortion results (benches/bench_rd.py)", "",
@@ -469,8 +515,26 @@ def main(argv=None) -> int:
     ap.add_argument("--sens-base", default="tiny")
     ap.add_argument("--configs", type=Path, default=None, help="JSON list of CodecConfig dicts to evaluate")
     ap.add_argument("--score-only", action="store_true", help="--configs: no greedy generation")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--profiles", action="store_true",
+                    help="profile presets + presets + LMCache baselines, 3 domains, both models, 1K")
     args = ap.parse_args(argv)
+    if args.profiles:
+        out = args.out or PROFILE_RESULTS
+        if not args.report:
+            methods = args.methods or (["default", "small", "tiny", "high"] + list(PROFILE_METHODS)
+                                       + ["lmcache", "lmcache-whole", "fp16"])
+            plan = [(m, 1024, tuple(args.domains or ("prose", "code", "structured"))) for m in (args.models or MODELS)]
+            sweep(plan, methods, out, log=print)
+        res = load_results(out)
+        print(report(res, notes=PROFILE_NOTES, plot=HERE / "rd_profile_plot.png"))
+        # the main plot: the older sweep with these rows layered on top (same method names replaced)
+        old = load_results(RESULTS)
+        new_keys = {(r["model"], r["domain"], r["context"], r["method"]) for r in res["results"]}
+        merged = [r for r in old["results"] if (r["model"], r["domain"], r["context"], r["method"]) not in new_keys]
+        make_plot([r for r in merged + res["results"] if r["domain"] != "heldout"], PLOT)
+        return 0
+    args.out = args.out or RESULTS
     log = lambda s: print(s, flush=True)  # noqa: E731
     if args.sensitivity is not None:
         res = load_results(args.out)

@@ -183,6 +183,64 @@ class Progress:
             self._bar = None
 
 
+class StageBar:
+    """Progress of a multi-step job whose steps report themselves as ``[tag] message`` lines on
+    stderr (the demo, the model export): while active, such lines become one tqdm bar (steps
+    done, elapsed time, the current step); other stderr text passes through unchanged."""
+
+    def __init__(self, label: str, tags: tuple[str, ...], enabled: Optional[bool]) -> None:
+        self.label, self.tags = label, tags
+        self.enabled = progress_enabled(enabled)
+        self._bar: Any = None
+        self._orig: Any = None
+        self._buf = ""
+
+    def __enter__(self) -> "StageBar":
+        if not self.enabled:
+            return self
+        try:
+            from tqdm import tqdm
+        except ImportError:            # no tqdm: the step lines themselves are the progress
+            return self
+        self._orig = sys.stderr
+        self._bar = tqdm(desc=self.label, unit="step", file=self._orig, dynamic_ncols=True,
+                         bar_format="{desc}: {n_fmt} steps {elapsed} | {postfix}")
+        sys.stderr = self          # type: ignore[assignment]
+        return self
+
+    def write(self, text: str) -> int:
+        self._buf += text
+        while "\n" in self._buf:
+            line, self._buf = self._buf.split("\n", 1)
+            self._line(line)
+        return len(text)
+
+    def _line(self, line: str) -> None:
+        body = line.strip()
+        for tag in self.tags:
+            if body.startswith(tag):
+                self._bar.set_postfix_str(body[len(tag):].strip()[:70], refresh=False)
+                self._bar.update(1)
+                return
+        self._bar.write(line, file=self._orig)
+
+    def flush(self) -> None:
+        if self._orig is not None:
+            self._orig.flush()
+
+    def isatty(self) -> bool:
+        return bool(self._orig is not None and self._orig.isatty())
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            sys.stderr = self._orig
+            if self._buf:
+                self._line(self._buf)
+                self._buf = ""
+            self._bar.close()
+            self._bar = None
+
+
 # ---------------------------------------------------------------------------------- configs
 
 def parse_config(preset: str, config: Optional[str]):
@@ -421,9 +479,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
     if a.device == "cuda":
         _check_cuda_ort()
     out = a.out or str(Path(os.environ.get("TMPDIR", "/tmp")) / f"cachegen_demo_{a.model}_{a.preset}{EXT}")
-    run_demo(model=a.model, text=text, preset=a.preset, device=a.device, out_path=out,
-             as_json=a.json, max_new_tokens=a.max_new_tokens, trim_window=not a.no_trim_window,
-             precision=precision, cache_dir=a.cache_dir, quiet=a.quiet)
+    with StageBar("demo", ("[demo]", "[cachegen export]"), False if a.quiet else a.progress):
+        run_demo(model=a.model, text=text, preset=a.preset, device=a.device, out_path=out,
+                 as_json=a.json, max_new_tokens=a.max_new_tokens, trim_window=not a.no_trim_window,
+                 precision=precision, cache_dir=a.cache_dir, quiet=a.quiet)
     return EXIT_OK
 
 
@@ -431,8 +490,9 @@ def cmd_export(a: argparse.Namespace) -> int:
     from .ort.export import export_model
 
     _check_model_env(a.name, a.precision, a.provider, a.cache_dir)
-    path = export_model(a.name, a.precision, a.provider, cache_dir=a.cache_dir, progress=not a.quiet,
-                        force=a.force)
+    with StageBar("export", ("[cachegen export]",), False if a.quiet else a.progress):
+        path = export_model(a.name, a.precision, a.provider, cache_dir=a.cache_dir, progress=not a.quiet,
+                            force=a.force)
     print(path)
     return EXIT_OK
 
@@ -529,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no step messages on stderr")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("export", parents=[common], help="build the ONNX model of a reference LLM",
+    p = sub.add_parser("export", parents=[common, prog], help="build the ONNX model of a reference LLM",
                        description="Export a reference model to ONNX (offline, from its PyPI-shipped GGUF file); "
                                    "prints the model folder.")
     p.add_argument("name", choices=("smollm2", "gemma3"), help="the model")
@@ -553,6 +613,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="where exported models are cached")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_rd)
+
+    from .profile.cli import DESCRIPTION as _PROFILE_DESC, add_arguments as _profile_args, run as _profile_run
+    p = sub.add_parser("profile", parents=[common], help="fit a model profile (presets default-p/small-p/tiny-p)",
+                       description=_PROFILE_DESC)
+    _profile_args(p)
+    p.set_defaults(func=_profile_run)
     return ap
 
 

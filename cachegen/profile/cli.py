@@ -8,10 +8,16 @@ from pathlib import Path
 from typing import Optional
 
 
-def build_parser(ap: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    ap = ap or argparse.ArgumentParser(prog="cachegen profile",
-                                       description="Fit a model profile (transform + bit allocation) "
-                                                   "on the shipped calibration text; stored next to the export.")
+DESCRIPTION = ("Fit a model profile (per-layer PCA bases with keys before RoPE, exact attention sink, "
+               "bit allocation for the default-p/small-p/tiny-p presets) on the shipped calibration text "
+               "and store it next to the model export (<export>/cachegen_profile.npz).")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(prog="cachegen profile", description=DESCRIPTION))
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("model", help="reference model name (smollm2, gemma3)")
     ap.add_argument("--text", type=Path, default=None, help="calibration text file (default: the shipped one)")
     ap.add_argument("--out", type=Path, default=None, help="profile file (default: <export>/cachegen_profile.npz)")
@@ -23,11 +29,14 @@ def build_parser(ap: Optional[argparse.ArgumentParser] = None) -> argparse.Argum
 
 
 def main(argv: Optional[list] = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+def run(a: argparse.Namespace) -> int:
     from ..ort import OrtRunner, export_model
     from . import fit_profile, profile_path
     from .profile import Profile
 
-    a = build_parser().parse_args(argv)
     model_dir = export_model(a.model, "fp32", "cpu", progress=not a.show)
     out = a.out or profile_path(model_dir)
     if a.show or (out.is_file() and not a.force):
