@@ -295,3 +295,22 @@ def test_help_strings():
     r = subprocess.run([sys.executable, "-m", "cachegen", "demo", "--help"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "--max-new-tokens" in r.stdout and "tokens to generate" in r.stdout
+
+
+def test_demo_progress_bar_from_its_steps(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("tqdm")
+
+    def fake_demo(**kw):
+        for step in ("[cachegen export] using cached model", "[demo] smollm2: context 10 tokens",
+                     "[demo] encoding the KV cache"):
+            print(step, file=sys.stderr, flush=True)
+        print("a warning from somewhere", file=sys.stderr)
+    monkeypatch.setattr("cachegen.demo.run_demo", fake_demo)
+    monkeypatch.setattr(cli, "_check_model_env", lambda *a: True)
+    assert main(["demo", "--progress"]) == EXIT_OK
+    err = capsys.readouterr().err
+    assert "demo: 3 steps" in err and "encoding the KV cache" in err     # one bar, last step shown
+    assert "a warning from somewhere" in err and "[demo] smollm2" not in err
+    assert sys.stderr is not None and not isinstance(sys.stderr, cli.StageBar)
+    assert main(["demo"]) == EXIT_OK                                        # no TTY: the plain lines
+    assert "[demo] encoding the KV cache" in capsys.readouterr().err
