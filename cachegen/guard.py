@@ -199,7 +199,8 @@ def _reconstruct(h: Any, outs: list) -> list:
         pair = []
         for kvi in (0, 1):
             heads, dim = l.heads_dim(kvi)
-            x = np.empty((heads * dim, batch, l.tokens), dtype=np.float32)
+            # written straight in the runner's layout [B, H, T, D] (contiguous: bound without a copy)
+            x = np.empty((batch, heads, l.tokens, dim), dtype=np.float32)
             levels = 1 << l.bits(kvi)
             for k in range(h.n_chunks):
                 n = min(C, l.tokens - k * C)
@@ -214,8 +215,8 @@ def _reconstruct(h: Any, outs: list) -> list:
                 xk += lo.astype(np.float32).reshape(-1, 1, 1)
                 if h.token_scaling:
                     xk *= TOKEN_SCALES[outs[i]["exps"][kvi, k]].reshape(1, batch, n)
-                x[:, :, k * C:k * C + n] = xk
-            pair.append(x.reshape(heads, dim, batch, l.tokens).transpose(2, 0, 3, 1))
+                x[:, :, k * C:k * C + n, :] = xk.reshape(heads, dim, batch, n).transpose(2, 0, 3, 1)
+            pair.append(x)
         restored.append(tuple(pair))
     return restored
 
