@@ -167,13 +167,19 @@ def fit_profile(model_name: str, runner: Any, text: Optional[str] = None, *, all
     rate, mse = _tensor_rd(base, wins[0])
     sens = _sensitivity(runner, base, wins[0], log)
 
+    memo: Dict[tuple, tuple] = {}   # the presets' bisections share their first steps
+
     def measure(cfg) -> tuple[float, float]:
+        key = (tuple(cfg.key_bits), tuple(cfg.value_bits))
+        if key in memo:
+            return memo[key]
         kls, ratios = [], []
         for w in wins:
             nb, rest = _round_trip(base, w.kv, cfg)
             kls.append(_kl(runner, w, rest))
             ratios.append(w.fp16 / nb)
-        return float(np.mean(kls)), float(np.mean(ratios))
+        memo[key] = (float(np.mean(kls)), float(np.mean(ratios)))
+        return memo[key]
 
     def std_default_kl() -> float:
         kls = []
