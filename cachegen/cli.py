@@ -4,7 +4,8 @@ Exit status: 0 ok; 2 usage (bad option, unknown preset, invalid --config); 3 dat
 is missing, unreadable or not valid: bad .npz, damaged or truncated container, failed
 checksum); 4 environment (a missing optional dependency, no CUDA, an output that cannot be
 written, out of memory); 1 an internal error (a bug: ``--debug`` prints the traceback);
-130 interrupted. Every error is one line on stderr: ``cachegen X: error: ...``.
+130 interrupted, 141 stdout closed early
+(``| head``, silently). Every error is one line on stderr: ``cachegen X: error: ...``.
 ``-`` as an input reads standard input, as an output writes standard output.
 """
 from __future__ import annotations
@@ -636,6 +637,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except BaseException as e:  # noqa: BLE001 - the one place errors become exit codes
         if isinstance(e, SystemExit):
             raise
+        if isinstance(e, BrokenPipeError):   # `cachegen ... | head`: the reader left; say nothing
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError):
+                pass
+            return 128 + 13                   # like a process killed by SIGPIPE
         if debug:
             raise
         code, msg = classify(e)
@@ -644,8 +651,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         try:
             sys.stdout.flush()
-        except (BrokenPipeError, ValueError):  # `cachegen ... | head`: the reader went away
-            pass
+        except (BrokenPipeError, ValueError):  # the reader went away
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError):
+                pass
 
 
 if __name__ == "__main__":
