@@ -205,7 +205,7 @@ class StageBar:
             return self
         self._orig = sys.stderr
         self._bar = tqdm(desc=self.label, unit="step", file=self._orig, dynamic_ncols=True,
-                         bar_format="{desc}: {n_fmt} steps {elapsed} | {postfix}")
+                         bar_format="{desc}: {n_fmt} steps {elapsed}{postfix}")
         sys.stderr = self          # type: ignore[assignment]
         return self
 
