@@ -507,14 +507,15 @@ def cmd_rd(a: argparse.Namespace) -> int:
 
 def _version() -> str:
     from . import __version__
+    from .format.container import FORMAT_VERSION as v1
     try:
-        from .format.container import FORMAT_VERSION
+        from .format.v2 import VERSION as v2
     except ImportError:  # pragma: no cover
-        FORMAT_VERSION = "?"
-    return f"cachegen {__version__} (container format v{FORMAT_VERSION})"
+        v2 = v1
+    return f"cachegen {__version__} (writes container format v{max(v1, v2)}, reads v{min(v1, v2)}-v{max(v1, v2)})"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_profile: bool = True) -> argparse.ArgumentParser:
     from .config import PRESETS
 
     presets = ", ".join(PRESETS)
@@ -615,17 +616,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_rd)
 
-    from .profile.cli import DESCRIPTION as _PROFILE_DESC, add_arguments as _profile_args, run as _profile_run
+    # cachegen.profile imports torch: load its arguments only when that command runs, so every
+    # other command (and --help, --version) starts without torch
     p = sub.add_parser("profile", parents=[common], help="fit a model profile (presets default-p/small-p/tiny-p)",
-                       description=_PROFILE_DESC)
-    _profile_args(p)
-    p.set_defaults(func=_profile_run)
+                       add_help=not with_profile)
+    if with_profile:
+        from .profile.cli import DESCRIPTION as _PROFILE_DESC, add_arguments as _profile_args, run as _profile_run
+        p.description = _PROFILE_DESC
+        _profile_args(p)
+        p.add_argument("-h", "--help", action="help", help="show this help message and exit")
+        p.set_defaults(func=_profile_run)
     return ap
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = build_parser()
+    cmd = next((x for x in argv if not x.startswith("-")), None)
+    ap = build_parser(with_profile=cmd == "profile")
     try:
         a = ap.parse_args(argv)
     except SystemExit as e:  # argparse: usage errors exit 2, --help/--version exit 0

@@ -279,6 +279,13 @@ def test_import_does_not_load_torch():
             "cachegen.encode; assert 'torch' in sys.modules; print(dt)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+    # the command line starts without torch too (--help, --version, usage errors)
+    code = ("import sys, contextlib, io; from cachegen.cli import main; "
+            "out = io.StringIO(); ctx = contextlib.redirect_stdout(out); ctx.__enter__(); "
+            "codes = [main(['--version']), main(['--help']), main(['encode'])]; ctx.__exit__(None, None, None); "
+            "assert codes == [0, 0, 2], codes; assert 'torch' not in sys.modules; print(out.getvalue()[:60])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "writes container format v2" in r.stdout, r.stderr
     with pytest.raises(AttributeError):
         cachegen.no_such_name  # noqa: B018
     assert {"encode", "decode", "Codec", "DecodeLimits"} <= set(dir(cachegen))
