@@ -9,6 +9,11 @@ from typing import Optional, Union
 
 from .errors import ConfigError
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: age only
+    fcntl = None  # type: ignore[assignment]
+
 
 def current_umask() -> int:
     """The process umask, read without changing it where Linux reports it (/proc), else by
@@ -45,6 +50,7 @@ def write_atomic(path: Union[str, os.PathLike], data: bytes, fsync: bool = True,
     fd, tmp = tempfile.mkstemp(prefix=prefix if prefix is not None else f".{path.name}.", suffix=".tmp",
                                dir=str(path.parent))
     try:
+        _hold(fd)
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), perm)
             f.write(data)
@@ -63,6 +69,34 @@ def write_atomic(path: Union[str, os.PathLike], data: bytes, fsync: bool = True,
 
 
 STALE_TEMP_S = 600.0   # a temp file this old belongs to a writer that died (SIGKILL, power loss)
+UNLOCKED_TEMP_S = 2.0  # ... and one this old whose writer's lock is gone (the writer died)
+
+
+def _hold(fd: int) -> None:
+    """A writer holds an flock on its temp file while writing: a sweeper that can take the lock
+    knows the writer is gone (the kernel drops the lock with the process), whatever the age."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pass
+
+
+def temp_is_abandoned(path: Union[str, os.PathLike], mtime: float, max_age_s: float = STALE_TEMP_S,
+                      now: Optional[float] = None) -> bool:
+    """Whether a temp file belongs to a dead writer: older than max_age_s, or older than a few
+    seconds and not locked by a live writer (see _hold)."""
+    age = (time.time() if now is None else now) - mtime
+    if age > max_age_s:
+        return True
+    if age <= UNLOCKED_TEMP_S or fcntl is None:
+        return False
+    try:
+        with open(path, "rb") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)   # released on close
+            return True
+    except OSError:          # locked by its writer (or gone): leave it
+        return False
 
 
 def remove_stale_temps(path: Union[str, os.PathLike], max_age_s: float = STALE_TEMP_S) -> int:
@@ -77,7 +111,7 @@ def remove_stale_temps(path: Union[str, os.PathLike], max_age_s: float = STALE_T
         return 0
     for e in entries:
         try:
-            if now - e.stat(follow_symlinks=False).st_mtime > max_age_s:
+            if temp_is_abandoned(e.path, e.stat(follow_symlinks=False).st_mtime, max_age_s, now):
                 os.unlink(e.path)
                 n += 1
         except OSError:

@@ -410,6 +410,30 @@ def test_d11_stale_temp_files_are_removed_without_max_bytes(tmp_path):
     assert not stale.exists()
 
 
+def test_d11_temp_files_of_killed_writers_go_at_once_live_ones_stay(tmp_path):
+    """A writer holds an flock on its temp file: once it is gone (killed), the file goes after a few
+    seconds, not after temp_max_age_s; a live writer's file stays whatever its age."""
+    import fcntl
+    from cachegen.store import DirectoryBackend
+    root = tmp_path / "s"
+    DirectoryBackend(root).put("abcd", b"v")
+    dead, live = root / "ab" / ".tmp.dead.tmp", root / "ab" / ".tmp.live.tmp"
+    dead.write_bytes(b"x" * 100)
+    live.write_bytes(b"y" * 100)
+    holder = open(live, "rb")
+    fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+    ten_s_ago = time.time() - 10
+    for p in (dead, live):
+        os.utime(p, (ten_s_ago, ten_s_ago))
+    try:
+        DirectoryBackend(root)
+        assert not dead.exists() and live.exists()
+    finally:
+        holder.close()
+    DirectoryBackend(root)
+    assert not live.exists()
+
+
 def test_d11_save_removes_stale_temp_files_of_its_target(tmp_path):
     p = tmp_path / "ctx.cgk"
     stale = tmp_path / ".ctx.cgk.k1ll3d.tmp"

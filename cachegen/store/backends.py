@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-from ..fileio import file_mode, write_atomic
+from ..fileio import file_mode, temp_is_abandoned, write_atomic
 
 try:
     import fcntl
@@ -126,7 +126,9 @@ class DirectoryBackend(Backend):
         self.sweep_temp_files()
 
     def sweep_temp_files(self) -> int:
-        """Remove temp files (names starting with '.') older than temp_max_age_s; returns bytes freed."""
+        """Remove the temp files (names starting with '.') of dead writers: older than
+        temp_max_age_s, or older than a few seconds and no longer locked by their writer
+        (fileio.temp_is_abandoned); returns bytes freed."""
         freed, now = 0, time.time()
         self._next_sweep = time.monotonic() + self.sweep_interval_s
         try:
@@ -141,7 +143,7 @@ class DirectoryBackend(Backend):
             for e in names:
                 try:
                     st = e.stat(follow_symlinks=False)
-                    if now - st.st_mtime > self.temp_max_age_s:
+                    if temp_is_abandoned(e.path, st.st_mtime, self.temp_max_age_s, now):
                         os.unlink(e.path)
                         freed += st.st_size
                         self.stats["temp_removed"] = self.stats.get("temp_removed", 0) + 1
