@@ -106,11 +106,18 @@ def forward(kv: Sequence[Sequence[Any]], profile: Profile, starts: Sequence[int]
     return coeffs, sinks
 
 
+_ZEROS: dict = {}
+
+
 def _basis(profile: Profile, kvi: int, layer: int) -> Optional[tf.Basis]:
     b = profile.basis(kvi, layer)
     if b is None:
         return None
-    return tf.Basis(np.zeros(b.shape[0], dtype=np.float32), b, np.zeros(0, dtype=np.float32))
+    z = _ZEROS.get(b.shape[0])
+    if z is None:
+        z = _ZEROS[b.shape[0]] = np.zeros(b.shape[0], dtype=np.float32)
+        z.setflags(write=False)
+    return tf.Basis(z, b, z[:0])
 
 
 def _host_f16(x: Any) -> np.ndarray:

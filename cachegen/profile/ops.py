@@ -26,11 +26,23 @@ def as_float32(x: Any) -> Any:
     return np.asarray(x, dtype=np.float32)
 
 
+_DEVICE_COPIES: dict = {}   # (id(array), device) -> (array, tensor): bases are uploaded once per device
+
+
 def _like(a: np.ndarray, x: Any) -> Any:
     """Host numpy constant ``a`` as an array usable with ``x`` (same library, device, float32)."""
-    if is_torch(x):
-        return torch.from_numpy(np.array(a, dtype=np.float32, copy=True)).to(x.device)
-    return np.asarray(a, dtype=np.float32)
+    if not is_torch(x):
+        return np.asarray(a, dtype=np.float32)
+    key = (id(a), str(x.device))
+    hit = _DEVICE_COPIES.get(key)
+    if hit is not None and hit[0] is a:
+        return hit[1]
+    t = torch.from_numpy(np.array(a, dtype=np.float32, copy=True)).to(x.device)
+    if len(_DEVICE_COPIES) >= 512:
+        _DEVICE_COPIES.clear()
+    if not a.flags.writeable:        # only immutable arrays (profile bases) are safe to cache
+        _DEVICE_COPIES[key] = (a, t)
+    return t
 
 
 def rope_angles(x: Any, start: int, theta: float, dim: int) -> tuple[Any, Any]:
@@ -95,5 +107,5 @@ def forward_basis(x: Any, mean: np.ndarray, basis: np.ndarray) -> Any:
 def inverse_basis(y: Any, mean: np.ndarray, basis: np.ndarray) -> Any:
     """Undo :func:`forward_basis`: ``y @ basis.T + mean`` (the basis is orthonormal)."""
     B, H, T, D = y.shape
-    t = to_tokens(y) @ _like(np.ascontiguousarray(basis.T), y)
+    t = to_tokens(y) @ _like(basis, y).T
     return from_tokens(t + _like(mean, y), H, D)

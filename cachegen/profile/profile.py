@@ -87,6 +87,9 @@ class Profile:
             if len(p.key_bits) != self.n_layers or len(p.value_bits) != self.n_layers:
                 raise ConfigError(f"profile preset {n!r}: one bit width per layer needed")
         object.__setattr__(self, "_hash", _content_hash(self))
+        # one (read-only) view per layer, so device copies of a basis are made once
+        object.__setattr__(self, "_views", tuple(None if b is None else tuple(b[i] for i in range(self.n_layers))
+                                                 for b in (self.key_basis, self.value_basis)))
 
     # ---------------------------------------------------------------- identity
     @property
@@ -99,8 +102,8 @@ class Profile:
         return self.hash.hex()
 
     def basis(self, kvi: int, layer: int) -> Optional[np.ndarray]:
-        b = self.key_basis if kvi == 0 else self.value_basis
-        return None if b is None else b[layer]
+        v = self._views[kvi]  # type: ignore[attr-defined]
+        return None if v is None else v[layer]
 
     def theta(self, layer: int) -> Optional[float]:
         t = float(self.rope_theta[layer])
