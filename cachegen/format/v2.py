@@ -292,6 +292,8 @@ def as_bytes_view(data) -> memoryview:
             mv = memoryview(data)
         except TypeError:
             raise FormatError(f"expected bytes-like data, got {type(data).__name__}") from None
+    if not mv.c_contiguous:      # e.g. a strided numpy view: copy, as v1's parser does
+        mv = memoryview(mv.tobytes())
     if mv.format != "B" or mv.ndim != 1:
         try:
             mv = mv.cast("B")
@@ -421,8 +423,9 @@ def parse_container(data, limits: Optional[DecodeLimits] = None, partial: bool =
         index = index[:keep]
         is_partial = True
     decoded = header.decoded_bytes(int(index.size))
-    _need(decoded <= limits.max_expansion * max(len(mv), 1),
-          f"decoded size {decoded} exceeds {limits.max_expansion}x the container size", LimitExceededError)
+    _need(decoded <= limits.output_allowed(len(mv)),
+          f"decoded size {decoded} exceeds what a {len(mv)}-byte container may declare "
+          f"({limits.max_expansion}x + {limits.free_output_bytes})", LimitExceededError)
     return ContainerV2(header, index, mv, payload_start, is_partial)
 
 

@@ -54,6 +54,7 @@ class Prepared:
     sym_dtype: torch.dtype
     search_iters: int
     packed: bool
+    lut_bits: int = LUT_BITS     # as built (symbol_luts lowers it when there are many tables)
 
 
 def _dev(a: np.ndarray, device, dtype=None) -> torch.Tensor:
@@ -105,7 +106,7 @@ def prepare(container: Container, device, verify: bool = True, lut_bits: Optiona
     }
     sym_dtype = torch.uint8 if plan.max_symbol < 256 else torch.int16
     search_iters = int(np.ceil(np.log2(span + 1))) if span > 0 else 0
-    return Prepared(plan, words, a, sym_dtype, search_iters, packed)
+    return Prepared(plan, words, a, sym_dtype, search_iters, packed, int(lut.shape[1]).bit_length() - 1)
 
 
 def launch(prep: Prepared, bufs: Sequence[Sequence[torch.Tensor]], container: Container, *,
@@ -119,7 +120,7 @@ def launch(prep: Prepared, bufs: Sequence[Sequence[torch.Tensor]], container: Co
     block = BLOCK if block is None else block
     num_warps = NUM_WARPS if num_warps is None else num_warps
     search_while = SEARCH_WHILE if search_while is None else search_while
-    lut_bits = LUT_BITS if lut_bits is None else lut_bits
+    lut_bits = prep.lut_bits        # the LUT fixes it (the argument is kept for old callers)
     tile_t = TILE_T if tile_t is None else tile_t
     tile_c = TILE_C if tile_c is None else tile_c
     dq_warps = DQ_WARPS if dq_warps is None else dq_warps

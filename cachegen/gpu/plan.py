@@ -160,30 +160,46 @@ def build_plan(container: Container, verify: bool = True, bt: int = 32, bc: int 
     )
 
 
+MAX_LUT_ENTRIES = 1 << 20    # all tables' slots together (8 MiB as int64): lut_bits shrinks to fit
+
+
 def symbol_luts(freqs: list, cdfs: list, lut_bits: int, packed: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
     """Per table: cdf padded to a common stride (int32 [T, stride]) and a slot LUT int32
     [T, 2**lut_bits], slot j -> (first symbol s with cdf[s] <= j*W < cdf[s+1])
     | (symbol holding the slot's last value) << 16; W = 2**(24 - lut_bits).
     packed: int64 entries, symbol | cdf << 11 | freq << 35 for a slot inside one symbol,
     first | last << 11 | 1 << 60 for a slot over several.
-    Also returns the widest slot span (symbols a search may have to look through)."""
-    amax = max(f.size for f in freqs)
-    stride = amax + 1
+    Also returns the widest slot span (symbols a search may have to look through).
+
+    Vectorized over tables (one searchsorted over all cdfs, each offset by t * 2**25), and
+    bounded: with many tables lut_bits is lowered so T * 2**lut_bits <= MAX_LUT_ENTRIES (any
+    lut_bits decodes the same symbols; the search covers what the LUT does not)."""
     T = len(freqs)
-    cdf = np.full((T, stride), TOTAL, dtype=np.int64)
-    lut = np.zeros((T, 1 << lut_bits), dtype=np.int64)
+    while lut_bits > 1 and (T << lut_bits) > MAX_LUT_ENTRIES:
+        lut_bits -= 1
+    sizes = np.array([f.size for f in freqs], dtype=np.int64)
+    amax = int(sizes.max())
+    stride = amax + 1
+    n_slots = 1 << lut_bits
     w = 1 << (PRECISION_BITS - lut_bits)
-    slots = np.arange(1 << lut_bits, dtype=np.int64) * w
-    span = 0
-    for t, c in enumerate(cdfs):
-        cdf[t, :c.size] = c
-        lo = np.searchsorted(c, slots, side="right") - 1
-        hi = np.searchsorted(c, slots + (w - 1), side="right") - 1
-        if packed:
-            amb = hi > lo
-            f = np.asarray(freqs[t], dtype=np.int64)
-            lut[t] = np.where(amb, lo | (hi << 11) | (1 << 60), lo | (c[lo] << 11) | (f[lo] << 35))
-        else:
-            lut[t] = lo | (hi << 16)
-        span = max(span, int((hi - lo).max()))
-    return cdf.astype(np.int32), (lut if packed else lut.astype(np.int32)), span
+    base = np.arange(T, dtype=np.int64) << 25                       # keeps the concatenation sorted
+    flat_c = np.concatenate([np.asarray(c, dtype=np.int64) for c in cdfs])   # each: A_t + 1 entries
+    starts = np.concatenate([[0], np.cumsum(sizes + 1)[:-1]])
+    flat_key = flat_c + np.repeat(base, sizes + 1)
+    slots = (np.arange(n_slots, dtype=np.int64) * w)[None, :] + base[:, None]      # [T, n_slots]
+    lo = np.searchsorted(flat_key, slots, side="right") - 1 - starts[:, None]
+    hi = np.searchsorted(flat_key, slots + (w - 1), side="right") - 1 - starts[:, None]
+    cdf = np.full((T, stride), TOTAL, dtype=np.int64)
+    col = np.arange(stride)[None, :]
+    valid = col <= sizes[:, None]
+    cdf[valid] = flat_c
+    span = int((hi - lo).max()) if T else 0
+    if packed:
+        flat_f = np.concatenate([np.asarray(f, dtype=np.int64) for f in freqs])
+        fstarts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        c_lo = np.take_along_axis(cdf, lo, axis=1)
+        f_lo = flat_f[np.minimum(lo + fstarts[:, None], flat_f.size - 1)]
+        lut = np.where(hi > lo, lo | (hi << 11) | (1 << 60), lo | (c_lo << 11) | (f_lo << 35))
+    else:
+        lut = (lo | (hi << 16)).astype(np.int32)
+    return cdf.astype(np.int32), lut, span

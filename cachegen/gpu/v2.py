@@ -23,11 +23,12 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..errors import ChecksumError, InputError, StreamError
+from ..errors import ChecksumError, InputError, LimitExceededError, StreamError
 from ..format import v2 as fmt2
 from ..format.container import MODE_LOSSLESS
 from ..format.tables import TOKEN_SCALES
 BCOLS = 14     # block table columns: see kernels_v2
+MAX_LUT_ENTRIES = 1 << 22   # referenced tables x 2**table_bits slots (32 MiB of int64): legit files use < 2**22
 _K1, _K2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9   # words checksum constants (format.v2)
 
 Verify = Union[bool, str]
@@ -186,6 +187,19 @@ class GpuDecoder:
             p = self._plans[key] = build_shape_plan(c.header, c.n_chunks, self.device)
         return p
 
+    def _tables(self, h: fmt2.HeaderV2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(alphabets, units, remapped ids) of the referenced tables only, bounded in LUT size."""
+        ids = np.concatenate([a.reshape(-1) for per in h.table_ids for a in per]).astype(np.int64)
+        used, remap = np.unique(ids, return_inverse=True)
+        if (used.size << h.table_bits) > MAX_LUT_ENTRIES:
+            raise LimitExceededError(f"{used.size} referenced tables of 2**{h.table_bits} slots exceed the GPU "
+                                     f"lookup-table bound ({MAX_LUT_ENTRIES} entries)")
+        starts = h.table_starts
+        alph = h.alphabets[used].astype(np.int64)
+        idx = np.concatenate([np.arange(starts[t], starts[t + 1]) for t in used.tolist()]) if used.size else \
+            np.zeros(0, np.int64)
+        return alph, h.units[idx].astype(np.int64), remap.astype(np.int32).reshape(-1)
+
     # ---------------------------------------------------------------- decode
     def upload(self, c: fmt2.ContainerV2, stream: Optional[torch.cuda.Stream] = None) -> torch.Tensor:
         """The container's bytes as a device uint8 tensor (length padded to a multiple of 4)."""
@@ -264,10 +278,11 @@ class GpuDecoder:
             cwords = md[6 * nf + c.n_chunks:6 * nf + 2 * c.n_chunks]
             stored = md[6 * nf + 2 * c.n_chunks:]
             # Tables and ids come from the host parse (the model section is zstd-compressed, small).
-            alph = torch.from_numpy(h.alphabets.astype(np.int64)).to(dev, non_blocking=True)
-            units = torch.from_numpy(h.units.astype(np.int64)).to(dev, non_blocking=True)
-            ids = torch.from_numpy(np.concatenate([a.reshape(-1) for per in h.table_ids for a in per])
-                                   .astype(np.int32)).to(dev, non_blocking=True)
+            # Only referenced tables get LUT slots (a file may list many it never uses).
+            alph_r, units_r, ids_r = self._tables(h)
+            alph = torch.from_numpy(alph_r).to(dev, non_blocking=True)
+            units = torch.from_numpy(units_r).to(dev, non_blocking=True)
+            ids = torch.from_numpy(ids_r).to(dev, non_blocking=True)
             lut = build_lut(units, alph, h.table_bits)
             par = payload.view(torch.float16 if h.param_dtype == 1 else torch.float32)
             err = torch.zeros(max(p.n_streams, 1), dtype=torch.int8, device=dev)
