@@ -18,9 +18,11 @@ directly: full layers get every token, sliding layers their window and the true 
 It keeps every layer's whole cache (the store slices chunks by token position); the model
 applies the sliding window through its attention mask, as the ONNX export does.
 
-Works with transformers 5.x (per-layer ``cache.layers``) and 4.5x (``key_cache`` /
-``value_cache`` lists, no sliding layers in ``DynamicCache``: there every layer must hold
-the whole sequence). Tested here with the installed 5.x.
+Works with transformers 5.x (per-layer ``cache.layers`` with sliding-window layers) and 4.5x
+(no sliding layers in ``DynamicCache``: every layer must hold the whole sequence; Gemma-3
+there defaults to a ``HybridCache`` of static buffers, which is refused: run it with
+``past_key_values=DynamicCache()``). Tested: 5.24 (all tests) and 4.55 (the tiny-model tests
+less the sliding-layer one).
 """
 from __future__ import annotations
 
@@ -74,6 +76,10 @@ def from_dynamic_cache(cache: Any) -> list:
     if layers is not None:
         out = []
         for i, l in enumerate(layers):
+            if not type(l).__name__.startswith("Dynamic"):
+                # static / hybrid caches hold preallocated max-length buffers
+                raise InputError(f"layer {i} is a {type(l).__name__}: only DynamicCache layers are supported "
+                                 "(run the model with past_key_values=DynamicCache())")
             if not getattr(l, "is_initialized", True) or getattr(l, "keys", None) is None:
                 raise InputError(f"layer {i} of the cache is empty (was the model run with use_cache=True?)")
             out.append((l.keys, l.values))
@@ -130,9 +136,10 @@ def to_dynamic_cache(kv: Sequence[Sequence[Any]], config: Any = None, seq_length
     if n < longest:
         raise InputError(f"seq_length {n} is shorter than a layer's {longest} tokens")
 
-    cache = DynamicCache(config=config) if config is not None and _accepts(DynamicCache, "config") else DynamicCache()
+    sliding = supports_sliding_layers()
+    cache = DynamicCache(config=config) if config is not None and sliding else DynamicCache()
     layers = getattr(cache, "layers", None)
-    if layers is None:                       # transformers 4.5x: key_cache / value_cache lists
+    if layers is None or not sliding:        # transformers 4.5x: no sliding layers, grow by update()
         for i, (k, v) in enumerate(tensors):
             if k.shape[2] != n:
                 raise InputError(f"layer {i} holds {k.shape[2]} of {n} tokens; this transformers version's "
@@ -161,6 +168,11 @@ def to_dynamic_cache(kv: Sequence[Sequence[Any]], config: Any = None, seq_length
         if hasattr(layer, "cumulative_length"):
             layer.cumulative_length = n
     return cache
+
+
+def supports_sliding_layers() -> bool:
+    """Whether this transformers' DynamicCache has sliding-window layers (5.x, 4.56+)."""
+    return _accepts(_transformers().DynamicCache, "config")
 
 
 def _accepts(fn: Any, name: str) -> bool:
