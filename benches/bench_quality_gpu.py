@@ -123,7 +123,7 @@ def run(device: str, models: Sequence[str], presets: Sequence[str], contexts: Se
         cont: int, greedy_windows: int, greedy_tokens: int, greedy_context: int, out: Path,
         threads: Optional[int] = None) -> dict:
     import cachegen
-    from cachegen.quality import eval_texts, find_divergence, greedy_stats
+    from cachegen.quality import eval_texts, greedy_stats
 
     texts = eval_texts()
     res = json.loads(out.read_text()) if out.is_file() else {}
