@@ -195,3 +195,19 @@ def test_reference_tokenizers_same_ids_on_transformers_5_17(tmp_path):
     assert (old["transformers"], old["tokenizers"]) == ("5.17.0", "0.23.2"), old
     new = _probe(sys.executable, tmp_path / "cur")
     assert old["models"] == new["models"], (old, new)
+
+
+@pytest.mark.parametrize("v,ok", [("4.57.6", False), ("5.16.2", False), ("5.17.0", True), ("5.24.0", True),
+                                  ("6.0.0.dev0", True)])
+def test_export_refuses_transformers_too_old(monkeypatch, v, ok):
+    """transformers 4.57.6 fails in onnxruntime-genai's builder (measured): a clear ModelError up front."""
+    import importlib.metadata
+
+    from cachegen.ort.export import _check_transformers
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda pkg: v)
+    if ok:
+        _check_transformers()
+    else:
+        with pytest.raises(ModelError, match="too old"):
+            _check_transformers()

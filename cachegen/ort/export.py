@@ -27,7 +27,7 @@ renamed into place atomically, so a crashed build never leaves a half-written ca
 """
 from __future__ import annotations
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
 from . import tokenizer as _tok
 
 import importlib.util
@@ -315,6 +315,29 @@ def _run_builder(hf_dir: Path, out_dir: Path, precision: str, provider: str, ext
 # Public entry points
 # ----------------------------------------------------------------------------------------------
 
+#: The oldest transformers the export route was measured to work with. transformers 4.57.6 fails
+#: in step 3: onnxruntime-genai 0.18's model builder imports names that exist only in
+#: transformers 5 (``Qwen3_5ForConditionalGeneration``). Measured working: 5.17.0, 5.24.0.
+MIN_TRANSFORMERS = (5, 17)
+
+
+def _check_transformers() -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("transformers")
+    except PackageNotFoundError:
+        raise ModelError("exporting a model needs transformers: pip install 'cachegen[models]'") from None
+    parts = []
+    for x in v.split(".")[:2]:
+        digits = "".join(ch for ch in x if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    if tuple(parts) < MIN_TRANSFORMERS:
+        raise ModelError(f"transformers {v} is too old for the ONNX export (onnxruntime-genai's builder needs "
+                         f"transformers >= {'.'.join(map(str, MIN_TRANSFORMERS))}; measured: 4.57.6 fails, "
+                         "5.17.0 and 5.24.0 work): pip install -U 'transformers>=5.17'")
+
+
 def _is_complete(path: Path) -> bool:
     return (path / "model.onnx").is_file() and (path / META_FILE).is_file()
 
@@ -342,6 +365,7 @@ def export_model(name: str = "smollm2", precision: str = "fp32", provider: str =
     if _is_complete(final) and not force:
         _log(f"using cached {final}", progress)
         return final
+    _check_transformers()
     final.parent.mkdir(parents=True, exist_ok=True)
 
     t_start = time.time()
