@@ -117,7 +117,7 @@ def run_demo(model: str = "smollm2", text: Optional[str] = None, preset: str = "
     data = cachegen.encode(kv_c, preset)
     encode_s = time.perf_counter() - t
     if out_path is None:
-        out = Path(tempfile.gettempdir()) / f"cachegen_demo_{model}_{preset}.cgkv"
+        out = Path(tempfile.gettempdir()) / f"cachegen_demo_{model}_{preset}.cgk"
     else:
         out = Path(out_path)
     _write_atomic(out, data)
