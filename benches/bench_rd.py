@@ -30,7 +30,7 @@ texts followed by the stdlib's json/decoder.py, none of them in the sweep.
 Profile methods (issue 13) need the profile next to the export: ``cachegen profile MODEL``.
 ``kvtc-style`` is the KVTC recipe on our codec: PCA basis per (layer, K/V) with keys before RoPE,
 attention sink exact, one shared step per block (low-variance coefficients get ~0 bits), no
-per-layer allocation (uniform K6/V4 widths on the coefficients).
+per-layer allocation (uniform K6/V4 widths on the coefficients; -k5v4 / -k5v3: lower rates).
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def codec_methods() -> Dict[str, Any]:
     return m
 
 
-PROFILE_METHODS = ("default-p", "small-p", "tiny-p", "kvtc-style")
+PROFILE_METHODS = ("default-p", "small-p", "tiny-p", "kvtc-style", "kvtc-style-k5v4", "kvtc-style-k5v3")
 PROFILE_RESULTS = HERE / "rd_profile_results.json"
 PROFILE_NOTES = HERE / "rd_profile_notes.md"
 
@@ -108,8 +108,9 @@ def profile_method_config(name: str, prof):
     """(profile, config) for a profile method."""
     import cachegen
 
-    if name == "kvtc-style":
-        return cachegen.CodecConfig(name=name, key_bits=6, value_bits=4, group_size=1, token_scaling=True,
+    if name.startswith("kvtc-style"):
+        kb, vb = (6, 4) if name == "kvtc-style" else (int(name[-3]), int(name[-1]))
+        return cachegen.CodecConfig(name=name, key_bits=kb, value_bits=vb, group_size=1, token_scaling=True,
                                     scale_sharing=1.0)
     return name
 
