@@ -1,7 +1,6 @@
 """Model profiles on the real SmolLM2 export (slow: one calibration prefill + one window)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 import cachegen

@@ -26,7 +26,7 @@ from ..config import CodecConfig, get_config
 from ..errors import ConfigError, FormatError, InputError
 from ..format.extensions import EXT_TRANSFORM, Extension, find
 from . import ops, transform as tf
-from .profile import HASH_BYTES, Profile, find_profile
+from .profile import Profile, find_profile
 
 MAGIC = b"CGTF"
 PAYLOAD_VERSION = 1
