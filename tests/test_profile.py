@@ -219,3 +219,19 @@ def test_inverse_on_cuda_matches_cpu():
         assert c.device.type == "cuda" and c.dtype == torch.float16
         for x, y in ((a, c), (b, d)):
             assert (x.float() - y.float().cpu()).abs().max().item() <= 2e-3 * x.float().abs().max().item()
+
+
+def test_transform_record_layout():
+    """The EXT_TRANSFORM payload layout of codec_spec/FORMAT_V2.md section 6.1, byte for byte."""
+    import struct
+    p = _profile()
+    sk = (np.full((1, H, 1, D), 1.5, dtype=np.float16), np.full((1, H, 1, D), -2.0, dtype=np.float16))
+    b = pcodec.pack_payload(p, 1, 1, [0, 7, 0], [sk, None, sk])
+    assert b[:4] == b"CGTF" and b[4] == 1 and b[5] == 1
+    assert struct.unpack_from("<HH", b, 6) == (L, 1) and b[10:26] == p.hash
+    assert [struct.unpack_from("<qH", b, 26 + 10 * i) for i in range(L)] == [(0, 1), (7, 0), (0, 1)]
+    assert len(b) == 26 + 10 * L + 2 * (2 * H * D * 2)
+    assert b[56:58] == np.float16(1.5).tobytes()
+    rec = pcodec.TransformRecord(b)
+    s = rec.sink_arrays(p)
+    assert s[1] is None and float(s[2][1][0, 1, 0, 3]) == -2.0
