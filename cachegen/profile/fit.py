@@ -5,8 +5,8 @@
    heads: eigenvectors of the *uncentred* second-moment matrix (centring measured worse: it makes
    the per-token scales of outlying tokens, e.g. the attention sink, swing).
 2. Bit allocation (``allocate=True``): on a calibration window, for every (layer, K/V) tensor and
-   width 2..9, the coded size and MSE of that tensor alone in the transform domain, and the KL
-   when only that tensor is quantized at 5 bits (KL is close to additive over tensors). Each
+   width 2..9, the coded size and MSE of that tensor alone in the transform domain, and (mean
+   over the calibration windows) the KL when only that tensor is quantized at 5 bits (KL is close to additive over tensors). Each
    tensor then takes ``argmin_b  s * mse(b)/mse(5) + lambda * bytes(b)/fp16_bytes``; lambda is
    bisected per preset so that the mean KL measured on the calibration windows (the real codec,
    the real model) meets the preset's target. ``default-p`` targets 0.6x the KL that the profile-free
@@ -175,7 +175,8 @@ def _windows(runner: Any, ids: Sequence[int]) -> List[_Window]:
 
 def tune_presets(profile: Profile, runner: Any, text: Optional[str] = None, *,
                  targets: Optional[Dict[str, Optional[float]]] = None, log: Log = None,
-                 max_tokens: int = 4096, _ids: Optional[Sequence[int]] = None, _t0: Optional[float] = None) -> Profile:
+                 max_tokens: int = 4096, remeasure: bool = False, _ids: Optional[Sequence[int]] = None,
+                 _t0: Optional[float] = None) -> Profile:
     """(Re)run the bit allocation of a profile's presets (bases unchanged). The per-tensor
     sensitivities stored in ``profile.info`` are reused when present."""
     from . import calibration_text
@@ -189,10 +190,11 @@ def tune_presets(profile: Profile, runner: Any, text: Optional[str] = None, *,
     model_name = profile.model
     _log(log, f"[profile {model_name}] per-tensor rate/MSE and sensitivity on {len(wins)} window(s)")
     rate, mse = _tensor_rd(base, wins[0])
-    if "sensitivity_k" in profile.info and len(profile.info["sensitivity_k"]) == profile.n_layers:
+    if (not remeasure and "sensitivity_k" in profile.info
+            and len(profile.info["sensitivity_k"]) == profile.n_layers):
         sens = np.stack([np.asarray(profile.info["sensitivity_k"]), np.asarray(profile.info["sensitivity_v"])], axis=1)
-    else:
-        sens = _sensitivity(runner, base, wins[0], log)
+    else:   # mean over the calibration windows: one window's ranking transfers poorly (Gemma-3)
+        sens = np.mean([_sensitivity(runner, base, w, log) for w in wins], axis=0)
 
     memo: Dict[tuple, tuple] = {}   # the presets' bisections share their first steps
 
