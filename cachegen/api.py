@@ -59,27 +59,44 @@ def _container(data: Any, limits: Optional[DecodeLimits], partial: bool):
 
 
 def decode(data: Any, device: Union[str, torch.device] = "cpu", *, decoder: str = "auto",
-           limits: Optional[DecodeLimits] = None, partial: bool = False, verify: bool = True) -> TorchKV:
+           limits: Optional[DecodeLimits] = None, partial: bool = False, verify: bool = True,
+           profiles: Any = None) -> TorchKV:
     """Decompress to [(key, value)] torch tensors in the original layout and dtype.
 
     ``partial=True`` accepts a container cut short and returns the complete chunks present
-    (a prefix of the cache). ``device="cuda"`` decodes on the GPU.
+    (a prefix of the cache). ``device="cuda"`` decodes on the GPU. A container coded with a
+    model profile (``cachegen.profile``) is transformed back with it: ``profiles`` gives the
+    Profile(s), else the shipped and registered ones are searched (ConfigError if missing).
     """
     dev = dispatch.resolve_device(device)
     c = _container(data, limits, partial)
-    return dispatch.decode(c, dev, decoder, verify)
+    return dispatch.untransform(c, dispatch.decode(c, dev, decoder, verify), profiles)
 
 
 def decode_into(data: Any, buffers: Sequence[Sequence[torch.Tensor]], *, decoder: str = "auto",
-                limits: Optional[DecodeLimits] = None, partial: bool = False, verify: bool = True) -> list[int]:
+                limits: Optional[DecodeLimits] = None, partial: bool = False, verify: bool = True,
+                profiles: Any = None) -> list[int]:
     """Decode into caller-owned tensors (e.g. a preallocated max-length cache or the buffers bound
     to an ORT session). buffers[i] = (key, value), each [B, H, capacity, D] with capacity >= the
     layer's tokens, of the container's dtype, on CPU or CUDA. Returns the tokens written per layer.
     """
     c = _container(data, limits, partial)
+    if dispatch.has_transform(c):
+        # coefficients decode in the container's dtype, K/V come back in the original one:
+        # decode, transform back, then copy into the caller's buffers
+        dispatch.copy_into(buffers, decode(c, _buffers_device(buffers), decoder=decoder, verify=verify,
+                                           profiles=profiles))
+        return c.tokens()
     bufs = dispatch.check_buffers(c, buffers)
     dispatch.decode_into(c, bufs, decoder, verify)
     return c.tokens()
+
+
+def _buffers_device(buffers: Any) -> torch.device:
+    try:
+        return buffers[0][0].device
+    except (TypeError, IndexError, AttributeError):
+        raise InputError("buffers must be a sequence of (key, value) tensor pairs") from None
 
 
 def save(path: Union[str, os.PathLike], kv: KVCache, config: Union[str, CodecConfig, None] = "default",

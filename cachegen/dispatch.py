@@ -224,3 +224,36 @@ def block_params(c: AnyContainer, k: int, verify: bool = True) -> list[BlockPara
                                int(ch.stream_lengths[s0:s1].sum()), int(s1 - s0),
                                1 if ch.step_modes[b] == STEP_SHARED else ch.lo[b].size))
     return out
+
+
+def has_transform(c: AnyContainer) -> bool:
+    from .format.extensions import EXT_TRANSFORM, find
+    return find(getattr(c.header, "extensions", []) or [], EXT_TRANSFORM) is not None
+
+
+def untransform(c: AnyContainer, kv, profiles: Any = None):
+    """Undo a model-profile transform (EXT_TRANSFORM, critical) on the decoder's raw output:
+    without this a transform-coded container would come back as coefficients. Returns kv
+    unchanged when the container has no transform; raises ConfigError when its profile is
+    not available (cachegen.profile.find_profile)."""
+    if not has_transform(c):
+        return kv
+    from .profile.codec import postprocess   # needs torch and the profile package: only here
+    return postprocess(kv, c.header.extensions, profiles)
+
+
+def copy_into(buffers: Sequence[Sequence[torch.Tensor]], kv) -> None:
+    """Copy a decoded cache into caller buffers [B, H, >=T, D] (checked: count, shape, dtype, device)."""
+    if len(buffers) != len(kv):
+        raise InputError(f"{len(buffers)} buffer pairs for {len(kv)} layers")
+    for i, (pair, src) in enumerate(zip(buffers, kv)):
+        try:
+            kb, vb = pair
+        except (TypeError, ValueError):
+            raise InputError(f"layer {i}: expected a (key, value) buffer pair") from None
+        for name, b, x in (("k", kb, src[0]), ("v", vb, src[1])):
+            if not isinstance(b, torch.Tensor) or b.dtype != x.dtype or b.dim() != 4 or b.shape[0] != x.shape[0] \
+                    or b.shape[1] != x.shape[1] or b.shape[3] != x.shape[3] or b.shape[2] < x.shape[2]:
+                raise InputError(f"layer {i} {name}: buffer must be a {x.dtype} tensor "
+                                 f"[{x.shape[0]}, {x.shape[1]}, >={x.shape[2]}, {x.shape[3]}]")
+            b[:, :, :x.shape[2]].copy_(x.to(b.device))

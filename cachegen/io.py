@@ -797,6 +797,9 @@ def stage(source: Union[Source, Any], device: Union[str, torch.device], *, decod
 
 def _payload_ok(dec: Any, c: Any) -> bool:
     """Whether a payload-taking decoder decodes this container (else cachegen.decode_into does)."""
+    from .dispatch import has_transform
+    if has_transform(c):   # model-profile containers: cachegen.decode_into transforms them back
+        return False
     sup = getattr(dec, "supports", None)
     if callable(sup):
         return bool(sup(c))
