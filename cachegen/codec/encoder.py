@@ -299,25 +299,9 @@ def encode_lossless_v2(kv: Sequence[Sequence[Any]], config: CodecConfig, progres
                        extensions: Sequence[Any] = ()) -> bytes:
     """Lossless mode in a v2 container: the v1 chunk payload (byte-shuffled slices, one zstd
     frame per chunk), no metadata section, extension records allowed."""
-    import zstandard
-
     from ..format import v2 as fmt2
-    from .layout import raw_bytes
-    from .lossless import _shuffle
+    from .lossless import chunk_payloads
     infos, batch, dtype = describe(kv)
     header = fmt2.HeaderV2(mode=MODE_LOSSLESS, dtype=dtype, batch=batch, chunk_tokens=config.chunk_tokens,
                            layers=infos, channels_per_stream=0, step_mode=0, extensions=list(extensions))
-    raws = [(raw_bytes(k), raw_bytes(v)) for k, v in kv]
-    cctx = zstandard.ZstdCompressor(level=config.zstd_level, write_content_size=True)
-    C, chunks = config.chunk_tokens, []
-    for k in range(header.n_chunks):
-        parts = []
-        for i, l in enumerate(infos):
-            n = chunk_token_count(l.tokens, k, C)
-            if n:
-                for kvi in (0, 1):
-                    parts.append(_shuffle(raws[i][kvi][:, :, k * C:k * C + n]))
-        chunks.append((cctx.compress(b"".join(parts)), 0))
-        if progress:
-            progress(k + 1, header.n_chunks)
-    return fmt2.build_container(header, chunks)
+    return fmt2.build_container(header, [(p, 0) for p in chunk_payloads(kv, infos, config, progress)])

@@ -24,25 +24,32 @@ def _unshuffle(buf: memoryview, shape: tuple[int, ...], s: int) -> np.ndarray:
     return np.ascontiguousarray(planes.T).reshape(shape + (s,))
 
 
-def encode_lossless(kv: Sequence[Sequence[Any]], config: CodecConfig,
-                    progress: Optional[Callable[[int, int], None]] = None) -> bytes:
-    infos, batch, dtype = describe(kv)
-    header = Header(mode=MODE_LOSSLESS, dtype=dtype, batch=batch, chunk_tokens=config.chunk_tokens,
-                    layers=infos, channels_per_stream=0)
+def chunk_payloads(kv: Sequence[Sequence[Any]], infos: Sequence, config: CodecConfig,
+                   progress: Optional[Callable[[int, int], None]] = None):
+    """The lossless payload of every chunk (both format versions): per block the byte-shuffled
+    slice, the chunk in one zstd frame with its content size."""
     raws = [(raw_bytes(k), raw_bytes(v)) for k, v in kv]
     cctx = zstandard.ZstdCompressor(level=config.zstd_level, write_content_size=True)
-    C, payloads = config.chunk_tokens, []
-    for k in range(header.n_chunks):
+    C = config.chunk_tokens
+    n_chunks = -(-max(l.tokens for l in infos) // C)
+    for k in range(n_chunks):
         parts = []
         for i, l in enumerate(infos):
             n = chunk_token_count(l.tokens, k, C)
             if n:
                 for kvi in (0, 1):
                     parts.append(_shuffle(raws[i][kvi][:, :, k * C:k * C + n]))
-        payloads.append(cctx.compress(b"".join(parts)))
+        yield cctx.compress(b"".join(parts))
         if progress:
-            progress(k + 1, header.n_chunks)
-    return build_container(header, payloads)
+            progress(k + 1, n_chunks)
+
+
+def encode_lossless(kv: Sequence[Sequence[Any]], config: CodecConfig,
+                    progress: Optional[Callable[[int, int], None]] = None) -> bytes:
+    infos, batch, dtype = describe(kv)
+    header = Header(mode=MODE_LOSSLESS, dtype=dtype, batch=batch, chunk_tokens=config.chunk_tokens,
+                    layers=infos, channels_per_stream=0)
+    return build_container(header, list(chunk_payloads(kv, infos, config, progress)))
 
 
 def lossless_items(container: Container) -> list[tuple[int, int, int]]:

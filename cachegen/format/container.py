@@ -104,8 +104,40 @@ class ChunkEntry:
     crc: int
 
 
+class CacheShape:
+    """What both format versions' headers derive from their layers and chunking (mixin)."""
+    layers: list
+    chunk_tokens: int
+    group_size: int
+    dtype: int
+    batch: int
+
+    @property
+    def max_tokens(self) -> int:
+        return max(l.tokens for l in self.layers)
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.max_tokens // self.chunk_tokens)
+
+    @property
+    def roles(self) -> int:
+        return 2 if self.group_size > 1 else 1
+
+    @property
+    def elem_bytes(self) -> int:
+        return DTYPE_CODES[self.dtype][1]
+
+    def decoded_bytes(self, n_chunks: Optional[int] = None) -> int:
+        total = 0
+        for l in self.layers:
+            t = l.tokens if n_chunks is None else min(l.tokens, n_chunks * self.chunk_tokens)
+            total += self.batch * t * (l.channels(0) + l.channels(1))
+        return total * self.elem_bytes
+
+
 @dataclass
-class Header:
+class Header(CacheShape):
     mode: int
     dtype: int
     batch: int
@@ -132,29 +164,6 @@ class Header:
     @property
     def cdfs(self) -> list[np.ndarray]:
         return self.tables.int64_lists()[1] if self.tables is not None else []
-
-    @property
-    def max_tokens(self) -> int:
-        return max(l.tokens for l in self.layers)
-
-    @property
-    def n_chunks(self) -> int:
-        return -(-self.max_tokens // self.chunk_tokens)
-
-    @property
-    def roles(self) -> int:
-        return 2 if self.group_size > 1 else 1
-
-    @property
-    def elem_bytes(self) -> int:
-        return DTYPE_CODES[self.dtype][1]
-
-    def decoded_bytes(self, n_chunks: Optional[int] = None) -> int:
-        total = 0
-        for l in self.layers:
-            t = l.tokens if n_chunks is None else min(l.tokens, n_chunks * self.chunk_tokens)
-            total += self.batch * t * (l.channels(0) + l.channels(1))
-        return total * self.elem_bytes
 
 
 @dataclass

@@ -24,7 +24,7 @@ import zstandard
 
 from ..errors import (ChecksumError, FormatError, InputError, LimitExceededError, StreamError,
                       UnsupportedVersionError)
-from .container import (DTYPE_CODES, MAGIC, MODE_LOSSLESS, MODE_LOSSY, PARAM_DTYPES, DecodeLimits,
+from .container import (DTYPE_CODES, MAGIC, CacheShape, MODE_LOSSLESS, MODE_LOSSY, PARAM_DTYPES, DecodeLimits,
                         LayerInfo, crc32)
 from .extensions import MAX_EXTENSIONS, Extension, check_known
 from .layout import STEP_PER_CHANNEL, STEP_SHARED, ChunkLayout, chunk_layout, chunk_layouts, chunk_token_count
@@ -75,7 +75,7 @@ def _need(cond: bool, msg: str, exc=FormatError) -> None:
 
 
 @dataclass
-class HeaderV2:
+class HeaderV2(CacheShape):
     mode: int
     dtype: int
     batch: int
@@ -99,22 +99,6 @@ class HeaderV2:
     _starts: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
     @property
-    def max_tokens(self) -> int:
-        return max(l.tokens for l in self.layers)
-
-    @property
-    def n_chunks(self) -> int:
-        return -(-self.max_tokens // self.chunk_tokens)
-
-    @property
-    def roles(self) -> int:
-        return 2 if self.group_size > 1 else 1
-
-    @property
-    def elem_bytes(self) -> int:
-        return DTYPE_CODES[self.dtype][1]
-
-    @property
     def n_tables(self) -> int:
         return int(self.alphabets.size)
 
@@ -130,13 +114,6 @@ class HeaderV2:
         """Exact 24-bit frequencies of table t (int64), as the rANS coder uses them."""
         s = self.table_starts
         return self.units[s[t]:s[t + 1]].astype(np.int64) << (PRECISION_BITS - self.table_bits)
-
-    def decoded_bytes(self, n_chunks: Optional[int] = None) -> int:
-        total = 0
-        for l in self.layers:
-            t = l.tokens if n_chunks is None else min(l.tokens, n_chunks * self.chunk_tokens)
-            total += self.batch * t * (l.channels(0) + l.channels(1))
-        return total * self.elem_bytes
 
     def layout(self, k: int) -> ChunkLayout:
         return chunk_layout(self, k)
