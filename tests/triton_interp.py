@@ -14,7 +14,9 @@ def enable() -> bool:
         import triton.runtime.interpreter as ti
     except ImportError:
         return False
-    orig = ti._patch_lang_tensor
+    orig = getattr(ti, "_patch_lang_tensor", None)
+    if orig is None:       # another Triton layout: the caller skips
+        return False
     if getattr(orig, "_cachegen_patched", False):
         return True
 
