@@ -149,7 +149,7 @@ def inspect(data: Any, limits: Optional[DecodeLimits] = None, verify: bool = Fal
         offsets = c.index["offset"].astype(np.int64)
         chunks = [{"offset": int(o), "size": int(n), "meta_crc32": f"{int(m):08x}", "words_sum": f"{int(w):016x}"}
                   for o, n, m, w in zip(offsets, sizes, c.index["meta_crc"], c.index["words_sum"])]
-        size = c.payload_start + (int(offsets[-1] + sizes[-1]) if c.n_chunks else 0)
+        size = c.end
         parts["padding"] = size - c.payload_start - int(sizes.sum())
         n_tables = h.n_tables
     else:

@@ -50,18 +50,11 @@ import numpy as np
 import torch
 
 from .errors import FormatError, InputError, LimitExceededError
-from .format.container import Container, DecodeLimits, parse_container
+from .format.container import Container, DecodeLimits
 
-try:  # format v2 (cachegen.dispatch picks the parser by version); v1 only before it
-    from .dispatch import open_container as _open_container
-    from .format.v2 import VERSION as _V2
-    from .format.v2 import _PREAMBLE as _V2_PREAMBLE
-    from .format.v2 import ContainerV2 as _ContainerV2
-    _CONTAINERS: tuple = (Container, _ContainerV2)
-except ImportError:  # pragma: no cover - a build without format v2
-    _open_container = parse_container
-    _V2, _V2_PREAMBLE = None, None
-    _CONTAINERS = (Container,)
+from .dispatch import open_container as _open_container   # either format version
+from .format.v2 import PREAMBLE_SIZE as _PRE, ContainerV2 as _ContainerV2, header_extent
+_CONTAINERS: tuple = (Container, _ContainerV2)
 
 
 def is_container(x: Any) -> bool:
@@ -705,13 +698,12 @@ def _parse_device_bytes(rd: PinnedReader, t: torch.Tensor, dec: Any, verify: Any
         rd._limit(n)
         host = rd._host_buffer(n)
         head = 0
-        if _V2_PREAMBLE is not None and n >= _V2_PREAMBLE.size:
-            pre = _V2_PREAMBLE.size
-            host[:pre].copy_(t[:pre])
-            _, version, _, _, header_size, _ = _V2_PREAMBLE.unpack_from(host[:pre].numpy())
-            if version == _V2 and pre + header_size <= n:
-                head = pre + header_size
-                host[pre:head].copy_(t[pre:head])
+        if n >= _PRE:
+            host[:_PRE].copy_(t[:_PRE])
+            ext = header_extent(host[:_PRE].numpy())
+            if ext is not None and ext <= n:
+                head = ext
+                host[_PRE:head].copy_(t[_PRE:head])
         if not head:
             host.copy_(t)
     hb = HostBytes(host, rd.pin, ReadStats("device", n, 1, 1))
@@ -741,13 +733,12 @@ class _EarlyParser:
         self.parse_s = 0.0
 
     def __call__(self, h: torch.Tensor, a: int, b: int) -> None:
-        if self.container is not None or self.head is None or _V2_PREAMBLE is None:
+        if self.container is not None or self.head is None:
             return
         if self.head == -1:
-            if b < _V2_PREAMBLE.size:
+            if b < _PRE:
                 return
-            _, version, _, _, header_size, _ = _V2_PREAMBLE.unpack_from(h[:_V2_PREAMBLE.size].numpy())
-            self.head = _V2_PREAMBLE.size + header_size if version == _V2 else None
+            self.head = header_extent(h[:_PRE].numpy())
             if self.head is None:
                 return
         if b >= min(self.head, h.numel()):

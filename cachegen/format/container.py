@@ -104,13 +104,18 @@ class ChunkEntry:
     crc: int
 
 
+@dataclass
 class CacheShape:
-    """What both format versions' headers derive from their layers and chunking (mixin)."""
-    layers: list
-    chunk_tokens: int
-    group_size: int
+    """The fields both format versions' headers share, and what follows from them."""
+    mode: int
     dtype: int
     batch: int
+    chunk_tokens: int
+    layers: list[LayerInfo]
+    param_dtype: int = 0
+    group_size: int = 1
+    channels_per_stream: int = 1
+    token_scaling: int = 0   # 1: each chunk carries a u8 scale exponent per (layer, kv, batch, token)
 
     @property
     def max_tokens(self) -> int:
@@ -138,15 +143,6 @@ class CacheShape:
 
 @dataclass
 class Header(CacheShape):
-    mode: int
-    dtype: int
-    batch: int
-    chunk_tokens: int
-    layers: list[LayerInfo]
-    param_dtype: int = 0
-    group_size: int = 1
-    channels_per_stream: int = 1
-    token_scaling: int = 0   # 1: each chunk carries a u8 scale exponent per (layer, kv, batch, token)
     # Model section (lossy only): stored counts per table, and per (layer, kv) the table ids,
     # shaped [channels, roles] (roles: 1 without grouping, 2 = anchor, delta).
     # A parsed header keeps only the referenced tables, in file order, with the ids remapped.
@@ -354,14 +350,9 @@ def parse_container(data, limits: Optional[DecodeLimits] = None, partial: bool =
     return Container(header, chunks, data, payload_start, is_partial, limits=limits)
 
 
-def _parse_model_section(header: Header, comp: memoryview, raw_size: int, comp_size: int,
-                         limits: DecodeLimits) -> None:
-    """Decompress and check the model section; expand only the referenced tables.
-
-    Cost: one pass over the section (a Python step per stored table, numpy over the ids), then
-    the referenced tables' symbols (at most ``limits.max_table_symbols``) in uint32.
-    """
-    _need(len(comp) == comp_size, "model section size mismatch")
+def inflate_model_section(comp: memoryview, raw_size: int, limits: DecodeLimits) -> bytes:
+    """The model section's single zstd frame (both format versions), decompressed to exactly
+    its declared size, which the limits bound before anything is decompressed."""
     _need(0 < raw_size <= limits.max_model_bytes, f"model section size {raw_size} out of range", LimitExceededError)
     try:
         params = zstandard.get_frame_parameters(bytes(comp[:18]))
@@ -376,6 +367,18 @@ def _parse_model_section(header: Header, comp: memoryview, raw_size: int, comp_s
         raise FormatError(f"model section does not decompress: {e}") from None
     _need(clean, "model section must be exactly one zstd frame")
     _need(len(raw) == raw_size, "model section decompressed to the wrong size")
+    return raw
+
+
+def _parse_model_section(header: Header, comp: memoryview, raw_size: int, comp_size: int,
+                         limits: DecodeLimits) -> None:
+    """Decompress and check the model section; expand only the referenced tables.
+
+    Cost: one pass over the section (a Python step per stored table, numpy over the ids), then
+    the referenced tables' symbols (at most ``limits.max_table_symbols``) in uint32.
+    """
+    _need(len(comp) == comp_size, "model section size mismatch")
+    raw = inflate_model_section(comp, raw_size, limits)
     _need(raw_size >= 4, "model section truncated")
     (n_tables,) = struct.unpack_from("<I", raw, 0)
     _need(1 <= n_tables <= 65535, f"table count {n_tables} outside [1, 65535]")

@@ -24,7 +24,7 @@ import zstandard
 
 from ..errors import (ChecksumError, FormatError, InputError, LimitExceededError, StreamError,
                       UnsupportedVersionError)
-from .container import (DTYPE_CODES, MAGIC, CacheShape, MODE_LOSSLESS, MODE_LOSSY, PARAM_DTYPES, DecodeLimits,
+from .container import (DTYPE_CODES, MAGIC, CacheShape, inflate_model_section, MODE_LOSSLESS, MODE_LOSSY, PARAM_DTYPES, DecodeLimits,
                         LayerInfo, crc32)
 from .extensions import MAX_EXTENSIONS, Extension, check_known
 from .layout import STEP_PER_CHANNEL, STEP_SHARED, ChunkLayout, chunk_layout, chunk_layouts, chunk_token_count
@@ -76,15 +76,6 @@ def _need(cond: bool, msg: str, exc=FormatError) -> None:
 
 @dataclass
 class HeaderV2(CacheShape):
-    mode: int
-    dtype: int
-    batch: int
-    chunk_tokens: int
-    layers: list[LayerInfo]
-    param_dtype: int = 0
-    group_size: int = 1
-    channels_per_stream: int = 1
-    token_scaling: int = 0
     step_mode: int = STEP_SHARED
     table_bits: int = 0
     # Tables: alphabet size of each, and all frequencies (table_bits units) back to back.
@@ -139,6 +130,11 @@ class ContainerV2:
     def tokens(self) -> list[int]:
         n = self.n_chunks * self.header.chunk_tokens
         return [min(l.tokens, n) for l in self.header.layers]
+
+    @property
+    def end(self) -> int:
+        """Bytes from the file start to the end of the last chunk present."""
+        return self.payload_start + (int(self.index["offset"][-1]) + int(self.index["size"][-1]) if self.index.size else 0)
 
     def chunk_start(self, k: int) -> int:
         return self.payload_start + int(self.index["offset"][k])
@@ -279,15 +275,15 @@ def as_bytes_view(data) -> memoryview:
     return mv
 
 
-def header_extent(prefix) -> int:
-    """Bytes from the file start to the payload start, read from a prefix of at least
-    PREAMBLE_SIZE bytes (so a reader can parse the header before the rest has arrived)."""
+def header_extent(prefix) -> Optional[int]:
+    """Bytes from the file start to the payload start when ``prefix`` (at least PREAMBLE_SIZE
+    bytes) begins a v2 container, else None: lets a reader parse the header before the rest of
+    the file has arrived (the parser itself reports what is wrong with anything else)."""
     mv = as_bytes_view(prefix)
-    _need(len(mv) >= _PREAMBLE.size, f"data too short for a container ({len(mv)} bytes)")
+    if len(mv) < _PREAMBLE.size:
+        return None
     magic, version, _mode, _flags, header_size, _crc = _PREAMBLE.unpack_from(mv, 0)
-    _need(magic == MAGIC, "not a cachegen container (bad magic)")
-    _need(version == VERSION, f"not a format v2 container (version {version})", UnsupportedVersionError)
-    return _PREAMBLE.size + header_size
+    return _PREAMBLE.size + header_size if magic == MAGIC and version == VERSION else None
 
 
 def peek_version(data) -> int:
@@ -372,7 +368,8 @@ def parse_container(data, limits: Optional[DecodeLimits] = None, partial: bool =
     _need(not index["res"].any(), "chunk index reserved field not zero")
 
     if mode == MODE_LOSSY:
-        raw_model = _inflate_model(body[pos:pos + model_comp], model_raw, limits)
+        _need(model_raw % 4 == 0, "model section size is not a multiple of 4")
+        raw_model = memoryview(inflate_model_section(body[pos:pos + model_comp], model_raw, limits))
         pos += _align4(model_comp)
         header.model_section_bytes = _align4(model_comp)
         used = _parse_tables(header, raw_model, n_tables)
@@ -404,25 +401,6 @@ def parse_container(data, limits: Optional[DecodeLimits] = None, partial: bool =
           f"decoded size {decoded} exceeds what a {len(mv)}-byte container may declare "
           f"({limits.max_expansion}x + {limits.free_output_bytes})", LimitExceededError)
     return ContainerV2(header, index, mv, payload_start, is_partial)
-
-
-def _inflate_model(comp: memoryview, raw_size: int, limits: DecodeLimits) -> memoryview:
-    """The model section's one zstd frame, decompressed into exactly its declared size (bounded)."""
-    _need(0 < raw_size <= limits.max_model_bytes, f"model section size {raw_size} out of range", LimitExceededError)
-    _need(raw_size % 4 == 0, "model section size is not a multiple of 4")
-    try:
-        params = zstandard.get_frame_parameters(bytes(comp[:18]))
-    except zstandard.ZstdError as e:
-        raise FormatError(f"model section is not a zstd frame: {e}") from None
-    _need(params.content_size == raw_size, "model section frame does not declare its exact size")
-    try:
-        obj = zstandard.ZstdDecompressor().decompressobj()
-        raw = obj.decompress(bytes(comp))
-        clean = obj.eof and not obj.unused_data
-    except zstandard.ZstdError as e:
-        raise FormatError(f"model section does not decompress: {e}") from None
-    _need(clean and len(raw) == raw_size, "model section must be exactly one zstd frame of its declared size")
-    return memoryview(raw)
 
 
 def _parse_tables(h: HeaderV2, raw: memoryview, n_tables: int) -> int:

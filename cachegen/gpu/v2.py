@@ -4,8 +4,8 @@
 tables on the device, so restoring another cache of the same shape costs the host only: parse the
 header (vectorized), CRC the chunks' small metadata sections on threads, upload a few per-chunk
 words, build the lookup tables on the device from the table section, one launch, one error read.
-The stream words are checked by the rANS end state of every stream on the device (plus the
-host CRC of the words when ``verify="full"``).
+The stream words are checked on the device: every stream's rANS end state and the chunk's
+words checksum, summed from the words the lanes read (also on the host with ``verify="full"``).
 
     dec = GpuDecoder("cuda")
     dec.decode_into(data, bufs)                   # data: bytes / memoryview / parsed ContainerV2
@@ -13,6 +13,7 @@ host CRC of the words when ``verify="full"``).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
@@ -203,14 +204,14 @@ class GpuDecoder:
     # ---------------------------------------------------------------- decode
     def upload(self, c: fmt2.ContainerV2, stream: Optional[torch.cuda.Stream] = None) -> torch.Tensor:
         """The container's bytes as a device uint8 tensor (length padded to a multiple of 4)."""
-        end = c.payload_start + (int(c.index["offset"][-1]) + int(c.index["size"][-1]) if c.n_chunks else 0)
+        end = c.end
         raw = np.frombuffer(c.data[:end], dtype=np.uint8)
         pad = (-end) % 4
         dev = torch.empty(end + pad, dtype=torch.uint8, device=self.device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")    # read-only buffer: only copied to the device
             src = torch.from_numpy(raw)
-        with torch.cuda.stream(stream) if stream is not None else _null():
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             dev[:end].copy_(src, non_blocking=src.is_pinned())
         return dev
 
@@ -219,8 +220,9 @@ class GpuDecoder:
                     check: bool = True) -> Optional[torch.Tensor]:
         """Decode into CUDA tensors bufs[i] = (k, v) [B, H, >=T, D] of the container's dtype.
 
-        verify: True = header + chunk metadata CRCs on the host, stream words by the rANS end
-        state on the device; "full" = also the words' CRC on the host; False = structure only.
+        verify: True = header + chunk metadata CRCs on the host, stream words by their checksum
+        on the device (and every stream's rANS end state); "full" = the words' checksum on the
+        host too; False = structure and end states only.
         payload: the container's bytes already on this device (uint8, at least as long as the
         container): no copy. check=False returns the device error flags without synchronizing.
         """
@@ -240,9 +242,8 @@ class GpuDecoder:
             payload = self.upload(c, stream)
         elif payload.device != dev or payload.dtype != torch.uint8 or payload.dim() != 1:
             raise InputError("payload must be a 1-D uint8 tensor on the decoder's device")
-        end = c.payload_start + (int(c.index["offset"][-1]) + int(c.index["size"][-1]) if c.n_chunks else 0)
-        if payload.numel() < end:
-            raise InputError(f"payload has {payload.numel()} bytes, the container {end}")
+        if payload.numel() < c.end:
+            raise InputError(f"payload has {payload.numel()} bytes, the container {c.end}")
         if payload.numel() % 4:
             raise InputError("payload length must be a multiple of 4 bytes (pad it)")
         if dev.type == "cuda" and payload.data_ptr() % 16:
@@ -266,7 +267,7 @@ class GpuDecoder:
         scales = self._scales
         if scales is None:
             scales = self._scales = torch.from_numpy(TOKEN_SCALES.astype(np.float32)).to(dev)
-        ctx = torch.cuda.stream(stream) if stream is not None else _null()
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx:
             md = meta.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else meta
             nf = len(flat)
@@ -289,7 +290,7 @@ class GpuDecoder:
             wsum = torch.zeros(max(p.n_streams, 1), dtype=torch.int64, device=dev)
             block = self.block or BLOCK
             nw = self.num_warps or NUM_WARPS
-            grid = (triton_cdiv(p.n_streams, block),)
+            grid = (-(-p.n_streams // block),)
             if p.n_streams:
                 v2_decode_kernel[grid](
                     payload.view(torch.int32), ids, par, payload, p.sblk, p.ssic, p.sc0, p.snch,
@@ -313,18 +314,6 @@ class GpuDecoder:
         if nsum and verify:
             raise ChecksumError(f"{nsum} chunk(s): stream words checksum mismatch")
         return None
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 _DEFAULT: dict = {}
