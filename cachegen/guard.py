@@ -172,7 +172,7 @@ def _encode_keep(kv: Any, cfg: CodecConfig, progress: Any = None) -> tuple[bytes
         outs = parallel_map(E._quantize_layer, (hosts, h, cfg, 2), range(len(infos)), 1)
     shared = all(p[1].size == 0 or bool(np.all(p[1] == p[1][0])) for r in outs for p in r["params"].values())
     h.step_mode = 1 if shared else 0
-    units, h.table_ids = E._build_tables_v2(h, outs, cfg.tables_per_class, table_bits)
+    units, h.table_ids = E._build_tables(h, outs, lambda H: E._fit_tables_v2(H, cfg.tables_per_class, table_bits))
     h.alphabets = np.array([u.size for u in units], dtype=np.int64)
     h.units = np.concatenate(units).astype(np.uint16)
     freqs = [u.astype(np.int64) << (24 - table_bits) for u in units]

@@ -225,19 +225,7 @@ VECTORS = {
 }
 
 # Format v2 vectors (codec_spec/vectors/v2/): the v1 inputs re-encoded as v2, plus v2-only ones.
-VECTORS_V2 = {
-    "default_fp16": v_default_fp16,
-    "paper_fp16": v_paper_fp16,
-    "small_batch2_fp32": v_small_batch2_fp32,
-    "hybrid_sliding_bf16": v_hybrid_sliding_bf16,
-    "lossless_fp16": v_lossless_fp16,
-    "lossless_bf16": v_lossless_bf16,
-    "prefix_partial": v_prefix_partial,
-    "tiny_example": v_tiny_example,
-    "token_scaled_fp16": v_token_scaled_fp16,
-    "cps1_tb8": v_v2_cps1_tb8,
-    "extensions": v_v2_extensions,
-}
+VECTORS_V2 = {**VECTORS, "cps1_tb8": v_v2_cps1_tb8, "extensions": v_v2_extensions}
 
 
 # ----------------------------------------------------------------------------- output

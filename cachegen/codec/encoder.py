@@ -107,9 +107,11 @@ def _code_chunk(state: tuple, k: int) -> bytes:
     return pack_lossy_chunk(header, k, los, steps, streams, es)
 
 
-def _build_tables(header: Header, layers_out: list, tables_per_class: int):
+def _build_tables(header, layers_out: list, fit):
+    """Tables per (K/V, role, alphabet) class: ``fit(H)`` turns the class's channel histograms
+    [channels, A] into (tables, table index per channel); returns all tables and the ids."""
     roles = header.roles
-    table_counts: list[np.ndarray] = []
+    tables: list[np.ndarray] = []
     table_ids = [[np.zeros((l.channels(kvi), roles), dtype=np.uint16) for kvi in (0, 1)]
                  for l in header.layers]
     classes: dict[tuple[int, int, int], list[int]] = {}
@@ -121,17 +123,17 @@ def _build_tables(header: Header, layers_out: list, tables_per_class: int):
         H = np.concatenate([layers_out[i]["hists"][kvi][r] for i in members])
         if H.sum() == 0:       # e.g. chunks of one token have no deltas
             H[:, 0] = 1
-        counts, assign = entropy.build_dictionary(H, tables_per_class)
-        base = len(table_counts)
-        table_counts.extend(counts)
+        found, assign = fit(H)
+        base = len(tables)
+        tables.extend(found)
         pos = 0
         for i in members:
             ch = header.layers[i].channels(kvi)
             table_ids[i][kvi][:, r] = base + assign[pos:pos + ch]
             pos += ch
-    if len(table_counts) > 65535:
+    if len(tables) > 65535:
         raise InputError("too many probability tables for the format (reduce tables_per_class)")
-    return table_counts, table_ids
+    return tables, table_ids
 
 
 def encode_lossy(kv: Sequence[Sequence[Any]], config: CodecConfig, progress: Progress = None) -> bytes:
@@ -154,7 +156,8 @@ def encode_lossy(kv: Sequence[Sequence[Any]], config: CodecConfig, progress: Pro
         header.param_dtype = 2  # values too large for fp16 parameters: redo with fp32 ones
         layers_out = parallel_map(_quantize_layer, (hosts, header, config, 2), range(len(infos)), 1)
 
-    header.table_counts, header.table_ids = _build_tables(header, layers_out, config.tables_per_class)
+    header.table_counts, header.table_ids = _build_tables(
+        header, layers_out, lambda H: entropy.build_dictionary(H, config.tables_per_class))
     freqs = [expand_counts(c) for c in header.table_counts]
 
     state = (header, layers_out, header.table_ids, freqs, config.channels_per_stream)
@@ -186,38 +189,18 @@ def quantize_units(p: np.ndarray, table_bits: int) -> np.ndarray:
     return f + 1
 
 
-def _build_tables_v2(header, layers_out: list, tables_per_class: int, table_bits: int):
-    """Cluster channel histograms into tables (per (K/V, role, alphabet) class) and quantize them
-    to table_bits; channels are assigned to the table that codes them in the fewest bits."""
-    roles = header.roles
-    units: list[np.ndarray] = []
-    table_ids = [[np.zeros((l.channels(kvi), roles), dtype=np.uint16) for kvi in (0, 1)]
-                 for l in header.layers]
-    classes: dict[tuple[int, int, int], list[int]] = {}
-    for i, res in enumerate(layers_out):
-        for kvi in (0, 1):
-            for r in range(roles):
-                classes.setdefault((kvi, r, res["hists"][kvi][r].shape[1]), []).append(i)
-    for (kvi, r, _a), members in sorted(classes.items()):
-        H = np.concatenate([layers_out[i]["hists"][kvi][r] for i in members]).astype(np.float64)
-        if H.sum() == 0:
-            H[:, 0] = 1
-        counts, _ = entropy.build_dictionary(H, tables_per_class)
-        cand = [quantize_units(c.astype(np.float64), table_bits) for c in counts]
-        logp = np.log2(np.stack(cand).astype(np.float64) / (1 << table_bits))
-        assign = np.argmin(H @ (-logp).T, axis=1)
-        used = np.unique(assign)
-        remap = np.full(len(cand), -1)
-        remap[used] = np.arange(used.size) + len(units)
-        units.extend(cand[j] for j in used)
-        pos = 0
-        for i in members:
-            ch = header.layers[i].channels(kvi)
-            table_ids[i][kvi][:, r] = remap[assign[pos:pos + ch]]
-            pos += ch
-    if len(units) > 65535:
-        raise InputError("too many probability tables for the format (reduce tables_per_class)")
-    return units, table_ids
+def _fit_tables_v2(H: np.ndarray, tables_per_class: int, table_bits: int):
+    """One class of v2 tables: cluster, quantize to table_bits, then give each channel the table
+    that codes it in the fewest bits (unused tables dropped)."""
+    H = H.astype(np.float64)
+    counts, _ = entropy.build_dictionary(H, tables_per_class)
+    cand = [quantize_units(c.astype(np.float64), table_bits) for c in counts]
+    logp = np.log2(np.stack(cand).astype(np.float64) / (1 << table_bits))
+    assign = np.argmin(H @ (-logp).T, axis=1)
+    used = np.unique(assign)
+    remap = np.full(len(cand), -1)
+    remap[used] = np.arange(used.size)
+    return [cand[j] for j in used], remap[assign]
 
 
 def _code_chunk_v2(state: tuple, k: int) -> tuple[bytes, int]:
@@ -279,7 +262,8 @@ def encode_lossy_v2(kv: Sequence[Sequence[Any]], config: CodecConfig, progress: 
     shared = all(p[1].size == 0 or bool(np.all(p[1] == p[1][0]))
                  for r in layers_out for p in r["params"].values())
     header.step_mode = 1 if shared else 0
-    units, header.table_ids = _build_tables_v2(header, layers_out, config.tables_per_class, table_bits)
+    units, header.table_ids = _build_tables(
+        header, layers_out, lambda H: _fit_tables_v2(H, config.tables_per_class, table_bits))
     header.alphabets = np.array([u.size for u in units], dtype=np.int64)
     header.units = np.concatenate(units).astype(np.uint16)
     freqs = [u.astype(np.int64) << (24 - table_bits) for u in units]

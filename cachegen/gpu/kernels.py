@@ -21,6 +21,16 @@ import triton.language as tl
 
 
 @triton.jit
+def bf16_bits(xv):
+    """fp32 -> bf16 bit patterns (int16), round to nearest even; NaNs stay quiet NaNs. Shared by
+    both format versions' kernels (the destination is the bf16 buffer viewed as int16)."""
+    u = xv.to(tl.uint32, bitcast=True)
+    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x40, r)
+    return r.to(tl.uint16).to(tl.int16, bitcast=True)
+
+
+@triton.jit
 def _word(words_ptr, wb, idx, mask):
     """Word idx of the stream starting at word wb of the aligned word buffer, as uint64."""
     return tl.load(words_ptr + wb + idx, mask=mask, other=0).to(tl.uint32).to(tl.uint64)
@@ -184,10 +194,6 @@ def dequant_kernel(sym_ptr, n_streams, tiles_ptr, blk_ptr, out_ptr, obase_ptr, o
     dd = c - hh * hd
     off = b * sb + hh.to(tl.int64) * sh + (tok0 + t.to(tl.int64)) * stt + dd.to(tl.int64) * sd
     if OUT_BF16:
-        # fp32 -> bf16, round to nearest even, on the bits (out_ptr is the buffer viewed as int16)
-        u = xv.to(tl.uint32, bitcast=True)
-        r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-        r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x40, r)
-        tl.store(optr + off, r.to(tl.uint16).to(tl.int16, bitcast=True), mask=msk)
+        tl.store(optr + off, bf16_bits(xv), mask=msk)
     else:
         tl.store(optr + off, xv.to(optr.dtype.element_ty), mask=msk)

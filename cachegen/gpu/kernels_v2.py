@@ -18,6 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .kernels import bf16_bits
+
 # Block table columns (int64 [n_blocks, BCOLS]).
 (C_CHUNK, C_LK, C_N, C_TOK0, C_NCH, C_CHOFF, C_STEPOFF, C_TOKOFF, C_SCHUNK, C_STEPAT, C_TOKAT,
  C_DIRAT, C_META, C_IDS) = range(14)
@@ -129,10 +131,7 @@ def v2_decode_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr,
             val = val * tl.load(scale_ptr + ecode)
         o = cofs + bi.to(tl.int64) * sb + (tok0 + t.to(tl.int64)) * stt
         if OUT_BF16:
-            u = val.to(tl.uint32, bitcast=True)
-            r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-            r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x40, r)
-            tl.store(optr + o, r.to(tl.uint16).to(tl.int16, bitcast=True), mask=active)
+            tl.store(optr + o, bf16_bits(val), mask=active)
         else:
             tl.store(optr + o, val.to(optr.dtype.element_ty), mask=active)
         need = active & ((x >> 32) == 0) & (ptr > 0)
