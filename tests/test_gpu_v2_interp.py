@@ -7,14 +7,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+# triton comes with the test extra (Linux x86_64); elsewhere there is no wheel to run it with.
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")]
+              pytest.mark.skipif(importlib.util.find_spec("triton") is None and
+                                 not (sys.platform == "linux" and platform.machine() == "x86_64"),
+                                 reason="no triton wheel for this platform")]
 
 
 def test_kernel_under_interpreter_matches_reference_and_catches_corruption():
@@ -23,8 +27,6 @@ def test_kernel_under_interpreter_matches_reference_and_catches_corruption():
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    if "skip" in res:
-        pytest.skip(res["skip"])
     corrupt = res.pop("corrupt")
     assert res.pop("silent_case") in ("ChecksumError", "not found")
     assert all(res.values()), res

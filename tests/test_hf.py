@@ -11,8 +11,8 @@ import inspect
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 import cachegen  # noqa: E402
 from cachegen import hf  # noqa: E402

@@ -117,9 +117,6 @@ def test_prefix_vector_needs_partial():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", LOSSY)
 def test_gpu_decode_bit_exact(name):
-    pytest.importorskip("triton")
     e = ENTRIES[name]
-    data = (VECTORS / e["file"]).read_bytes()
-    if fmt2.parse_container(data, partial=True).header.group_size > 1:
-        pytest.skip("anchor-delta containers decode on the CPU")
+    data = (VECTORS / e["file"]).read_bytes()   # anchor-delta vectors take dispatch's CPU fallback
     _check(cachegen.decode(data, device="cuda", partial=e["decode"]["partial"]), name)

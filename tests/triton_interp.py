@@ -15,7 +15,7 @@ def enable() -> bool:
     except ImportError:
         return False
     orig = getattr(ti, "_patch_lang_tensor", None)
-    if orig is None:       # another Triton layout: the caller skips
+    if orig is None:       # another Triton layout: the caller reports it
         return False
     if getattr(orig, "_cachegen_patched", False):
         return True

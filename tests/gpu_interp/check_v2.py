@@ -19,8 +19,7 @@ import torch  # noqa: E402
 import triton_interp  # noqa: E402
 
 if not triton_interp.enable():
-    print('{"skip": "this Triton has no interpreter hook we know"}')
-    sys.exit(0)
+    sys.exit("this Triton has no interpreter hook we know (the test extra pins triton 3.6)")
 
 import cachegen  # noqa: E402
 from cachegen.format import v2 as fmt2  # noqa: E402
