@@ -42,6 +42,19 @@ def tile(kv, tokens: int):
     return out
 
 
+def gemma_real(path: str, tokens: int):
+    """A real Gemma-3 cache (npz of a 1K prefill, sliding layers already cut to their 512-token
+    window), tiled to `tokens`: full-attention layers (every 6th) hold `tokens`, the others
+    min(512, tokens)."""
+    base = load_npz(path)
+    out = []
+    for i, (k, v) in enumerate(base):
+        T = tokens if (i % 6) == 5 else min(512, tokens)
+        (tk, tv), = tile([(k, v)], T)
+        out.append((tk, tv))
+    return out
+
+
 def gemma_like(tokens: int, seed: int = 0):
     from helpers import make_kv
     lengths = [tokens if (i % 6) == 5 else min(512, tokens) for i in range(18)]
@@ -121,7 +134,8 @@ def main(argv=None):
     ap.add_argument("--table-bits", type=int, nargs="+", default=[12])
     ap.add_argument("--sweep", default="64x2", help="BLOCKxWARPS list, comma separated")
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--gemma", action="store_true")
+    ap.add_argument("--gemma", action="store_true", help="add Gemma-3: real (--gemma-npz) or synthetic")
+    ap.add_argument("--gemma-npz", default=".gpudata/gemma3_1k.npz")
     ap.add_argument("--check-max", type=int, default=8192, help="check vs CPU reference up to this many tokens")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -134,7 +148,9 @@ def main(argv=None):
                 cfg = cachegen.CodecConfig.from_preset("default", channels_per_stream=cps, table_bits=tb)
                 if base is not None:
                     run_case("smollm2", tile(base, T), cfg, dec_args, a.reps, T <= a.check_max, rows)
-                if a.gemma:
+                if a.gemma and os.path.exists(a.gemma_npz):
+                    run_case("gemma3", gemma_real(a.gemma_npz, T), cfg, dec_args, a.reps, T <= a.check_max, rows)
+                elif a.gemma:
                     run_case("gemma3-shape", gemma_like(T), cfg, dec_args, a.reps, T <= a.check_max, rows)
     if a.out:
         with open(a.out, "w") as f:

@@ -47,6 +47,11 @@ def _same(a, b) -> None:
             assert np.array_equal(_bits(x), _bits(y)), f"layer {i} {kv}: decoded bits differ"
 
 
+def _encode_v1(kv, cfg):
+    """This module tests the v1 GPU path (parse_container is v1's parser); v2 has test_gpu_v2."""
+    return cachegen.encode(kv, cfg, format_version=1)
+
+
 def _cfg(preset: str, **kw):
     return dataclasses.replace(cachegen.get_config(preset), **kw)
 
@@ -90,7 +95,7 @@ PRESETS = ["default", "cachegen-paper", "tiny", "high", "small"]
 def _roundtrip(layers, batch, heads, tokens, dim, dtype, preset, chunk, cps, seed, v_dim=None, lengths=None):
     kv = make_kv(layers=layers, batch=batch, heads=heads, tokens=tokens, dim=dim, dtype=dtype, seed=seed,
                  torch_out=True, v_dim=v_dim, lengths=lengths)
-    data = cachegen.encode(kv, _cfg(preset, chunk_tokens=chunk, channels_per_stream=cps))
+    data = _encode_v1(kv, _cfg(preset, chunk_tokens=chunk, channels_per_stream=cps))
     ref = cachegen.decode(data)
     got = cachegen.decode(data, device="cuda")
     _same(ref, got)
@@ -120,7 +125,7 @@ def test_larger_cache_many_chunks():
 
 def test_prefix_partial_container():
     kv = make_kv(layers=3, tokens=200, dim=16, torch_out=True, seed=5)
-    data = cachegen.encode(kv, _cfg("default", chunk_tokens=64))
+    data = _encode_v1(kv, _cfg("default", chunk_tokens=64))
     c = parse_container(data)
     for k in (1, 2, 3):
         end = c.payload_start + c.chunks[k - 1].offset + c.chunks[k - 1].size
@@ -133,7 +138,7 @@ def test_prefix_partial_container():
 
 def test_decode_into_static_cache_and_prefix():
     kv = make_kv(layers=2, tokens=150, dim=8, torch_out=True, seed=6)
-    data = cachegen.encode(kv, _cfg("default", chunk_tokens=64))
+    data = _encode_v1(kv, _cfg("default", chunk_tokens=64))
     bufs = [(torch.zeros(1, 2, 512, 8, dtype=torch.float16, device="cuda"),
              torch.zeros(1, 2, 512, 8, dtype=torch.float16, device="cuda")) for _ in range(2)]
     c = parse_container(data)
@@ -168,7 +173,7 @@ def test_bit_flips_in_streams_behave_like_cpu():
     rng = np.random.default_rng(7)
     for preset in ("default", "cachegen-paper"):
         kv = make_kv(layers=2, tokens=100, dim=16, torch_out=True, seed=8)
-        data = cachegen.encode(kv, _cfg(preset, chunk_tokens=32))
+        data = _encode_v1(kv, _cfg(preset, chunk_tokens=32))
         regions = _stream_region(data)
         raised = 0
         for trial in range(40):
@@ -208,7 +213,7 @@ def _rewrite_lengths(data: bytes, k: int, fn) -> bytes:
 
 def test_shifted_stream_boundaries_raise():
     kv = make_kv(layers=2, tokens=80, dim=16, torch_out=True, seed=9)
-    data = cachegen.encode(kv, _cfg("default", chunk_tokens=32))
+    data = _encode_v1(kv, _cfg("default", chunk_tokens=32))
 
     def shift(L):
         L[0] -= 1
@@ -235,7 +240,7 @@ def test_shifted_stream_boundaries_raise():
 
 def test_truncated_and_garbage_streams_raise():
     kv = make_kv(layers=2, tokens=64, dim=16, torch_out=True, seed=10)
-    data = cachegen.encode(kv, _cfg("default", chunk_tokens=32))
+    data = _encode_v1(kv, _cfg("default", chunk_tokens=32))
     with pytest.raises(cachegen.FormatError):
         cachegen.decode(data[:-3], device="cuda")
     (a, b), = _stream_region(data)[-1:]
@@ -251,7 +256,7 @@ def test_truncated_and_garbage_streams_raise():
 def test_out_of_range_delta_index_raises():
     # Anchor-delta: a delta symbol that joins to an index outside [0, L-1] must raise, like the CPU.
     kv = make_kv(layers=1, tokens=40, dim=8, torch_out=True, seed=12)
-    data = cachegen.encode(kv, _cfg("cachegen-paper", chunk_tokens=40))
+    data = _encode_v1(kv, _cfg("cachegen-paper", chunk_tokens=40))
     rng = np.random.default_rng(13)
     regions = _stream_region(data)
     seen = 0

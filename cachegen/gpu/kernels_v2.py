@@ -12,6 +12,14 @@ Every read is bounded: directory entries are checked against the chunk's word co
 (a bad one sets the lane's error flag and the lane decodes nothing), words are read only inside
 the stream, table ids and alphabets were validated on the host. A lane that does not end in the
 initial state (x == 0, all words consumed) or meets non-finite parameters sets its error flag.
+
+Latency, not bandwidth, bounds a lane: its symbols form one dependency chain (state -> LUT
+entry -> state). The loop is software-pipelined so that this chain is the only memory latency a
+step waits on: the next renormalization word, the token scale and the next LUT entry are loaded
+a step before they are used (in-order issue would otherwise stall on each in turn). The words
+checksum is a separate, coalesced pass (``v2_words_sum_kernel``): once the directory checks
+pass, the lanes' word ranges tile the chunk's word area, so summing the area is the same sum,
+and it keeps two 64-bit multiplies per step out of the chain.
 """
 from __future__ import annotations
 
@@ -39,8 +47,8 @@ def _mix(w, i, k1, k2):
 @triton.jit
 def v2_decode_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr,
                      sblk_ptr, ssic_ptr, sc0_ptr, snch_ptr, steps_ptr, blk_ptr, cbase_ptr, cwords_ptr,
-                     lut_ptr, scale_ptr, out_ptr, obase_ptr, ostride_ptr, hdim_ptr, err_ptr, wsum_ptr,
-                     n_streams, batch, k1, k2,
+                     lut_ptr, scale_ptr, out_ptr, obase_ptr, ostride_ptr, hdim_ptr, err_ptr,
+                     n_streams, batch,
                      TB: tl.constexpr, PSZ: tl.constexpr, SHARED: tl.constexpr, HAS_TS: tl.constexpr,
                      OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -81,14 +89,13 @@ def v2_decode_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr,
     last = tl.load(u32_ptr + wb + ptr - 1, mask=ok & (ptr > 0), other=0).to(tl.uint32).to(tl.uint64)
     bad = bad | ((ptr > 0) & (last == 0))
     x = tl.zeros([BLOCK], dtype=tl.uint64)
-    # Words checksum: every word a stream reads, mixed with its index in the chunk's word area.
-    wsum = tl.zeros([BLOCK], dtype=tl.uint64)
     for _k in tl.static_range(2):
         need = ((x >> 32) == 0) & (ptr > 0)
         w = tl.load(u32_ptr + wb + ptr - 1, mask=need, other=0).to(tl.uint32).to(tl.uint64)
         x = tl.where(need, (x << 32) | w, x)
-        wsum += tl.where(need, _mix(w, (e_beg + ptr - 1).to(tl.uint64), k1, k2), 0)
         ptr = ptr - need.to(tl.int32)
+    # The next word a renormalization consumes, loaded ahead (a masked load keeps `other`).
+    wnext = tl.load(u32_ptr + wb + ptr - 1, mask=ok & (ptr > 0), other=0)
 
     # Per-channel state, reloaded when a channel ends.
     j = tl.zeros([BLOCK], dtype=tl.int32)
@@ -113,34 +120,43 @@ def v2_decode_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr,
     bad = bad | (ok & pbad)
     hh = c // hd
     cofs = hh.to(tl.int64) * sh + (c - hh * hd).to(tl.int64) * sd
+    row0 = cofs + tok0 * stt            # offset of (b = 0, token 0) of the current channel
+    o = row0
     tbase = (cbase + tok_at) + tok_off
+    # Token scales: the scale of this step, and the code of the step after (p = b * n + t cycles
+    # with period batch * n, whatever the channel).
+    live = ok & (nsym > 0)
+    if HAS_TS:
+        sc = tl.load(scale_ptr + tl.load(u8_ptr + tbase, mask=live, other=0).to(tl.int32))
+        p2 = 1 % per
+        ecn = tl.load(u8_ptr + tbase + p2, mask=live, other=0).to(tl.int32)
+    e = tl.load(lut_ptr + (tid << TB) + ((x & 0xFFFFFF).to(tl.int32) >> (24 - TB)), mask=live, other=0)
     n_steps = tl.load(steps_ptr + pid)      # the program's longest stream (host, per shape)
     for s in range(0, n_steps):
         active = s < nsym
+        # rANS step through the LUT entry loaded last step, then renormalize with the word
+        # loaded last step.
         q = (x & 0xFFFFFF).to(tl.int32)
-        e = tl.load(lut_ptr + (tid << TB) + (q >> (24 - TB)), mask=active, other=0)
         sym = (e & 0x7FF).to(tl.int32)
         f = ((e >> 11) & 0x1FFF).to(tl.uint64)
         off = ((e >> 24) & 0xFFF).to(tl.uint64)
         nx = (x >> 24) * (f << (24 - TB)) + ((off << (24 - TB)) | (q & ((1 << (24 - TB)) - 1)).to(tl.uint64))
         x = tl.where(active, nx, x)
+        need = active & ((x >> 32) == 0) & (ptr > 0)
+        x = tl.where(need, (x << 32) | wnext.to(tl.uint32).to(tl.uint64), x)
+        ptr = ptr - need.to(tl.int32)
+        wnext = tl.load(u32_ptr + wb + ptr - 1, mask=need & (ptr > 0), other=wnext)
         val = sym.to(tl.float32) * st
         val = val + lo
         if HAS_TS:
-            ecode = tl.load(u8_ptr + tbase + bi * n + t, mask=active, other=0).to(tl.int32)
-            val = val * tl.load(scale_ptr + ecode)
-        o = cofs + bi.to(tl.int64) * sb + (tok0 + t.to(tl.int64)) * stt
+            val = val * sc
         if OUT_BF16:
             tl.store(optr + o, bf16_bits(val), mask=active)
         else:
             tl.store(optr + o, val.to(optr.dtype.element_ty), mask=active)
-        need = active & ((x >> 32) == 0) & (ptr > 0)
-        w = tl.load(u32_ptr + wb + ptr - 1, mask=need, other=0).to(tl.uint32).to(tl.uint64)
-        x = tl.where(need, (x << 32) | w, x)
-        wsum += tl.where(need, _mix(w, (e_beg + ptr - 1).to(tl.uint64), k1, k2), 0)
-        ptr = ptr - need.to(tl.int32)
         # Advance (channel-major; batch-major then token inside a channel).
         t = t + 1
+        o = o + stt
         wt = t == n
         t = tl.where(wt, 0, t)
         bi = bi + wt.to(tl.int32)
@@ -157,6 +173,31 @@ def v2_decode_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr,
         bad = bad | (chg & pb)
         hh = c // hd
         cofs = tl.where(chg, hh.to(tl.int64) * sh + (c - hh * hd).to(tl.int64) * sd, cofs)
+        # next batch row of the same channel, or the next channel's first row
+        row0 = tl.where(wc, cofs + tok0 * stt, tl.where(wt, row0 + sb, row0))
+        o = tl.where(wt, row0, o)
+        nxt = active & (s + 1 < nsym)
+        e = tl.load(lut_ptr + (tid << TB) + ((x & 0xFFFFFF).to(tl.int32) >> (24 - TB)), mask=nxt, other=0)
+        if HAS_TS:
+            sc = tl.load(scale_ptr + ecn)
+            p2 = p2 + 1
+            p2 = tl.where(p2 == per, 0, p2)
+            ecn = tl.load(u8_ptr + tbase + p2, mask=nxt, other=0).to(tl.int32)
     bad = bad | (ok & ((x != 0) | (ptr != 0)))
     tl.store(err_ptr + lane, bad.to(tl.int8), mask=m)
-    tl.store(wsum_ptr + lane, wsum.to(tl.int64, bitcast=True), mask=m)
+
+
+@triton.jit
+def v2_words_sum_kernel(u32_ptr, wbase_ptr, cwords_ptr, sums_ptr, k1, k2, BLOCKW: tl.constexpr):
+    """sums[chunk] += sum of mix(word_i, i) over one BLOCKW slice of the chunk's word area."""
+    k = tl.program_id(0)
+    j = tl.program_id(1)
+    wbase = tl.load(wbase_ptr + k)
+    cw = tl.load(cwords_ptr + k)
+    i = j * BLOCKW + tl.arange(0, BLOCKW)
+    msk = i < cw
+    w = tl.load(u32_ptr + wbase + i, mask=msk, other=0).to(tl.uint32).to(tl.uint64)
+    v = tl.where(msk, _mix(w, i.to(tl.uint64), k1, k2), 0)
+    part = tl.sum(v, axis=0)
+    if j * BLOCKW < cw:
+        tl.atomic_add(sums_ptr + k, part.to(tl.int64, bitcast=True))

@@ -4,8 +4,9 @@
 tables on the device, so restoring another cache of the same shape costs the host only: parse the
 header (vectorized), CRC the chunks' small metadata sections on threads, upload a few per-chunk
 words, build the lookup tables on the device from the table section, one launch, one error read.
-The stream words are checked on the device: every stream's rANS end state and the chunk's
-words checksum, summed from the words the lanes read (also on the host with ``verify="full"``).
+The stream words are checked on the device: every stream's rANS end state, and each chunk's
+words checksum in a separate coalesced pass (also on the host with ``verify="full"``). Lookup
+tables are cached by the table section's content, per-call words go through one pinned buffer.
 
     dec = GpuDecoder("cuda")
     dec.decode_into(data, bufs)                   # data: bytes / memoryview / parsed ContainerV2
@@ -17,6 +18,7 @@ import contextlib
 import os
 import threading
 import warnings
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
@@ -31,6 +33,7 @@ from ..format.tables import TOKEN_SCALES
 BCOLS = 14     # block table columns: see kernels_v2
 MAX_LUT_ENTRIES = 1 << 22   # referenced tables x 2**table_bits slots (32 MiB of int64): legit files use < 2**22
 _K1, _K2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9   # words checksum constants (format.v2)
+WSUM_BLOCK = 1024   # words per program of the checksum pass
 
 Verify = Union[bool, str]
 
@@ -50,7 +53,6 @@ class ShapePlan:
     blocks: torch.Tensor   # int64 [NB, BCOLS]
     n_blocks: int
     nsym: np.ndarray       # int64 [S] symbols of each stream (host copy)
-    stream_chunk: torch.Tensor  # int64 [S] chunk of each stream (for the words checksums)
     steps: dict            # BLOCK -> int32 device tensor: longest stream of each program
 
     def program_steps(self, block: int, device) -> torch.Tensor:
@@ -115,8 +117,7 @@ def build_shape_plan(h: fmt2.HeaderV2, n_chunks: int, device: torch.device) -> S
     S = int(sum(x.size for x in sblk))
     return ShapePlan(S, cat(sblk, np.int32), cat(ssic, np.int32), cat(sc0, np.int32), cat(snch, np.int32),
                      cat(rows, np.int64).reshape(-1, BCOLS), nb,
-                     np.concatenate(nsym).astype(np.int64) if nsym else np.zeros(0, np.int64),
-                     cat([np.full(x.size, k, np.int64) for k, x in enumerate(sblk)], np.int64), {})
+                     np.concatenate(nsym).astype(np.int64) if nsym else np.zeros(0, np.int64), {})
 
 
 def build_lut(units: torch.Tensor, alphabets: torch.Tensor, table_bits: int) -> torch.Tensor:
@@ -161,6 +162,9 @@ class GpuDecoder:
 
     def __init__(self, device: Any = "cuda", block: Optional[int] = None, num_warps: Optional[int] = None):
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # "cuda" and "cuda:0" compare unequal: pin the index so device checks hold.
+            self.device = torch.device("cuda", torch.cuda.current_device())
         # A CPU device is accepted only under Triton's interpreter (TRITON_INTERPRET=1), which the
         # tests use to run the kernel's exact arithmetic without a GPU.
         if self.device.type != "cuda" and not (self.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
@@ -169,6 +173,9 @@ class GpuDecoder:
         self.num_warps = num_warps
         self._plans: dict = {}
         self._scales = None
+        self._luts: dict = {}
+        self._pin: Optional[torch.Tensor] = None
+        self._pin_ev = None
 
     # ---------------------------------------------------------------- host checks
     def verify(self, c: fmt2.ContainerV2, words: bool = False) -> None:
@@ -201,6 +208,44 @@ class GpuDecoder:
             np.zeros(0, np.int64)
         return alph, h.units[idx].astype(np.int64), remap.astype(np.int32).reshape(-1)
 
+    def _lut(self, h: fmt2.HeaderV2) -> tuple[torch.Tensor, torch.Tensor]:
+        """(LUT, table ids) on the device, cached by the table section's content: caches encoded
+        with the same tables (one model profile, one preset) reuse them without a rebuild."""
+        ids_all = [a.reshape(-1) for per in h.table_ids for a in per]
+        crc = zlib.crc32(h.units.tobytes())
+        crc = zlib.crc32(h.alphabets.tobytes(), crc)
+        for a in ids_all:
+            crc = zlib.crc32(a.tobytes(), crc)
+        key = (h.table_bits, crc, h.units.size, len(ids_all))
+        hit = self._luts.get(key)
+        if hit is None:
+            alph_r, units_r, ids_r = self._tables(h)
+            alph = torch.from_numpy(alph_r).to(self.device, non_blocking=True)
+            units = torch.from_numpy(units_r).to(self.device, non_blocking=True)
+            ids = torch.from_numpy(ids_r).to(self.device, non_blocking=True)
+            hit = (build_lut(units, alph, h.table_bits), ids)
+            if len(self._luts) >= 8:
+                self._luts.pop(next(iter(self._luts)))
+            self._luts[key] = hit
+        return hit
+
+    def _stage(self, meta: np.ndarray) -> torch.Tensor:
+        """Per-call int64 words to the device through one reused pinned buffer (a fresh pinned
+        allocation per call costs more than the whole host plan)."""
+        n = meta.size
+        if self.device.type != "cuda":
+            return torch.from_numpy(meta)
+        if self._pin is None or self._pin.numel() < n:
+            self._pin = torch.empty(max(n, 4096), dtype=torch.int64, pin_memory=True)
+            self._pin_ev = None
+        if self._pin_ev is not None:
+            self._pin_ev.synchronize()       # the previous call's copy has left the buffer
+        self._pin.numpy()[:n] = meta
+        out = self._pin[:n].to(self.device, non_blocking=True)
+        self._pin_ev = torch.cuda.Event()
+        self._pin_ev.record()
+        return out
+
     # ---------------------------------------------------------------- decode
     def upload(self, c: fmt2.ContainerV2, stream: Optional[torch.cuda.Stream] = None) -> torch.Tensor:
         """The container's bytes as a device uint8 tensor (length padded to a multiple of 4)."""
@@ -226,7 +271,7 @@ class GpuDecoder:
         payload: the container's bytes already on this device (uint8, at least as long as the
         container): no copy. check=False returns the device error flags without synchronizing.
         """
-        from .kernels_v2 import v2_decode_kernel
+        from .kernels_v2 import v2_decode_kernel, v2_words_sum_kernel
 
         c = data if isinstance(data, fmt2.ContainerV2) else fmt2.parse_container(data)
         h = c.header
@@ -260,16 +305,17 @@ class GpuDecoder:
             host[i, 0] = (t.data_ptr() - base.data_ptr()) // esz
             host[i, 1:5] = t.stride()
             host[i, 5] = t.shape[3]
-        chunk = np.stack([c.payload_start + c.index["offset"].astype(np.int64),
-                          (c.index["size"].astype(np.int64) - c.index["meta_size"].astype(np.int64)) // 4,
-                          c.index["words_sum"].view(np.int64)])
-        meta = torch.from_numpy(np.concatenate([host.reshape(-1), chunk.reshape(-1)]))
+        cb = c.payload_start + c.index["offset"].astype(np.int64)
+        msz = c.index["meta_size"].astype(np.int64)
+        chunk = np.stack([cb, (c.index["size"].astype(np.int64) - msz) // 4,
+                          c.index["words_sum"].view(np.int64), (cb + msz) // 4])
+        meta = np.concatenate([host.reshape(-1), chunk.reshape(-1)])
         scales = self._scales
         if scales is None:
             scales = self._scales = torch.from_numpy(TOKEN_SCALES.astype(np.float32)).to(dev)
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx:
-            md = meta.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else meta
+            md = self._stage(meta)
             nf = len(flat)
             hm = md[:6 * nf].view(nf, 6)
             obase = hm[:, 0].contiguous()
@@ -277,33 +323,32 @@ class GpuDecoder:
             hdim = hm[:, 5].contiguous()
             cbase = md[6 * nf:6 * nf + c.n_chunks]
             cwords = md[6 * nf + c.n_chunks:6 * nf + 2 * c.n_chunks]
-            stored = md[6 * nf + 2 * c.n_chunks:]
+            stored = md[6 * nf + 2 * c.n_chunks:6 * nf + 3 * c.n_chunks]
+            wbase = md[6 * nf + 3 * c.n_chunks:]
             # Tables and ids come from the host parse (the model section is zstd-compressed, small).
             # Only referenced tables get LUT slots (a file may list many it never uses).
-            alph_r, units_r, ids_r = self._tables(h)
-            alph = torch.from_numpy(alph_r).to(dev, non_blocking=True)
-            units = torch.from_numpy(units_r).to(dev, non_blocking=True)
-            ids = torch.from_numpy(ids_r).to(dev, non_blocking=True)
-            lut = build_lut(units, alph, h.table_bits)
+            lut, ids = self._lut(h)
             par = payload.view(torch.float16 if h.param_dtype == 1 else torch.float32)
             err = torch.zeros(max(p.n_streams, 1), dtype=torch.int8, device=dev)
-            wsum = torch.zeros(max(p.n_streams, 1), dtype=torch.int64, device=dev)
             block = self.block or BLOCK
             nw = self.num_warps or NUM_WARPS
             grid = (-(-p.n_streams // block),)
+            u32 = payload.view(torch.int32)
             if p.n_streams:
                 v2_decode_kernel[grid](
-                    payload.view(torch.int32), ids, par, payload, p.sblk, p.ssic, p.sc0, p.snch,
+                    u32, ids, par, payload, p.sblk, p.ssic, p.sc0, p.snch,
                     p.program_steps(block, dev), p.blocks,
                     cbase, cwords, lut, scales, base.view(torch.int16) if bf16 else base, obase, strides, hdim,
-                    err, wsum, p.n_streams, h.batch, _K1, _K2,
+                    err, p.n_streams, h.batch,
                     TB=h.table_bits, PSZ=2 if h.param_dtype == 1 else 4, SHARED=h.step_mode == 1,
                     HAS_TS=bool(h.token_scaling), OUT_BF16=bf16, BLOCK=block, num_warps=nw,
                     enable_fp_fusion=False)
-            # Per-chunk words checksums from the lanes' partial sums (int64 adds wrap like u64).
+            # Per-chunk words checksums: one coalesced pass over each chunk's word area.
             sums = torch.zeros(c.n_chunks, dtype=torch.int64, device=dev)
-            if p.n_streams:
-                sums.index_add_(0, p.stream_chunk, wsum[:p.n_streams])
+            max_words = int(chunk[1].max()) if c.n_chunks else 0
+            if max_words:
+                v2_words_sum_kernel[(c.n_chunks, -(-max_words // WSUM_BLOCK))](
+                    u32, wbase, cwords, sums, _K1, _K2, BLOCKW=WSUM_BLOCK, num_warps=4)
             flags = torch.stack([err.sum(dtype=torch.int64), (sums != stored).sum()])
         if not check:
             return flags
