@@ -186,20 +186,25 @@ def run(device: str, models: Sequence[str], presets: Sequence[str], contexts: Se
         # greedy agreement over many windows
         todo = [p for p in presets if (name, p) not in done_g]
         if todo and greedy_windows > 0:
-            pairs: Dict[str, list] = {p: [] for p in todo}
+            # The exact generations first (once per window), then one preset at a time, saved
+            # as it completes: a run cut short keeps every finished preset (resumable).
+            wins = []
             for wname, w in _windows(m, texts, greedy_context + 1, greedy_windows):
                 ctx, first = w[:greedy_context], w[greedy_context:]
                 kv = m.runner.window_kv(m.prefill(ctx))
-                gen_o = m.greedy_after(kv, first, greedy_tokens)
-                for p in todo:
+                wins.append((kv, first, m.greedy_after(kv, first, greedy_tokens)))
+            log(f"{name}: {len(wins)} exact greedy runs of {greedy_tokens} tokens")
+            # `high` and `default` first: the targets are about them
+            for p in sorted(todo, key=lambda q: (q != "high", q != "default")):
+                pairs = []
+                for kv, first, gen_o in wins:
                     data = cachegen.encode(kv, p)
                     gen_r = m.greedy_after(data, first, greedy_tokens)
                     div = None
                     if gen_r != gen_o:
                         div = _divergence(m, kv, data, first, gen_o, gen_r, greedy_context)
-                    pairs[p].append((gen_o, gen_r, div))
-            for p in todo:
-                st = greedy_stats(pairs[p], greedy_tokens)
+                    pairs.append((gen_o, gen_r, div))
+                st = greedy_stats(pairs, greedy_tokens)
                 row = dict(model=name, precision=m.precision, device=device, preset=p, context=greedy_context,
                            windows=st.prompts, tokens=st.tokens_per_prompt, agreement=st.agreement,
                            identical=st.identical, identical_rate=st.identical_rate,
@@ -209,7 +214,8 @@ def run(device: str, models: Sequence[str], presets: Sequence[str], contexts: Se
                            summary=st.summary())
                 res["greedy"].append(row)
                 log(f"{name} {p}: {st.summary()}")
-            save()
+                save()
+            del wins
     save()
     return res
 
