@@ -98,7 +98,7 @@ def run_case(name, kv, cfg, dec_args, reps, check_ref, rows):
         torch.cuda.synchronize()
         k_ms = events_median(lambda: dec.decode_into(c, outs, payload=payload, verify=False, check=False), reps)
         # host part: parse + CRC + plan + launch (payload on device), then the sync
-        host, cpu = [], []
+        host, cpu, parts = [], [], []
         for _ in range(reps):
             t0, p0 = time.perf_counter(), time.process_time()
             cc = fmt2.parse_container(data)
@@ -107,6 +107,7 @@ def run_case(name, kv, cfg, dec_args, reps, check_ref, rows):
             torch.cuda.synchronize()
             host.append((t1 - t0) * 1e3)
             cpu.append((p1 - p0) * 1e3)
+            parts.append(dec.last_timing)
         pinned = torch.empty(len(data), dtype=torch.uint8, pin_memory=True)
         pinned.numpy()[:] = np.frombuffer(data, dtype=np.uint8)
         pv = memoryview(pinned.numpy())
@@ -121,7 +122,9 @@ def run_case(name, kv, cfg, dec_args, reps, check_ref, rows):
                    comp_mb=len(data) / 1e6, ratio=fp16 / len(data), streams=int(dec.plan(c).n_streams),
                    kernel_ms=k_ms, kernel_gbs=fp16 / k_ms / 1e6, host_ms=statistics.median(host),
                    host_cpu_ms=statistics.median(cpu), e2e_ms=statistics.median(e2e),
-                   e2e_gbs=fp16 / statistics.median(e2e) / 1e6, exact=exact)
+                   e2e_gbs=fp16 / statistics.median(e2e) / 1e6, exact=exact,
+                   host_parts={f: statistics.median(getattr(t, f) for t in parts)
+                               for f in ("verify_ms", "plan_ms", "stage_ms", "lut_ms", "launch_ms", "total_ms")})
         rows.append(row)
         print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 

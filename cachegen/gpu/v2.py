@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,18 @@ Verify = Union[bool, str]
 # Tunables (H200 sweep: benches/gpu_notes.md).
 BLOCK = 32
 NUM_WARPS = 1
+
+
+@dataclass
+class HostTiming:
+    """Host wall time of the parts of one ``decode_into`` call, in ms (``total_ms`` excludes
+    the final error read, which waits for the kernels)."""
+    verify_ms: float = 0.0    # chunk metadata CRCs (threads)
+    plan_ms: float = 0.0      # shape plan lookup (built on the first call of a shape)
+    stage_ms: float = 0.0     # per-call words through the pinned buffer
+    lut_ms: float = 0.0       # LUT cache lookup (built on a miss)
+    launch_ms: float = 0.0    # buffers + both kernel launches + the flag reduction
+    total_ms: float = 0.0
 
 
 @dataclass
@@ -176,6 +189,7 @@ class GpuDecoder:
         self._luts: dict = {}
         self._pin: Optional[torch.Tensor] = None
         self._pin_ev = None
+        self.last_timing: Optional[HostTiming] = None
 
     # ---------------------------------------------------------------- host checks
     def verify(self, c: fmt2.ContainerV2, words: bool = False) -> None:
@@ -279,9 +293,13 @@ class GpuDecoder:
             raise InputError("GpuDecoder decodes lossy containers (lossless ones decode on the CPU)")
         if h.group_size > 1:
             raise InputError("GpuDecoder: anchor-delta containers (group_size > 1) decode on the CPU")
+        tm = HostTiming()
+        t0 = time.perf_counter()
         if verify:
             self.verify(c, words=(verify == "full"))
+        t1 = time.perf_counter()
         p = self.plan(c)
+        tm.verify_ms, tm.plan_ms = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
         dev = self.device
         if payload is None:
             payload = self.upload(c, stream)
@@ -315,7 +333,9 @@ class GpuDecoder:
             scales = self._scales = torch.from_numpy(TOKEN_SCALES.astype(np.float32)).to(dev)
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx:
+            t1 = time.perf_counter()
             md = self._stage(meta)
+            tm.stage_ms = (time.perf_counter() - t1) * 1e3
             nf = len(flat)
             hm = md[:6 * nf].view(nf, 6)
             obase = hm[:, 0].contiguous()
@@ -327,7 +347,10 @@ class GpuDecoder:
             wbase = md[6 * nf + 3 * c.n_chunks:]
             # Tables and ids come from the host parse (the model section is zstd-compressed, small).
             # Only referenced tables get LUT slots (a file may list many it never uses).
+            t1 = time.perf_counter()
             lut, ids = self._lut(h)
+            t2 = time.perf_counter()
+            tm.lut_ms = (t2 - t1) * 1e3
             par = payload.view(torch.float16 if h.param_dtype == 1 else torch.float32)
             err = torch.zeros(max(p.n_streams, 1), dtype=torch.int8, device=dev)
             block = self.block or BLOCK
@@ -350,6 +373,9 @@ class GpuDecoder:
                 v2_words_sum_kernel[(c.n_chunks, -(-max_words // WSUM_BLOCK))](
                     u32, wbase, cwords, sums, _K1, _K2, BLOCKW=WSUM_BLOCK, num_warps=4)
             flags = torch.stack([err.sum(dtype=torch.int64), (sums != stored).sum()])
+            tm.launch_ms = (time.perf_counter() - t2) * 1e3
+        tm.total_ms = (time.perf_counter() - t0) * 1e3
+        self.last_timing = tm     # host-side breakdown of this call (before the error read)
         if not check:
             return flags
         nbad, nsum = (int(x) for x in flags.tolist())
