@@ -235,3 +235,13 @@ def test_transform_record_layout():
     rec = pcodec.TransformRecord(b)
     s = rec.sink_arrays(p)
     assert s[1] is None and float(s[2][1][0, 1, 0, 3]) == -2.0
+
+
+def test_bases_are_fitted_outside_the_tuning_windows():
+    from cachegen.profile.fit import WINDOW_LEN, WINDOW_STARTS, basis_ids
+    ids = list(range(4200))
+    rest = basis_ids(ids)
+    inside = {t for s in WINDOW_STARTS for t in range(s, s + WINDOW_LEN)}
+    assert rest and not inside & set(rest)
+    assert len(rest) == 4200 - len(WINDOW_STARTS) * WINDOW_LEN
+    assert basis_ids(list(range(1500))) == list(range(1500))   # too short to leave enough: all of it
