@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence, Union
 
@@ -50,7 +51,7 @@ QUALITY_SCHEMA = "cachegen.guard/1"
 class GuardStep:
     """One preset tried: its size and what it did to the probe."""
     config: str
-    bytes: int
+    bytes: Optional[int]      # None: measured from its quantized values and stepped past, never coded
     kl_mean: float
     kl_max: float
     top1: float
@@ -110,46 +111,49 @@ def _ladder(start: Union[str, CodecConfig, None], presets: Sequence[Union[str, C
     return [start] + presets
 
 
-def _logits_np(x) -> np.ndarray:
-    if type(x).__module__.startswith("torch"):
-        x = x.detach().float().cpu().numpy()
-    a = np.asarray(x, dtype=np.float32)
-    if a.ndim == 3:
-        a = a[0]
-    if a.ndim != 2:
-        raise InputError(f"runner returned logits of shape {a.shape}, expected [1, T, V] or [T, V]")
-    return a
+def _logits_t(x) -> "torch.Tensor":
+    """Runner logits ([1, T, V] or [T, V], numpy or torch) as a float32 CPU tensor [T, V]."""
+    import torch
+
+    t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    t = t.to("cpu", torch.float32)
+    if t.ndim == 3:
+        t = t[0]
+    if t.ndim != 2:
+        raise InputError(f"runner returned logits of shape {tuple(t.shape)}, expected [1, T, V] or [T, V]")
+    return t
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    z = x - x.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+def _log_probs(x) -> "torch.Tensor":
+    import torch
+
+    return torch.log_softmax(_logits_t(x), dim=-1)
 
 
-def _compare(lp_ref: np.ndarray, logits: np.ndarray) -> tuple[float, float, float]:
-    lp = _log_softmax(logits)
-    kl = np.maximum((np.exp(lp_ref) * (lp_ref - lp)).sum(-1), 0.0)
-    top1 = float((lp_ref.argmax(-1) == lp.argmax(-1)).mean())
-    if not np.all(np.isfinite(kl)):
+def _compare(lp_ref, logits) -> tuple[float, float, float]:
+    """KL(exact || decoded) per probe position (float32 log-probabilities, float64 sums): mean,
+    max; top-1 agreement."""
+    import torch
+
+    lp = _log_probs(logits)
+    if lp.shape != lp_ref.shape:
+        raise InputError(f"runner returned logits {tuple(lp.shape)} for the decoded cache, {tuple(lp_ref.shape)} "
+                         "for the exact one")
+    kl = (lp_ref.exp() * (lp_ref - lp)).sum(-1, dtype=torch.float64).clamp_min(0.0)
+    top1 = float((lp_ref.argmax(-1) == lp.argmax(-1)).double().mean())
+    if not bool(torch.isfinite(kl).all()):
         return math.inf, math.inf, top1
     return float(kl.mean()), float(kl.max()), top1
 
 
-def _encode_keep(kv: Any, cfg: CodecConfig, progress: Any = None) -> tuple[bytes, Any, list]:
-    """``cachegen.encode(kv, cfg)`` (format v2, lossy), keeping pass 1's results for
-    :func:`_reconstruct`: the cache a decoder will rebuild from the container.
-
-    The same steps as ``codec.encoder.encode_lossy_v2``; the decoded values are computed from
-    pass 1's indices and parameters (what the decoder's rANS streams hand back), so the guard
-    need not entropy-decode the container (on the 2-core CPU, decoding costs ~50 % of encoding).
-    tests/test_guard.py checks the bytes equal ``cachegen.encode`` and the values equal
-    ``cachegen.decode`` bit for bit; at run time one chunk is decoded for real and compared.
-    """
-    from .api import _check_decodable
+def _quantize(kv: Any, cfg: CodecConfig) -> tuple[Any, list]:
+    """Pass 1 of ``cachegen.encode(kv, cfg)`` (format v2, lossy): the header and each layer's
+    indices and parameters, i.e. everything that fixes the decoded cache. The same steps as
+    ``codec.encoder.encode_lossy_v2``; :func:`_code` finishes the container. The guard measures a
+    preset from this alone (:func:`_reconstruct`) and entropy-codes only the preset it keeps."""
     from .codec import encoder as E
     from .codec.layout import describe, host_array
-    from .codec.parallel import parallel_map, worker_count
+    from .codec.parallel import parallel_map
     from .format import v2 as fmt2
     from .format.container import MODE_LOSSY, LayerInfo
 
@@ -172,6 +176,18 @@ def _encode_keep(kv: Any, cfg: CodecConfig, progress: Any = None) -> tuple[bytes
         outs = parallel_map(E._quantize_layer, (hosts, h, cfg, 2), range(len(infos)), 1)
     shared = all(p[1].size == 0 or bool(np.all(p[1] == p[1][0])) for r in outs for p in r["params"].values())
     h.step_mode = 1 if shared else 0
+    return h, outs
+
+
+def _code(h: Any, outs: list, cfg: CodecConfig, progress: Any = None) -> bytes:
+    """Tables + pass 2 (rANS streams) + container for :func:`_quantize`'s results: the bytes of
+    ``cachegen.encode(kv, cfg)``."""
+    from .api import _check_decodable
+    from .codec import encoder as E
+    from .codec.parallel import parallel_map, worker_count
+    from .format import v2 as fmt2
+
+    table_bits = h.table_bits
     units, h.table_ids = E._build_tables(h, outs, lambda H: E._fit_tables_v2(H, cfg.tables_per_class, table_bits))
     h.alphabets = np.array([u.size for u in units], dtype=np.int64)
     h.units = np.concatenate(units).astype(np.uint16)
@@ -184,38 +200,56 @@ def _encode_keep(kv: Any, cfg: CodecConfig, progress: Any = None) -> tuple[bytes
         chunks.extend(parallel_map(E._code_chunk_v2, (h, outs, freqs), ks, min(n2, len(ks))))
         if progress:
             progress(len(chunks), h.n_chunks)
-    return _check_decodable(fmt2.build_container(h, chunks)), h, outs
+    return _check_decodable(fmt2.build_container(h, chunks))
 
 
-def _reconstruct(h: Any, outs: list) -> list:
+def _encode_keep(kv: Any, cfg: CodecConfig, progress: Any = None) -> tuple[bytes, Any, list]:
+    """``cachegen.encode(kv, cfg)`` keeping pass 1's results for :func:`_reconstruct`.
+    tests/test_guard.py checks the bytes equal ``cachegen.encode`` and the values equal
+    ``cachegen.decode`` bit for bit; at run time one chunk is decoded for real and compared."""
+    h, outs = _quantize(kv, cfg)
+    return _code(h, outs, cfg, progress), h, outs
+
+
+def _reconstruct(h: Any, outs: list, into: Optional[list] = None) -> list:
+    """The cache a decoder rebuilds from :func:`_quantize`'s results, computed from pass 1's
+    indices and parameters (what the decoder's rANS streams hand back), so the guard need not
+    entropy-code nor decode anything to measure a preset. Written into ``into`` (per layer a
+    (K, V) pair of float32 arrays [B, H, T_i, D], e.g. views of the probe's buffers) or into new
+    arrays; returns them."""
     from .codec import grouping
     from .format.tables import TOKEN_SCALES
 
-    batch = h.batch
+    B, C = h.batch, h.chunk_tokens
     # the decoder's values: fl32(fl32(fl32(step * q) + lo) * token_scale), per chunk
-    C = h.chunk_tokens
     restored = []
     for i, l in enumerate(h.layers):
         pair = []
         for kvi in (0, 1):
             heads, dim = l.heads_dim(kvi)
-            # written straight in the runner's layout [B, H, T, D] (contiguous: bound without a copy)
-            x = np.empty((batch, heads, l.tokens, dim), dtype=np.float32)
+            shape = (B, heads, l.tokens, dim)
+            if into is None:
+                x = np.empty(shape, dtype=np.float32)
+            else:
+                x = into[i][kvi]
+                if tuple(x.shape) != shape or x.dtype != np.float32:
+                    raise InputError(f"layer {i}: buffer {tuple(x.shape)} {x.dtype}, expected {shape} float32")
             levels = 1 << l.bits(kvi)
+            cm = np.empty((heads * dim, B, l.tokens), dtype=np.float32)      # channel-major, as encoded
             for k in range(h.n_chunks):
                 n = min(C, l.tokens - k * C)
                 if n <= 0:
                     break
                 lo, st = outs[i]["params"][kvi, k]
                 a, d = outs[i]["symbols"][kvi, k]
-                q = grouping.join(a, d, batch, n, h.group_size, levels)
-                xk = q.astype(np.float32)
+                xk = cm[:, :, k * C:k * C + n]
+                xk[...] = grouping.join(a, d, B, n, h.group_size, levels)
                 st32 = st.astype(np.float32)
                 xk *= (st32[:1] if h.step_mode == 1 else st32).reshape(-1, 1, 1)
                 xk += lo.astype(np.float32).reshape(-1, 1, 1)
                 if h.token_scaling:
-                    xk *= TOKEN_SCALES[outs[i]["exps"][kvi, k]].reshape(1, batch, n)
-                x[:, :, k * C:k * C + n, :] = xk.reshape(heads, dim, batch, n).transpose(2, 0, 3, 1)
+                    xk *= TOKEN_SCALES[outs[i]["exps"][kvi, k]].reshape(1, B, n)
+            x[...] = cm.reshape(heads, dim, B, l.tokens).transpose(2, 0, 3, 1)
             pair.append(x)
         restored.append(tuple(pair))
     return restored
@@ -241,16 +275,33 @@ def _spot_check(data: bytes, restored: list, k: Optional[int] = None, blocks: Op
 
 
 def with_extensions(data: bytes, extensions: Sequence[Any]) -> bytes:
-    """The same v2 container with its extension records replaced (chunks copied unchanged, so it
-    decodes to exactly the same cache); cheaper than encoding again."""
+    """The same v2 container with its extension records replaced: byte for byte what encoding
+    with these ``extensions`` gives, without re-assembling it. The records end the header and
+    chunk offsets count from the payload start, so only the fixed part's ``ext_count`` and
+    ``ext_size``, the records and the header CRC change; the rest is copied once."""
     from .format import v2 as fmt2
+    from .format.container import crc32
+    from .errors import ChecksumError
 
     if fmt2.peek_version(data) != 2:
         raise InputError("only format v2 containers carry extension records")
-    c = fmt2.parse_container(data)
-    c.header.extensions = list(extensions)
-    chunks = [(bytes(c.chunk_bytes(k, verify=False)), int(c.index[k]["meta_size"])) for k in range(c.n_chunks)]
-    return fmt2.build_container(c.header, chunks)
+    mv = fmt2.as_bytes_view(data)
+    if len(mv) < fmt2._PREAMBLE.size + fmt2._FIXED.size:
+        raise InputError("container truncated")
+    magic, version, mode, flags, hsize, crc = fmt2._PREAMBLE.unpack_from(mv, 0)
+    p0 = fmt2._PREAMBLE.size
+    body = mv[p0:p0 + hsize]
+    if len(body) != hsize or hsize < fmt2._FIXED.size or crc32(body) != crc:
+        raise ChecksumError("container header is truncated or its checksum does not match")
+    fixed = list(fmt2._FIXED.unpack_from(body, 0))
+    old_size = fixed[15]                           # ext_count, ext_size: fields 14 and 15
+    if old_size > hsize - fmt2._FIXED.size:
+        raise InputError("container header: extension section larger than the header")
+    exts = fmt2.pack_extensions(list(extensions))
+    fixed[14], fixed[15] = len(extensions), len(exts)
+    new_body = fmt2._FIXED.pack(*fixed) + bytes(body[fmt2._FIXED.size:hsize - old_size]) + exts
+    pre = fmt2._PREAMBLE.pack(magic, version, mode, flags, len(new_body), crc32(new_body))
+    return b"".join((pre, new_body, mv[p0 + hsize:]))
 
 
 def quality_record(res: GuardResult) -> dict:
@@ -316,53 +367,192 @@ class Guard:
         return encode_guarded(kv, self, config=config, extensions=extensions, progress=progress)
 
 
+class _RunnerProbe:
+    """Scores the probe after caches of one shape with ``runner.continue_from`` (any runner).
+    :meth:`targets`: arrays holding the exact cache, to overwrite with decoded values."""
+
+    def __init__(self, runner: Any, ids: Sequence[int]):
+        self.runner, self.ids, self._targets, self._kv = runner, list(ids), None, None
+
+    def score_exact(self, kv: Any):
+        self._kv = kv
+        return _log_probs(self.runner.continue_from(kv, self.ids)[0])
+
+    def targets(self) -> list:
+        if self._targets is None:
+            from .codec.layout import host_array
+            from .codec.encoder import _to_f32
+
+            self._targets = [tuple(np.array(_to_f32(*host_array(t)), dtype=np.float32) for t in pair)
+                             for pair in self._kv]
+        return self._targets
+
+    def score_targets(self):
+        return self.runner.continue_from(self.targets(), self.ids)[0]
+
+
+_GQA_GRAPHS: dict = {}
+
+
+def _presents_from_gqa(runner: Any) -> bool:
+    """Whether every ``present`` output of the runner's graph comes from a GroupQueryAttention
+    node: those read the past from, and append to, one buffer bound as both (buffer sharing)."""
+    path = Path(runner.model_dir) / "model.onnx"
+    key = str(path)
+    if key not in _GQA_GRAPHS:
+        try:
+            import onnx
+
+            g = onnx.load(key, load_external_data=False).graph
+            made = {o: n.op_type for n in g.node for o in n.output}
+            names = [n for pair in runner.layout.present_names for n in pair]
+            _GQA_GRAPHS[key] = bool(names) and all(made.get(n) == "GroupQueryAttention" for n in names)
+        except Exception:          # no onnx package, unreadable graph: use the plain path
+            _GQA_GRAPHS[key] = False
+    return _GQA_GRAPHS[key]
+
+
+def _shared_buffers_fit(runner: Any, kv: Any) -> bool:
+    """The shared-buffer probe applies: an OrtRunner on the CPU with an fp32 GQA graph, and a
+    batch-1 cache of the graph's layers, heads and head size."""
+    import sys
+
+    mod = sys.modules.get("cachegen.ort.runner")
+    if mod is None or not isinstance(runner, mod.OrtRunner):
+        return False
+    if runner.provider != "cpu" or np.dtype(runner.dtype) != np.float32 or not isinstance(runner.vocab_size, int):
+        return False
+    if len(kv) != runner.num_layers:
+        return False
+    for k, v in kv:
+        s = tuple(k.shape)
+        if len(s) != 4 or s != tuple(v.shape) or s[0] != 1 or s[1] != runner.num_kv_heads or s[3] != runner.head_dim:
+            return False
+    return _presents_from_gqa(runner)
+
+
+def _shared_probe_class():
+    from .ort.cuda import StaticKV
+
+    class _SharedBufferProbe(StaticKV):
+        """The probe on an ORT GQA graph: one max-length buffer per layer bound as past *and*
+        present (``StaticKV``), so a run neither copies the 4K cache into new presents nor pads
+        windowed layers; the decoded cache is rebuilt straight into the buffers. The logits are
+        bit-identical to ``continue_from``'s (tests/test_guard.py). Buffers start uninitialised
+        except where a windowed layer's front is read as the padded runner's zeros."""
+
+        def __init__(self, runner: Any, kv: Any, ids: Sequence[int]):   # StaticKV's, with empty buffers
+            import torch
+
+            self.runner, self.ids = runner, list(ids)
+            self.tokens = [int(k.shape[2]) for k, _ in kv]
+            self.T = max(self.tokens)
+            self.capacity = self.T + len(self.ids)
+            self.device = torch.device("cpu")
+            H, D = runner.num_kv_heads, runner.head_dim
+            self.kv = []
+            for t in self.tokens:
+                pair = (torch.empty((1, H, self.capacity, D)), torch.empty((1, H, self.capacity, D)))
+                for b in pair:
+                    b[:, :, :self.T - t].zero_()
+                self.kv.append(pair)
+            self._io = runner.session.io_binding()
+            for (k, v), (pk, pv), (ok, ov) in zip(self.kv, runner.layout.past_names, runner.layout.present_names):
+                for name_in, name_out, t in ((pk, ok, k), (pv, ov, v)):
+                    self._io.bind_input(name_in, "cpu", 0, np.float32, list(t.shape), t.data_ptr())
+                    self._io.bind_output(name_out, "cpu", 0, np.float32, list(t.shape), t.data_ptr())
+            self._logits, self._reader, self.last_restore, self.length = {}, None, None, 0
+            self._views(self.tokens)          # refuses badly trimmed layers
+
+        def score_exact(self, kv: Any):
+            self.load(kv)
+            return _log_probs(self.score_targets())
+
+        def targets(self) -> list:
+            # StaticKV's views run to the buffer's end: a layer of t tokens is [T - t, T)
+            return [(k[:, :, :t].numpy(), v[:, :, :t].numpy()) for (k, v), t in zip(self._views(self.tokens), self.tokens)]
+
+        def score_targets(self):
+            self.reset(self.T)
+            return self.step(self.ids)
+
+    return _SharedBufferProbe
+
+
+def _make_probe(runner: Any, kv: Any, ids: Sequence[int], fast: bool):
+    if fast and _shared_buffers_fit(runner, kv):
+        return _shared_probe_class()(runner, kv, ids)
+    return _RunnerProbe(runner, ids)
+
+
 def encode_guarded(kv: Any, guard: Guard, config: Union[str, CodecConfig, None] = None,
                    extensions: Sequence[Any] = (), progress: Any = None) -> GuardResult:
     """Encode ``kv`` at the first preset of the ladder (``config``, then ``guard.presets`` after it)
     whose decoded cache keeps the probe's mean KL within ``guard.max_kl``; returns the container
     with an EXT_QUALITY record of the figures. If no preset meets the budget (a ladder without
-    lossless), the last one is stored and ``met`` is False."""
+    lossless), the last one is stored and ``met`` is False.
+
+    ``check="fast"``: a preset is measured from its quantized values (pass 1) rebuilt as the
+    decoder would; only the preset kept is entropy-coded, and one block set of the container is
+    then decoded for real and compared. The exact cache's probe runs once."""
     import cachegen
     from .format.extensions import EXT_QUALITY, Extension
 
     ladder = _ladder(config, guard.presets)
-    t0 = time.perf_counter()
-    ref_logits, _ = guard.runner.continue_from(kv, guard.probe_ids)
-    lp_ref = _log_softmax(_logits_np(ref_logits))
-    reference_s = time.perf_counter() - t0
+    fast = guard.check == "fast"
+    probe, lp_ref, reference_s = None, None, 0.0
     steps: list[GuardStep] = []
     data = b""
     for i, p in enumerate(ladder):
         cfg = get_config(p)
-        fast = guard.check == "fast" and not cfg.lossless
-        t0 = time.perf_counter()
-        if fast:
-            data, h, outs = _encode_keep(kv, cfg, progress)
-        else:
-            data = cachegen.encode(kv, cfg, progress)
-        enc_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        name = _name(p) if isinstance(p, str) else cfg.name
+        last = i == len(ladder) - 1
         if cfg.lossless:       # bit-exact by construction (checked by the codec's tests)
-            klm, klx, top1, measured = 0.0, 0.0, 1.0, False
+            t0 = time.perf_counter()
+            data = cachegen.encode(kv, cfg, progress)
+            steps.append(GuardStep(name, len(data), 0.0, 0.0, 1.0, True, False, time.perf_counter() - t0, 0.0))
+            break
+        if lp_ref is None:
+            t0 = time.perf_counter()
+            probe = _make_probe(guard.runner, kv, guard.probe_ids, fast)
+            lp_ref = probe.score_exact(kv)
+            reference_s = time.perf_counter() - t0
+        nbytes = None
+        if fast:
+            t0 = time.perf_counter()
+            h, outs = _quantize(kv, cfg)
+            enc_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            _reconstruct(h, outs, probe.targets())
+            klm, klx, top1 = _compare(lp_ref, probe.score_targets())
+            check_s = time.perf_counter() - t0
+            passed = klm <= guard.max_kl
+            if passed or last:
+                t0 = time.perf_counter()
+                data = _code(h, outs, cfg, progress)
+                enc_s += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                _spot_check(data, probe.targets())
+                check_s += time.perf_counter() - t0
+                nbytes = len(data)
+            del h, outs
         else:
-            if fast:
-                restored = _reconstruct(h, outs)
-                del outs
-                _spot_check(data, restored)
-            else:
-                restored = cachegen.decode(data, "cpu")
-            lg, _ = guard.runner.continue_from(restored, guard.probe_ids)
-            klm, klx, top1 = _compare(lp_ref, _logits_np(lg))
-            measured = True
-        passed = klm <= guard.max_kl
-        steps.append(GuardStep(_name(p) if isinstance(p, str) else cfg.name, len(data), klm, klx, top1, passed,
-                               measured, enc_s, time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            data = cachegen.encode(kv, cfg, progress)
+            enc_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            lg, _ = guard.runner.continue_from(cachegen.decode(data, "cpu"), guard.probe_ids)
+            klm, klx, top1 = _compare(lp_ref, lg)
+            check_s = time.perf_counter() - t0
+            passed, nbytes = klm <= guard.max_kl, len(data)
+        steps.append(GuardStep(name, nbytes, klm, klx, top1, passed, True, enc_s, check_s))
         if passed:
             break
-    last = steps[-1]
-    res = GuardResult(data=b"", config=last.config, met=last.passed, kl_mean=last.kl_mean, kl_max=last.kl_max,
-                      top1=last.top1, probe_tokens=len(guard.probe_ids), probe_kind=guard.probe_kind,
-                      max_kl=float(guard.max_kl), steps=steps, reference_s=reference_s)
+    del probe
+    last_step = steps[-1]
+    res = GuardResult(data=b"", config=last_step.config, met=last_step.passed, kl_mean=last_step.kl_mean,
+                      kl_max=last_step.kl_max, top1=last_step.top1, probe_tokens=len(guard.probe_ids),
+                      probe_kind=guard.probe_kind, max_kl=float(guard.max_kl), steps=steps, reference_s=reference_s)
     rec = quality_record(res)
     rec["probe"]["sha1"] = guard.probe_digest()
     if guard.meta:
@@ -413,6 +603,7 @@ def guard_chunks(policy: GuardPolicy, tokens: Sequence[int], kv: Any, chunk_toke
     them) keeps the probe (the prefix's last tokens, fed again) within the budget.
 
     Returns ``(level stored, {chunk: container with its EXT_QUALITY record}, result)``."""
+    import cachegen
     from .format.extensions import EXT_QUALITY, Extension
 
     C = int(chunk_tokens)
@@ -424,46 +615,63 @@ def guard_chunks(policy: GuardPolicy, tokens: Sequence[int], kv: Any, chunk_toke
         return x[:, :, a:b]
 
     prefix = [(cut(k, 0, end), cut(v, 0, end)) for k, v in kv]
+    fast = g.check == "fast"
     t0 = time.perf_counter()
-    lp_ref = _log_softmax(_logits_np(g.runner.continue_from(prefix, g.probe_ids)[0]))
+    probe = _make_probe(g.runner, prefix, g.probe_ids, fast)
+    lp_ref = probe.score_exact(prefix)
     reference_s = time.perf_counter() - t0
     steps: list[GuardStep] = []
     payloads: dict[int, bytes] = {}
-    for p in _ladder(level, g.presets):
+    ladder = _ladder(level, g.presets)
+    for j, p in enumerate(ladder):
         cfg = get_config(p)
         payloads = {}
+        chunks = {k: [(cut(kk, k * C, (k + 1) * C), cut(vv, k * C, (k + 1) * C)) for kk, vv in prefix]
+                  for k in range(start_chunk, n_chunks)}
         t0 = time.perf_counter()
-        keep = {}
-        for k in range(start_chunk, n_chunks):
-            chunk = [(cut(kk, k * C, (k + 1) * C), cut(vv, k * C, (k + 1) * C)) for kk, vv in prefix]
-            if cfg.lossless:
-                import cachegen
-                payloads[k] = cachegen.encode(chunk, cfg)
-            else:
-                payloads[k], h, outs = _encode_keep(chunk, cfg)
-                keep[k] = (h, outs)
+        if cfg.lossless or not fast:
+            payloads = {k: cachegen.encode(ch, cfg) for k, ch in chunks.items()}
+            keep = None
+        else:
+            keep = {k: _quantize(ch, cfg) for k, ch in chunks.items()}
         enc_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         if cfg.lossless:
             klm, klx, top1, measured = 0.0, 0.0, 1.0, False
         else:
-            restored = []
-            recs = {k: _reconstruct(*keep[k]) for k in keep}
-            last = max(recs)
-            _spot_check(payloads[last], recs[last])
-            for i, (kk, vv) in enumerate(prefix):
-                parts_k = [np.asarray(cut(kk, 0, start_chunk * C), dtype=np.float32)]
-                parts_v = [np.asarray(cut(vv, 0, start_chunk * C), dtype=np.float32)]
-                for k in range(start_chunk, n_chunks):
-                    parts_k.append(recs[k][i][0])
-                    parts_v.append(recs[k][i][1])
-                restored.append((np.concatenate(parts_k, 2), np.concatenate(parts_v, 2)))
-            klm, klx, top1 = _compare(lp_ref, _logits_np(g.runner.continue_from(restored, g.probe_ids)[0]))
+            targets = probe.targets()          # the exact prefix; the new chunks are overwritten
+
+            def into(k: int, toks: list) -> list:
+                return [(tk[:, :, k * C:k * C + t], tv[:, :, k * C:k * C + t]) for (tk, tv), t in zip(targets, toks)]
+
+            for k in chunks:
+                if keep is not None:
+                    h, outs = keep[k]
+                    _reconstruct(h, outs, into(k, [l.tokens for l in h.layers]))
+                else:
+                    dec = cachegen.decode(payloads[k], "cpu")
+                    for (tk, tv), (dk, dv) in zip(into(k, [int(x.shape[2]) for x, _ in dec]), dec):
+                        tk[...] = dk.numpy()
+                        tv[...] = dv.numpy()
+            klm, klx, top1 = _compare(lp_ref, probe.score_targets())
             measured = True
-        steps.append(GuardStep(p if isinstance(p, str) else cfg.name, sum(len(x) for x in payloads.values()),
-                               klm, klx, top1, klm <= g.max_kl, measured, enc_s, time.perf_counter() - t0))
-        if steps[-1].passed:
+        passed = klm <= g.max_kl
+        check_s = time.perf_counter() - t0
+        if keep is not None and (passed or j == len(ladder) - 1):
+            t0 = time.perf_counter()
+            payloads = {k: _code(*keep[k], cfg) for k in keep}
+            enc_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            lastk = max(keep)
+            _spot_check(payloads[lastk], into(lastk, [l.tokens for l in keep[lastk][0].layers]))
+            check_s += time.perf_counter() - t0
+        keep = None
+        steps.append(GuardStep(p if isinstance(p, str) else cfg.name,
+                               sum(len(x) for x in payloads.values()) if payloads else None,
+                               klm, klx, top1, passed, measured, enc_s, check_s))
+        if passed:
             break
+    del probe
     last_step = steps[-1]
     res = GuardResult(data=b"", config=last_step.config, met=last_step.passed, kl_mean=last_step.kl_mean,
                       kl_max=last_step.kl_max, top1=last_step.top1, probe_tokens=len(g.probe_ids),
