@@ -45,7 +45,7 @@ def kl_on(runner, kv, restored, cont) -> float:
 
 
 def run(models, context: int, windows: int, starts, max_kl: float, probe_tokens: int, cont_tokens: int,
-        threads: int, out: Path) -> dict:
+        threads: int, out: Path, sweep_tokens=()) -> dict:
     import cachegen
     from cachegen.guard import Guard
     from cachegen.ort import OrtRunner, export_model
@@ -76,18 +76,29 @@ def run(models, context: int, windows: int, starts, max_kl: float, probe_tokens:
             for start in starts:
                 if (model, context, wname, start) in done:
                     continue
-                t0 = time.perf_counter()
-                plain = cachegen.encode(kv, start)
-                enc_plain = time.perf_counter() - t0
+                # the guarded encode first, as a caller runs it right after the prefill (the plain
+                # encodes fork workers; the first writes to memory after a fork pay page faults)
                 g = Guard.from_context(runner, ctx, probe_tokens, max_kl=max_kl)
                 t0 = time.perf_counter()
                 gr = g.encode(kv, start)
                 total = time.perf_counter() - t0
                 t0 = time.perf_counter()
+                plain = cachegen.encode(kv, start)
+                enc_plain = time.perf_counter() - t0
+                t0 = time.perf_counter()
                 plain_stored = cachegen.encode(kv, gr.config)
                 enc_stored = time.perf_counter() - t0
                 restored = cachegen.decode(gr.data)
                 ckl = kl_on(runner, kv, restored, cont) if cont_tokens >= 2 else None
+                # shorter probes, for the start preset alone, against its continuation KL
+                sweep = {}
+                if sweep_tokens:
+                    sweep["cont_kl"] = (ckl if gr.config == start else
+                                        kl_on(runner, kv, cachegen.decode(plain), cont) if cont_tokens >= 2 else None)
+                    sweep[str(probe_tokens)] = gr.steps[0].kl_mean
+                    for n in sweep_tokens:
+                        sr = Guard.from_context(runner, ctx, n, max_kl=1e9, presets=()).encode(kv, start)
+                        sweep[str(n)] = sr.kl_mean
                 row = dict(model=model, context=context, window=wname, start=start, max_kl=max_kl,
                            probe_tokens=probe_tokens, stored=gr.config, met=gr.met, stepped_up=gr.stepped_up,
                            probe_kl=gr.kl_mean, probe_kl_max=gr.kl_max, probe_top1=gr.top1, cont_kl=ckl,
@@ -98,7 +109,8 @@ def run(models, context: int, windows: int, starts, max_kl: float, probe_tokens:
                            guarded_total_s=total, reference_s=gr.reference_s,
                            check_s=sum(s.check_s for s in gr.steps),
                            guard_overhead_s=total - enc_stored,
-                           overhead_vs_encode=(total - enc_stored) / enc_stored)
+                           overhead_vs_encode=(total - enc_stored) / enc_stored,
+                           start_probe_kl_by_tokens=sweep or None, load_avg=os.getloadavg()[0])
                 res["results"].append(row)
                 out.write_text(json.dumps(res, indent=1) + "\n")
                 log(f"{model} {context} {wname} {start}: stored {gr.config} (steps {gr.stepped_up}) probe KL "
@@ -130,6 +142,22 @@ def report(res: dict) -> str:
                      + f" | {sum(r['stepped_up'] > 0 for r in rs)}/{len(rs)} | {max(r['probe_kl'] for r in rs):.4f} | "
                      + (f"{max(ck):.4f} | {over}/{len(ck)}" if ck else "- | -")
                      + f" | {100 * float(np.median(ov)):.0f} %, {100 * max(ov):.0f} % |")
+    sw = [r for r in rows if r.get("start_probe_kl_by_tokens") and r["start_probe_kl_by_tokens"].get("cont_kl")]
+    if sw:
+        lines += ["", "Probe length: the start preset's probe KL against its 256-token continuation KL "
+                  "(ratio = probe / continuation; verdict = same side of max_kl)", "",
+                  "| model | probe tokens | windows x starts | ratio min | ratio median | ratio max | verdict agrees |",
+                  "|---|---|---|---|---|---|---|"]
+        for m in sorted({r["model"] for r in sw}):
+            rs = [r for r in sw if r["model"] == m]
+            ns = sorted({int(k) for r in rs for k in r["start_probe_kl_by_tokens"] if k != "cont_kl"})
+            for n in ns:
+                pairs = [(r["start_probe_kl_by_tokens"][str(n)], r["start_probe_kl_by_tokens"]["cont_kl"], r["max_kl"])
+                         for r in rs if str(n) in r["start_probe_kl_by_tokens"]]
+                ratio = [a / b for a, b, _ in pairs]
+                agree = sum((a <= t) == (b <= t) for a, b, t in pairs)
+                lines.append(f"| {m} | {n} | {len(pairs)} | {min(ratio):.2f} | {float(np.median(ratio)):.2f} | "
+                             f"{max(ratio):.2f} | {agree}/{len(pairs)} |")
     return "\n".join(lines)
 
 
@@ -143,13 +171,15 @@ def main(argv=None) -> int:
     ap.add_argument("--probe-tokens", type=int, default=32)
     ap.add_argument("--cont-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--probe-sweep", default="8,16", help="also probe the start preset with these many tokens "
+                    "(not timed), to compare each with its continuation KL; '' to skip")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--report", action="store_true")
     a = ap.parse_args(argv)
     out = Path(a.out)
     if not a.report:
         run(a.models.split(","), a.context, a.windows, a.starts.split(","), a.max_kl, a.probe_tokens,
-            a.cont_tokens, a.threads, out)
+            a.cont_tokens, a.threads, out, [int(x) for x in a.probe_sweep.split(",") if x])
     print(report(json.loads(out.read_text())))
     return 0
 

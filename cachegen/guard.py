@@ -124,23 +124,33 @@ def _logits_t(x) -> "torch.Tensor":
     return t
 
 
-def _log_probs(x) -> "torch.Tensor":
-    import torch
+class _Reference:
+    """The exact cache's probe: log-probabilities, probabilities and top-1 per position."""
 
-    return torch.log_softmax(_logits_t(x), dim=-1)
+    def __init__(self, logits):
+        import torch
+
+        self.lp = torch.log_softmax(_logits_t(logits), dim=-1)
+        self.p = self.lp.exp()
+        self.top1 = self.lp.argmax(-1)
 
 
-def _compare(lp_ref, logits) -> tuple[float, float, float]:
+def _log_probs(x) -> _Reference:
+    return _Reference(x)
+
+
+def _compare(ref: _Reference, logits) -> tuple[float, float, float]:
     """KL(exact || decoded) per probe position (float32 log-probabilities, float64 sums): mean,
     max; top-1 agreement."""
     import torch
 
-    lp = _log_probs(logits)
-    if lp.shape != lp_ref.shape:
-        raise InputError(f"runner returned logits {tuple(lp.shape)} for the decoded cache, {tuple(lp_ref.shape)} "
+    lp = torch.log_softmax(_logits_t(logits), dim=-1)
+    if lp.shape != ref.lp.shape:
+        raise InputError(f"runner returned logits {tuple(lp.shape)} for the decoded cache, {tuple(ref.lp.shape)} "
                          "for the exact one")
-    kl = (lp_ref.exp() * (lp_ref - lp)).sum(-1, dtype=torch.float64).clamp_min(0.0)
-    top1 = float((lp_ref.argmax(-1) == lp.argmax(-1)).double().mean())
+    top1 = float((ref.top1 == lp.argmax(-1)).double().mean())
+    torch.sub(ref.lp, lp, out=lp)          # in place: no more full-vocabulary arrays than needed
+    kl = lp.mul_(ref.p).sum(-1, dtype=torch.float64).clamp_min(0.0)
     if not bool(torch.isfinite(kl).all()):
         return math.inf, math.inf, top1
     return float(kl.mean()), float(kl.max()), top1
@@ -461,7 +471,11 @@ def _shared_probe_class():
                 for name_in, name_out, t in ((pk, ok, k), (pv, ov, v)):
                     self._io.bind_input(name_in, "cpu", 0, np.float32, list(t.shape), t.data_ptr())
                     self._io.bind_output(name_out, "cpu", 0, np.float32, list(t.shape), t.data_ptr())
-            self._logits, self._reader, self.last_restore, self.length = {}, None, None, 0
+            self._reader, self.last_restore, self.length = None, None, 0
+            # one logits buffer for every run of the probe (StaticKV.step reuses what it finds here)
+            self._logits = {len(self.ids): torch.empty((1, len(self.ids), runner.vocab_size),
+                                                       dtype={np.dtype(np.float16): torch.float16}.get(
+                                                           np.dtype(runner._logits_dtype), torch.float32))}
             self._views(self.tokens)          # refuses badly trimmed layers
 
         def score_exact(self, kv: Any):
