@@ -245,3 +245,16 @@ def test_bases_are_fitted_outside_the_tuning_windows():
     assert rest and not inside & set(rest)
     assert len(rest) == 4200 - len(WINDOW_STARTS) * WINDOW_LEN
     assert basis_ids(list(range(1500))) == list(range(1500))   # too short to leave enough: all of it
+
+
+def test_load_for_model_falls_back_to_the_shipped_profile(tmp_path):
+    import json
+    from cachegen.errors import ConfigError
+    from cachegen.profile import load_for_model, shipped_profile
+    from cachegen.ort.export import META_FILE
+    (tmp_path / META_FILE).write_text(json.dumps({"model": "smollm2", "precision": "fp32"}))
+    p = load_for_model(tmp_path)
+    assert p.model == "smollm2" and p.hash == shipped_profile("smollm2").hash
+    (tmp_path / META_FILE).write_text(json.dumps({"model": "nosuch"}))
+    with pytest.raises(ConfigError):
+        load_for_model(tmp_path)

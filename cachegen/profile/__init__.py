@@ -39,14 +39,31 @@ def profile_path(model_dir: Any) -> Path:
     return Path(model_dir) / PROFILE_FILE
 
 
+def shipped_profile(model_name: str) -> Optional[Profile]:
+    """The profile shipped in the package for a reference model (``data/profiles/<name>.npz``),
+    or None. A profile depends only on the model's weights, so it serves every export of them."""
+    f = resources.files("cachegen").joinpath(f"data/profiles/{model_name}.npz")
+    if not f.is_file():
+        return None
+    p = Profile.load(Path(str(f)))
+    return p if p.model == model_name else None
+
+
 def load_for_model(model_dir: Any) -> Profile:
-    """The profile stored next to a model export (``cachegen profile MODEL`` writes it)."""
+    """The profile stored next to a model export (``cachegen profile MODEL`` writes it), else
+    the one shipped for that reference model."""
     from ..errors import ConfigError
 
     p = profile_path(model_dir)
-    if not p.is_file():
-        raise ConfigError(f"no profile at {p}: run `cachegen profile MODEL` first")
-    return register(Profile.load(p))
+    if p.is_file():
+        return register(Profile.load(p))
+    from ..ort.export import read_export_meta
+
+    name = read_export_meta(model_dir).get("model")
+    shipped = shipped_profile(name) if isinstance(name, str) else None
+    if shipped is None:
+        raise ConfigError(f"no profile at {p} and none shipped for this model: run `cachegen profile MODEL` first")
+    return register(shipped)
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -25,6 +25,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--show", action="store_true", help="print the stored profile and exit")
     ap.add_argument("--force", action="store_true", help="refit even if a profile exists")
+    ap.add_argument("--in-sample", action="store_true",
+                    help="fit the bases on the whole calibration text, tuning windows included (the "
+                         "method of the profiles fitted before 2026-12-02; default: windows held out of the bases)")
     return ap
 
 
@@ -50,7 +53,8 @@ def run(a: argparse.Namespace) -> int:
         return 0
     runner = OrtRunner(model_dir, threads=a.threads)
     text = a.text.read_text() if a.text else None
-    p = fit_profile(a.model, runner, text, allocate=not a.no_allocate, log=lambda s: print(s, flush=True))
+    p = fit_profile(a.model, runner, text, allocate=not a.no_allocate, holdout=not a.in_sample,
+                    log=lambda s: print(s, flush=True))
     p.save(out)
     print(f"profile {p.hash_hex} -> {out}")
     return 0

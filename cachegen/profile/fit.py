@@ -38,6 +38,7 @@ PRESET_TARGETS: Dict[str, Optional[float]] = {"default-p": None, "small-p": 0.00
 # the whole text, profiles before format 2026-12-02) held-out KL came out ~1.5x higher and the
 # margin was 0.6.
 DEFAULT_MARGIN = 0.9
+IN_SAMPLE_MARGIN = 0.6      # holdout=False: bases fitted on the whole text, windows included
 # without allocation: uniform widths (coefficients need about one bit less than raw channels)
 UNIFORM_PRESETS = {"default-p": (7, 5), "small-p": (6, 4), "tiny-p": (5, 3)}
 BREF = 5
@@ -137,6 +138,7 @@ def allocation(sens: np.ndarray, rate: np.ndarray, mse: np.ndarray, lam: float, 
 
 
 def fit_profile(model_name: str, runner: Any, text: Optional[str] = None, *, allocate: bool = True,
+                holdout: bool = True,
                 max_tokens: int = 4096, sinks: int = 1, targets: Optional[Dict[str, Optional[float]]] = None,
                 log: Log = None) -> Profile:
     """Fit a profile for ``runner``'s model on ``text`` (default: the shipped calibration text).
@@ -153,8 +155,10 @@ def fit_profile(model_name: str, runner: Any, text: Optional[str] = None, *, all
     ids = runner.encode(text)[:max_tokens]
     if len(ids) < 16:
         raise InputError(f"calibration text too short ({len(ids)} tokens)")
-    _log(log, f"[profile {model_name}] fitting bases on {len(ids)} calibration tokens")
-    kb, vb = fit_bases(runner, basis_ids(ids), info)
+    bids = basis_ids(ids) if holdout else list(ids)
+    _log(log, f"[profile {model_name}] fitting bases on {len(bids)} of {len(ids)} calibration tokens "
+              f"({'tuning windows left out' if holdout else 'tuning windows included'})")
+    kb, vb = fit_bases(runner, bids, info)
     base = Profile(model=model_name, n_layers=info.n_layers, kv_heads=info.kv_heads, head_dim=info.head_dim,
                    rope_theta=tuple(info.rope_theta), key_basis=kb, value_basis=vb, sinks=sinks,
                    presets={n: ProfilePreset((k,) * info.n_layers, (v,) * info.n_layers)
@@ -164,7 +168,8 @@ def fit_profile(model_name: str, runner: Any, text: Optional[str] = None, *, all
     if not allocate:
         return base.with_presets(base.presets, fit_seconds=round(time.time() - t_start, 1), allocated=False)
 
-    return tune_presets(base, runner, text, targets=targets, log=log, _ids=ids, _t0=t_start)
+    return tune_presets(base, runner, text, targets=targets, log=log, _ids=ids, _t0=t_start,
+                        margin=DEFAULT_MARGIN if holdout else IN_SAMPLE_MARGIN)
 
 
 WINDOW_STARTS = (0, 2048)   # tuning windows: 1,024-token contexts + 128-token continuations
@@ -197,7 +202,8 @@ def _windows(runner: Any, ids: Sequence[int]) -> List[_Window]:
 
 def tune_presets(profile: Profile, runner: Any, text: Optional[str] = None, *,
                  targets: Optional[Dict[str, Optional[float]]] = None, log: Log = None,
-                 max_tokens: int = 4096, remeasure: bool = False, _ids: Optional[Sequence[int]] = None,
+                 max_tokens: int = 4096, remeasure: bool = False, margin: float = DEFAULT_MARGIN,
+                 _ids: Optional[Sequence[int]] = None,
                  _t0: Optional[float] = None) -> Profile:
     """(Re)run the bit allocation of a profile's presets (bases unchanged). The per-tensor
     sensitivities stored in ``profile.info`` are reused when present."""
@@ -243,8 +249,8 @@ def tune_presets(profile: Profile, runner: Any, text: Optional[str] = None, *,
     fp16 = wins[0].fp16
     for name, target in (targets or PRESET_TARGETS).items():
         if target is None:
-            target = DEFAULT_MARGIN * std_default_kl()
-            _log(log, f"  {name}: target = {DEFAULT_MARGIN} x KL of 'default' on the calibration windows = {target:.4f}")
+            target = margin * std_default_kl()
+            _log(log, f"  {name}: target = {margin} x KL of 'default' on the calibration windows = {target:.4f}")
         lo, hi = math.log(1e-4), math.log(3.0)   # log lambda: small = more bits
         best = None
         for _ in range(7):
