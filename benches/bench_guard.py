@@ -45,7 +45,7 @@ def kl_on(runner, kv, restored, cont) -> float:
 
 
 def run(models, context: int, windows: int, starts, max_kl: float, probe_tokens: int, cont_tokens: int,
-        threads: int, out: Path, sweep_tokens=()) -> dict:
+        threads: int, out: Path, sweep_tokens=(), probe: str = "context") -> dict:
     import cachegen
     from cachegen.guard import Guard
     from cachegen.ort import OrtRunner, export_model
@@ -55,7 +55,7 @@ def run(models, context: int, windows: int, starts, max_kl: float, probe_tokens:
     order = [n for n in ("pydocs-a", "ort-notices", "code-argparse", "pydocs-b", "code-difflib") if n in texts]
     res = json.loads(out.read_text()) if out.is_file() else {"results": []}
     res["machine"] = f"{platform.node()} {os.cpu_count()} cores, ORT CPU fp32, {threads} threads"
-    done = {(r["model"], r["context"], r["window"], r["start"]) for r in res["results"]}
+    done = {(r["model"], r["context"], r["window"], r["start"]) for r in res["results"] if r.get("probe", "context") == probe}
     for model in models:
         runner = OrtRunner(export_model(model, "fp32", "cpu"), threads=threads)
         bos = runner.bos_token_id if runner.add_bos else None
@@ -70,15 +70,18 @@ def run(models, context: int, windows: int, starts, max_kl: float, probe_tokens:
                 continue
             ctx, cont = w[:context], w[context:]
             t0 = time.perf_counter()
-            _, kv = runner.prefill(ctx)
+            logits, kv = runner.prefill(ctx)
             prefill_s = time.perf_counter() - t0
+            tail = logits[0, -probe_tokens:].copy()
+            del logits
             kv = runner.window_kv(kv)          # Gemma-3: sliding layers keep their 512-token window
             for start in starts:
                 if (model, context, wname, start) in done:
                     continue
                 # the guarded encode first, as a caller runs it right after the prefill (the plain
                 # encodes fork workers; the first writes to memory after a fork pay page faults)
-                g = Guard.from_context(runner, ctx, probe_tokens, max_kl=max_kl)
+                g = (Guard.from_prefill(runner, ctx, tail, probe_tokens, max_kl=max_kl) if probe == "prefill"
+                     else Guard.from_context(runner, ctx, probe_tokens, max_kl=max_kl))
                 t0 = time.perf_counter()
                 gr = g.encode(kv, start)
                 total = time.perf_counter() - t0
@@ -97,9 +100,11 @@ def run(models, context: int, windows: int, starts, max_kl: float, probe_tokens:
                                         kl_on(runner, kv, cachegen.decode(plain), cont) if cont_tokens >= 2 else None)
                     sweep[str(probe_tokens)] = gr.steps[0].kl_mean
                     for n in sweep_tokens:
-                        sr = Guard.from_context(runner, ctx, n, max_kl=1e9, presets=()).encode(kv, start)
+                        sg = (Guard.from_prefill(runner, ctx, tail[-n:], n, max_kl=1e9, presets=())
+                              if probe == "prefill" else Guard.from_context(runner, ctx, n, max_kl=1e9, presets=()))
+                        sr = sg.encode(kv, start)
                         sweep[str(n)] = sr.kl_mean
-                row = dict(model=model, context=context, window=wname, start=start, max_kl=max_kl,
+                row = dict(model=model, context=context, window=wname, start=start, max_kl=max_kl, probe=probe,
                            probe_tokens=probe_tokens, stored=gr.config, met=gr.met, stepped_up=gr.stepped_up,
                            probe_kl=gr.kl_mean, probe_kl_max=gr.kl_max, probe_top1=gr.top1, cont_kl=ckl,
                            cont_tokens=cont_tokens, bytes=len(gr.data), plain_bytes=len(plain_stored),
@@ -123,12 +128,12 @@ def run(models, context: int, windows: int, starts, max_kl: float, probe_tokens:
 def report(res: dict) -> str:
     rows = res["results"]
     lines = [f"Machine: {res.get('machine', '?')}", "",
-             "| model | context | start | windows | stored (count) | stepped up | probe KL max | cont KL max "
+             "| model | probe | context | start | windows | stored (count) | stepped up | probe KL max | cont KL max "
              "| cont KL > max_kl | guard cost / encode time (median, max) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    keys = sorted({(r["model"], r["context"], r["start"]) for r in rows})
-    for m, c, s in keys:
-        rs = [r for r in rows if (r["model"], r["context"], r["start"]) == (m, c, s)]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["model"], r.get("probe", "context"), r["context"], r["start"]) for r in rows})
+    for m, pk, c, s in keys:
+        rs = [r for r in rows if (r["model"], r.get("probe", "context"), r["context"], r["start"]) == (m, pk, c, s)]
         stored: dict = {}
         for r in rs:
             stored[r["stored"]] = stored.get(r["stored"], 0) + 1
@@ -138,7 +143,7 @@ def report(res: dict) -> str:
               / r["steps"][-1]["encode_s"] for r in rs]
         ck = [r["cont_kl"] for r in rs if r["cont_kl"] is not None]
         over = sum(k > r["max_kl"] for r, k in zip(rs, ck))
-        lines.append(f"| {m} | {c} | {s} | {len(rs)} | " + ", ".join(f"{k} ({v})" for k, v in sorted(stored.items()))
+        lines.append(f"| {m} | {pk} | {c} | {s} | {len(rs)} | " + ", ".join(f"{k} ({v})" for k, v in sorted(stored.items()))
                      + f" | {sum(r['stepped_up'] > 0 for r in rs)}/{len(rs)} | {max(r['probe_kl'] for r in rs):.4f} | "
                      + (f"{max(ck):.4f} | {over}/{len(ck)}" if ck else "- | -")
                      + f" | {100 * float(np.median(ov)):.0f} %, {100 * max(ov):.0f} % |")
@@ -146,17 +151,17 @@ def report(res: dict) -> str:
     if sw:
         lines += ["", "Probe length: the start preset's probe KL against its 256-token continuation KL "
                   "(ratio = probe / continuation; verdict = same side of max_kl)", "",
-                  "| model | probe tokens | windows x starts | ratio min | ratio median | ratio max | verdict agrees |",
-                  "|---|---|---|---|---|---|---|"]
-        for m in sorted({r["model"] for r in sw}):
-            rs = [r for r in sw if r["model"] == m]
+                  "| model | probe | tokens | windows x starts | ratio min | ratio median | ratio max | verdict agrees |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for m, pk in sorted({(r["model"], r.get("probe", "context")) for r in sw}):
+            rs = [r for r in sw if (r["model"], r.get("probe", "context")) == (m, pk)]
             ns = sorted({int(k) for r in rs for k in r["start_probe_kl_by_tokens"] if k != "cont_kl"})
             for n in ns:
                 pairs = [(r["start_probe_kl_by_tokens"][str(n)], r["start_probe_kl_by_tokens"]["cont_kl"], r["max_kl"])
                          for r in rs if str(n) in r["start_probe_kl_by_tokens"]]
                 ratio = [a / b for a, b, _ in pairs]
                 agree = sum((a <= t) == (b <= t) for a, b, t in pairs)
-                lines.append(f"| {m} | {n} | {len(pairs)} | {min(ratio):.2f} | {float(np.median(ratio)):.2f} | "
+                lines.append(f"| {m} | {pk} | {n} | {len(pairs)} | {min(ratio):.2f} | {float(np.median(ratio)):.2f} | "
                              f"{max(ratio):.2f} | {agree}/{len(pairs)} |")
     return "\n".join(lines)
 
@@ -173,13 +178,17 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--probe-sweep", default="8,16", help="also probe the start preset with these many tokens "
                     "(not timed), to compare each with its continuation KL; '' to skip")
+    ap.add_argument("--probe", choices=("context", "prefill"), default="context",
+                    help="context: the context's last tokens fed again after the cache (Guard.from_context); "
+                         "prefill: the cache without its last tokens + those tokens, against the prefill's logits "
+                         "(Guard.from_prefill; full-attention caches only: not Gemma-3's trimmed sliding layers)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--report", action="store_true")
     a = ap.parse_args(argv)
     out = Path(a.out)
     if not a.report:
         run(a.models.split(","), a.context, a.windows, a.starts.split(","), a.max_kl, a.probe_tokens,
-            a.cont_tokens, a.threads, out, [int(x) for x in a.probe_sweep.split(",") if x])
+            a.cont_tokens, a.threads, out, [int(x) for x in a.probe_sweep.split(",") if x], a.probe)
     print(report(json.loads(out.read_text())))
     return 0
 

@@ -265,19 +265,25 @@ def _reconstruct(h: Any, outs: list, into: Optional[list] = None) -> list:
     return restored
 
 
-def _spot_check(data: bytes, restored: list, k: Optional[int] = None, blocks: Optional[int] = 8) -> None:
-    """Decode the first ``blocks`` (layer, K/V) blocks of chunk ``k`` (default: the last; all blocks
-    with ``blocks=None``) with the real CPU decoder; they must equal ``restored``. A drift of the
-    encoder away from this module's copy of its steps shows in any block, so a few suffice."""
+def _spot_check(data: bytes, restored: list, k: Optional[int] = None, blocks: Optional[int] = 8,
+                upto: Optional[int] = None) -> None:
+    """Decode the first ``blocks`` (layer, K/V) blocks of chunk ``k`` (default: the last, or the
+    one holding position ``upto - 1``; all blocks with ``blocks=None``) with the real CPU decoder;
+    they must equal ``restored`` (at positions below ``upto`` when given). A drift of the encoder
+    away from this module's copy of its steps shows in any block, so a few suffice."""
     import itertools
 
     from .codec.decoder_v2 import decode_chunk
     from .format import v2 as fmt2
 
     c = fmt2.parse_container(data)
-    k = c.n_chunks - 1 if k is None else k
     C = c.header.chunk_tokens
+    if k is None:
+        k = c.n_chunks - 1 if upto is None else min(c.n_chunks - 1, max(upto - 1, 0) // C)
     for i, kvi, _k, n, x in itertools.islice(decode_chunk(c, k), blocks):
+        if upto is not None:
+            n = min(n, upto - k * C)
+            x = x[:, :, :n]
         mine = restored[i][kvi][:, :, k * C:k * C + n, :]
         if not np.array_equal(mine.view(np.uint32), np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)):
             raise RuntimeError(f"guard: reconstructed cache differs from the decoder (layer {i}, chunk {k}); "
@@ -345,6 +351,10 @@ class Guard:
     #: for real as a check); "decode": the whole container is decoded (slower, no shortcut)
     check: str = "fast"
     meta: dict = field(default_factory=dict)      # extra JSON recorded with the figures (e.g. the model)
+    #: the exact cache's logits for the probe, when the caller has them (:meth:`from_prefill`):
+    #: the probe is then the cache's last ``len(probe_ids)`` tokens, fed again after the rest
+    reference: Any = None
+    context_len: Optional[int] = None       # with ``reference``: the context's length (every layer's)
 
     def __post_init__(self) -> None:
         ids = [int(t) for t in np.asarray(self.probe_ids).reshape(-1)]
@@ -359,6 +369,30 @@ class Guard:
             raise InputError("the guard's runner needs continue_from(kv, ids) -> (logits, kv)")
         for p in self.presets:
             get_config(p)
+        if self.reference is not None:
+            ref = _logits_t(self.reference)
+            if ref.shape[0] != len(self.probe_ids):
+                raise InputError(f"reference logits for {ref.shape[0]} positions, the probe has {len(self.probe_ids)}")
+            self.reference = ref.clone()
+
+    @classmethod
+    def from_prefill(cls, runner: Any, context_ids: Sequence[int], logits: Any, probe_tokens: int = 32,
+                     **kw: Any) -> "Guard":
+        """Probe with the prefill's own predictions: the decoded cache without its last
+        ``probe_tokens`` positions, then those tokens fed again, scored against the prefill's
+        logits there (``logits``: the prefill's [1, T, V] or [T, V], or only its last rows). The
+        exact side costs nothing; the model reads ``T - probe_tokens`` decoded positions (the
+        last ones are recomputed from them, as after a real reload). Full-attention caches only:
+        a sliding-window layer trimmed to its window lacks the positions the early probe tokens
+        see (use :meth:`from_context`)."""
+        ids = [int(t) for t in np.asarray(context_ids).reshape(-1)]
+        n = min(int(probe_tokens), len(ids) - 1)
+        if n < 1:
+            raise InputError("the context needs at least two tokens to probe its tail")
+        lg = _logits_t(logits)
+        if lg.shape[0] < n:
+            raise InputError(f"{lg.shape[0]} rows of prefill logits, the probe needs the last {n}")
+        return cls(runner, ids[-n:], probe_kind="prefill_tail", reference=lg[-n:], context_len=len(ids), **kw)
 
     @classmethod
     def from_context(cls, runner: Any, context_ids: Sequence[int], probe_tokens: int = 32, **kw: Any) -> "Guard":
@@ -379,10 +413,11 @@ class Guard:
 
 class _RunnerProbe:
     """Scores the probe after caches of one shape with ``runner.continue_from`` (any runner).
-    :meth:`targets`: arrays holding the exact cache, to overwrite with decoded values."""
+    :meth:`targets`: arrays holding the exact cache, to overwrite with decoded values. ``cut``:
+    the probe reads the cache without its last ``cut`` positions."""
 
-    def __init__(self, runner: Any, ids: Sequence[int]):
-        self.runner, self.ids, self._targets, self._kv = runner, list(ids), None, None
+    def __init__(self, runner: Any, ids: Sequence[int], kv: Any = None, cut: int = 0):
+        self.runner, self.ids, self._targets, self._kv, self.cut = runner, list(ids), None, kv, cut
 
     def score_exact(self, kv: Any):
         self._kv = kv
@@ -398,7 +433,10 @@ class _RunnerProbe:
         return self._targets
 
     def score_targets(self):
-        return self.runner.continue_from(self.targets(), self.ids)[0]
+        kv = self.targets()
+        if self.cut:
+            kv = [(k[:, :, :k.shape[2] - self.cut], v[:, :, :v.shape[2] - self.cut]) for k, v in kv]
+        return self.runner.continue_from(kv, self.ids)[0]
 
 
 _GQA_GRAPHS: dict = {}
@@ -451,13 +489,13 @@ def _shared_probe_class():
         bit-identical to ``continue_from``'s (tests/test_guard.py). Buffers start uninitialised
         except where a windowed layer's front is read as the padded runner's zeros."""
 
-        def __init__(self, runner: Any, kv: Any, ids: Sequence[int]):   # StaticKV's, with empty buffers
+        def __init__(self, runner: Any, kv: Any, ids: Sequence[int], cut: int = 0):   # StaticKV's, empty buffers
             import torch
 
-            self.runner, self.ids = runner, list(ids)
+            self.runner, self.ids, self.cut = runner, list(ids), cut
             self.tokens = [int(k.shape[2]) for k, _ in kv]
             self.T = max(self.tokens)
-            self.capacity = self.T + len(self.ids)
+            self.capacity = self.T - cut + len(self.ids)
             self.device = torch.device("cpu")
             H, D = runner.num_kv_heads, runner.head_dim
             self.kv = []
@@ -487,16 +525,32 @@ def _shared_probe_class():
             return [(k[:, :, :t].numpy(), v[:, :, :t].numpy()) for (k, v), t in zip(self._views(self.tokens), self.tokens)]
 
         def score_targets(self):
-            self.reset(self.T)
+            self.reset(self.T - self.cut)         # a cut probe overwrites the cache's last positions
             return self.step(self.ids)
 
     return _SharedBufferProbe
 
 
-def _make_probe(runner: Any, kv: Any, ids: Sequence[int], fast: bool):
+def _make_probe(runner: Any, kv: Any, ids: Sequence[int], fast: bool, cut: int = 0):
     if fast and _shared_buffers_fit(runner, kv):
-        return _shared_probe_class()(runner, kv, ids)
-    return _RunnerProbe(runner, ids)
+        return _shared_probe_class()(runner, kv, ids, cut)
+    return _RunnerProbe(runner, ids, kv, cut)
+
+
+def _reference_probe(guard: "Guard", kv: Any, fast: bool):
+    """(probe, exact reference, cut) for ``guard`` on ``kv``."""
+    if guard.reference is None:
+        probe = _make_probe(guard.runner, kv, guard.probe_ids, fast)
+        return probe, probe.score_exact(kv), 0
+    n = len(guard.probe_ids)
+    tokens = [int(k.shape[2]) for k, _ in kv]
+    T = guard.context_len or max(tokens)
+    if any(t != T for t in tokens):
+        raise InputError(f"a prefill-tail probe needs every layer to hold the whole context ({T} tokens), got "
+                         f"{sorted(set(tokens))}: sliding-window layers trimmed to their window lack positions "
+                         "the probe reads (use Guard.from_context)")
+    probe = _make_probe(guard.runner, kv, guard.probe_ids, fast, cut=n)
+    return probe, _Reference(guard.reference), n
 
 
 def encode_guarded(kv: Any, guard: Guard, config: Union[str, CodecConfig, None] = None,
@@ -514,7 +568,7 @@ def encode_guarded(kv: Any, guard: Guard, config: Union[str, CodecConfig, None] 
 
     ladder = _ladder(config, guard.presets)
     fast = guard.check == "fast"
-    probe, lp_ref, reference_s = None, None, 0.0
+    probe, lp_ref, reference_s, cut = None, None, 0.0, 0
     steps: list[GuardStep] = []
     data = b""
     for i, p in enumerate(ladder):
@@ -528,8 +582,7 @@ def encode_guarded(kv: Any, guard: Guard, config: Union[str, CodecConfig, None] 
             break
         if lp_ref is None:
             t0 = time.perf_counter()
-            probe = _make_probe(guard.runner, kv, guard.probe_ids, fast)
-            lp_ref = probe.score_exact(kv)
+            probe, lp_ref, cut = _reference_probe(guard, kv, fast)
             reference_s = time.perf_counter() - t0
         nbytes = None
         if fast:
@@ -546,7 +599,7 @@ def encode_guarded(kv: Any, guard: Guard, config: Union[str, CodecConfig, None] 
                 data = _code(h, outs, cfg, progress)
                 enc_s += time.perf_counter() - t0
                 t0 = time.perf_counter()
-                _spot_check(data, probe.targets())
+                _spot_check(data, probe.targets(), upto=max(int(k.shape[2]) for k, _ in kv) - cut if cut else None)
                 check_s += time.perf_counter() - t0
                 nbytes = len(data)
             del h, outs
@@ -555,7 +608,10 @@ def encode_guarded(kv: Any, guard: Guard, config: Union[str, CodecConfig, None] 
             data = cachegen.encode(kv, cfg, progress)
             enc_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            lg, _ = guard.runner.continue_from(cachegen.decode(data, "cpu"), guard.probe_ids)
+            dec = cachegen.decode(data, "cpu")
+            if cut:
+                dec = [(k[:, :, :k.shape[2] - cut], v[:, :, :v.shape[2] - cut]) for k, v in dec]
+            lg, _ = guard.runner.continue_from(dec, guard.probe_ids)
             klm, klx, top1 = _compare(lp_ref, lg)
             check_s = time.perf_counter() - t0
             passed, nbytes = klm <= guard.max_kl, len(data)

@@ -292,3 +292,55 @@ def test_shared_buffer_probe_equals_continue_from(name):
         assert s.kl_mean == pytest.approx(t.kl_mean, rel=1e-6, abs=1e-9)
         assert s.kl_max == pytest.approx(t.kl_max, rel=1e-6, abs=1e-9) and s.top1 == t.top1
     assert with_extensions(a.data, []) == with_extensions(b.data, []) == cachegen.encode(kv, "default")
+
+
+def test_prefill_tail_probe_on_the_tiny_model(setup):
+    """from_prefill: the decoded cache without its last n positions, then those n tokens, against
+    the exact logits the caller already has (here: the same run on the exact cache)."""
+    kv, m, _, _ = setup
+    ctx = [int(t) for t in np.random.default_rng(4).integers(0, 97, 600)]
+    n = 24
+    cut = [(k[:, :, :-n], v[:, :, :-n]) for k, v in kv]
+    exact = m.continue_from(cut, ctx[-n:])[0]
+    logits = np.concatenate([np.zeros((1, 600 - n, 97), np.float32), exact], 1)   # a prefill's [1, T, V]
+    calls = m.calls
+    res = Guard.from_prefill(m, ctx, logits, probe_tokens=n, max_kl=1e9).encode(kv, "small")
+    assert m.calls == calls + 1                     # no exact probe: one run, with the decoded cache
+    assert res.reference_s < 0.05
+    dec = [(k[:, :, :-n], v[:, :, :-n]) for k, v in cachegen.decode(res.data)]
+    assert res.kl_mean == pytest.approx(kl_of(m, cut, dec, ctx[-n:]), rel=1e-4)
+    rec = cachegen.inspect(res.data)["extensions"][0]["value"]
+    assert rec["probe"]["kind"] == "prefill_tail" and rec["probe"]["tokens"] == n
+    b = Guard.from_prefill(m, ctx, logits, probe_tokens=n, max_kl=1e9, check="decode").encode(kv, "small")
+    assert b.kl_mean == pytest.approx(res.kl_mean, rel=1e-6) and with_extensions(b.data, []) == with_extensions(res.data, [])
+    with pytest.raises(InputError):                 # reference rows do not match the probe
+        Guard(m, ctx[-n:], reference=exact[0, :-1])
+    with pytest.raises(InputError):                 # a layer shorter than the context
+        Guard.from_prefill(m, ctx, logits, n).encode(make_kv(tokens=600, short_layer=1), "small")
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_prefill_tail_probe_on_ort(name):
+    from conftest_models import runner as get_runner, text_ids
+
+    r = get_runner(name)
+    ids = list(text_ids(name))[:700]
+    lg, kv = r.prefill(ids)
+    if name == "gemma3":                             # trimmed sliding layers: refused, not mis-measured
+        with pytest.raises(InputError, match="from_context"):
+            Guard.from_prefill(r, ids, lg, 16).encode(r.window_kv(kv), "default")
+        return
+    a = Guard.from_prefill(r, ids, lg, 16, max_kl=0.0, presets=("tiny", "default")).encode(kv)
+    b = Guard.from_prefill(_PlainRunner(r), ids, lg, 16, max_kl=0.0, presets=("tiny", "default"),
+                           check="decode").encode(kv)
+    assert [s.config for s in a.steps] == [s.config for s in b.steps] == ["tiny", "default"]
+    for s, t in zip(a.steps, b.steps):
+        assert s.kl_mean == pytest.approx(t.kl_mean, rel=1e-6, abs=1e-9) and s.top1 == t.top1
+    assert a.steps[0].kl_mean > a.kl_mean > 0
+    # the reference is the exact cache's own prediction there: lossless scores ~0
+    ll = Guard.from_prefill(r, ids, lg, 16, max_kl=0.0, presets=()).encode(kv, "lossless")
+    assert ll.kl_mean == 0.0
+    cut = [(k[:, :, :-16], v[:, :, :-16]) for k, v in kv]
+    from cachegen.guard import _Reference, _compare
+    klm, _, top1 = _compare(_Reference(lg[0, -16:]), r.continue_from(cut, ids[-16:])[0])
+    assert klm < 1e-5 and top1 == 1.0
