@@ -48,12 +48,14 @@ def _mix(w, i, k1, k2):
 def v2_decode_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr,
                      sblk_ptr, ssic_ptr, sc0_ptr, snch_ptr, steps_ptr, blk_ptr, cbase_ptr, cwords_ptr,
                      lut_ptr, scale_ptr, out_ptr, obase_ptr, ostride_ptr, hdim_ptr, err_ptr,
-                     n_streams, batch,
+                     lane0, lane_end, p0, batch,
                      TB: tl.constexpr, PSZ: tl.constexpr, SHARED: tl.constexpr, HAS_TS: tl.constexpr,
                      OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
+    # Streams [lane0, lane_end): one launch per chunk group when decoding is pipelined with
+    # the copy (program p0 + i covers streams (p0 + i) * BLOCK ...; lanes outside are masked).
+    pid = tl.program_id(0) + p0
     lane = pid * BLOCK + tl.arange(0, BLOCK)
-    m = lane < n_streams
+    m = (lane >= lane0) & (lane < lane_end)
     blk = tl.load(sblk_ptr + lane, mask=m, other=0).to(tl.int64)
     sic = tl.load(ssic_ptr + lane, mask=m, other=0).to(tl.int64)
     c0 = tl.load(sc0_ptr + lane, mask=m, other=0)

@@ -22,7 +22,7 @@ import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -66,6 +66,7 @@ class ShapePlan:
     blocks: torch.Tensor   # int64 [NB, BCOLS]
     n_blocks: int
     nsym: np.ndarray       # int64 [S] symbols of each stream (host copy)
+    chunk_streams: np.ndarray  # int64 [n_chunks + 1] first stream of each chunk (streams are chunk-major)
     steps: dict            # BLOCK -> int32 device tensor: longest stream of each program
 
     def program_steps(self, block: int, device) -> torch.Tensor:
@@ -130,7 +131,8 @@ def build_shape_plan(h: fmt2.HeaderV2, n_chunks: int, device: torch.device) -> S
     S = int(sum(x.size for x in sblk))
     return ShapePlan(S, cat(sblk, np.int32), cat(ssic, np.int32), cat(sc0, np.int32), cat(snch, np.int32),
                      cat(rows, np.int64).reshape(-1, BCOLS), nb,
-                     np.concatenate(nsym).astype(np.int64) if nsym else np.zeros(0, np.int64), {})
+                     np.concatenate(nsym).astype(np.int64) if nsym else np.zeros(0, np.int64),
+                     np.concatenate([[0], np.cumsum([x.size for x in sblk])]).astype(np.int64), {})
 
 
 def build_lut(units: torch.Tensor, alphabets: torch.Tensor, table_bits: int) -> torch.Tensor:
@@ -173,7 +175,8 @@ class GpuDecoder:
 
     supports = staticmethod(supports)
 
-    def __init__(self, device: Any = "cuda", block: Optional[int] = None, num_warps: Optional[int] = None):
+    def __init__(self, device: Any = "cuda", block: Optional[int] = None, num_warps: Optional[int] = None,
+                 pipeline: bool = True):
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             # "cuda" and "cuda:0" compare unequal: pin the index so device checks hold.
@@ -184,6 +187,7 @@ class GpuDecoder:
             raise InputError(f"GpuDecoder needs a CUDA device, got {self.device}")
         self.block = block
         self.num_warps = num_warps
+        self.pipeline = pipeline      # False: decode_into_pipelined waits for all bytes first
         self._plans: dict = {}
         self._scales = None
         self._luts: dict = {}
@@ -260,6 +264,37 @@ class GpuDecoder:
         self._pin_ev.record()
         return out
 
+    @staticmethod
+    def _groups(c: fmt2.ContainerV2, p: ShapePlan, split: bool, group_bytes: Optional[int]) -> list:
+        """(first stream, end stream, payload bytes needed) per launch: one launch for all
+        streams, or (pipelined) one per run of chunks of about ``group_bytes``."""
+        if p.n_streams == 0:
+            return []
+        ends = c.payload_start + c.index["offset"].astype(np.int64) + c.index["size"].astype(np.int64)
+        if not split or c.n_chunks <= 1:
+            return [(0, p.n_streams, int(ends[-1]))]
+        g = group_bytes or max(4 << 20, -(-int(ends[-1]) // 8))
+        out, k0 = [], 0
+        for k in range(c.n_chunks):
+            if k == c.n_chunks - 1 or ends[k] - (ends[k0 - 1] if k0 else c.payload_start) >= g:
+                out.append((int(p.chunk_streams[k0]), int(p.chunk_streams[k + 1]), int(ends[k])))
+                k0 = k + 1
+        return [x for x in out if x[1] > x[0]]
+
+    def decode_into_pipelined(self, data: Any, bufs: Sequence[Sequence[torch.Tensor]], *,
+                              wait: Callable[[Optional[int]], None], verify: Verify = True,
+                              payload: Optional[torch.Tensor] = None, stream: Optional[torch.cuda.Stream] = None,
+                              check: bool = True, group_bytes: Optional[int] = None) -> Optional[torch.Tensor]:
+        """:meth:`decode_into` while the payload is still being copied: chunk groups are
+        launched as their bytes arrive (``cachegen.io.restore`` passes the copy's events).
+        Not yet measured on a GPU (2026-12-02): ``GpuDecoder(pipeline=False)`` waits for every
+        byte first, then decodes in one launch."""
+        if not self.pipeline:
+            wait(None)
+            wait = None
+        return self.decode_into(data, bufs, verify=verify, payload=payload, stream=stream, check=check,
+                                wait=wait, group_bytes=group_bytes)
+
     # ---------------------------------------------------------------- decode
     def upload(self, c: fmt2.ContainerV2, stream: Optional[torch.cuda.Stream] = None) -> torch.Tensor:
         """The container's bytes as a device uint8 tensor (length padded to a multiple of 4)."""
@@ -276,7 +311,8 @@ class GpuDecoder:
 
     def decode_into(self, data: Any, bufs: Sequence[Sequence[torch.Tensor]], *, verify: Verify = True,
                     payload: Optional[torch.Tensor] = None, stream: Optional[torch.cuda.Stream] = None,
-                    check: bool = True) -> Optional[torch.Tensor]:
+                    check: bool = True, wait: Optional[Callable[[Optional[int]], None]] = None,
+                    group_bytes: Optional[int] = None) -> Optional[torch.Tensor]:
         """Decode into CUDA tensors bufs[i] = (k, v) [B, H, >=T, D] of the container's dtype.
 
         verify: True = header + chunk metadata CRCs on the host, stream words by their checksum
@@ -284,6 +320,10 @@ class GpuDecoder:
         host too; False = structure and end states only.
         payload: the container's bytes already on this device (uint8, at least as long as the
         container): no copy. check=False returns the device error flags without synchronizing.
+        wait: pipelining with a copy still in flight: ``wait(upto)`` must make the decode stream
+        wait until payload bytes ``[0, upto)`` are on the device (``None``: all of them); the
+        streams are then launched per group of chunks of about ``group_bytes`` (default: an
+        eighth of the payload, at least 4 MiB), each after the wait for its bytes.
         """
         from .kernels_v2 import v2_decode_kernel, v2_words_sum_kernel
 
@@ -355,17 +395,22 @@ class GpuDecoder:
             err = torch.zeros(max(p.n_streams, 1), dtype=torch.int8, device=dev)
             block = self.block or BLOCK
             nw = self.num_warps or NUM_WARPS
-            grid = (-(-p.n_streams // block),)
             u32 = payload.view(torch.int32)
-            if p.n_streams:
-                v2_decode_kernel[grid](
-                    u32, ids, par, payload, p.sblk, p.ssic, p.sc0, p.snch,
-                    p.program_steps(block, dev), p.blocks,
-                    cbase, cwords, lut, scales, base.view(torch.int16) if bf16 else base, obase, strides, hdim,
-                    err, p.n_streams, h.batch,
+            steps = p.program_steps(block, dev)
+            out = base.view(torch.int16) if bf16 else base
+            for s0, s1, upto in self._groups(c, p, wait is not None, group_bytes):
+                if wait is not None:
+                    wait(upto)
+                p0 = s0 // block
+                v2_decode_kernel[(-(-s1 // block) - p0,)](
+                    u32, ids, par, payload, p.sblk, p.ssic, p.sc0, p.snch, steps, p.blocks,
+                    cbase, cwords, lut, scales, out, obase, strides, hdim,
+                    err, s0, s1, p0, h.batch,
                     TB=h.table_bits, PSZ=2 if h.param_dtype == 1 else 4, SHARED=h.step_mode == 1,
                     HAS_TS=bool(h.token_scaling), OUT_BF16=bf16, BLOCK=block, num_warps=nw,
                     enable_fp_fusion=False)
+            if wait is not None:
+                wait(None)   # the checksum pass reads every chunk
             # Per-chunk words checksums: one coalesced pass over each chunk's word area.
             sums = torch.zeros(c.n_chunks, dtype=torch.int64, device=dev)
             max_words = int(chunk[1].max()) if c.n_chunks else 0
