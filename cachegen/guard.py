@@ -1,14 +1,24 @@
 """Quality guard: measure what a stored cache does to the model before storing it.
 
-A lossy cache is only as good as the model's predictions from it. ``encode_guarded`` encodes a
-cache, decodes it again (the real decoder, so what is measured is what a reader gets) and scores
-a short *probe* with the exact and with the decoded cache on the caller's model: KL divergence
-of the next-token distributions (exact || decoded), mean and max over the probe's positions,
-and top-1 agreement. While the mean KL is over the budget (``max_kl``) it steps up to the next
-preset of the ladder (``default`` -> ``high`` -> ``lossless`` by default; lossless is bit-exact,
-so it always meets it). The figures go into the container as an ``EXT_QUALITY`` record (format
-v2 JSON extension; ``cachegen.inspect(data)["extensions"]`` shows it), so a reader can see what
-was measured, on what, and why this preset.
+A lossy cache is only as good as the model's predictions from it. ``encode_guarded`` quantizes a
+cache, rebuilds the values a decoder will return and scores a short *probe* with the exact and
+with the decoded cache on the caller's model: KL divergence of the next-token distributions
+(exact || decoded), mean and max over the probe's positions, and top-1 agreement. While the mean
+KL is over the budget (``max_kl``) it steps up to the next preset of the ladder (``default`` ->
+``high`` -> ``lossless`` by default; lossless is bit-exact, so it always meets it). The figures
+go into the container as an ``EXT_QUALITY`` record (format v2 JSON extension;
+``cachegen.inspect(data)["extensions"]`` shows it), so a reader can see what was measured, on
+what, and why this preset.
+
+What it costs (``check="fast"``, the default): the exact cache's probe once; per preset tried,
+pass 1 of the encoder (quantization: the decoded values follow from it), the rebuild and one
+probe run; only the preset kept is entropy-coded, and one set of its blocks is then decoded by
+the real decoder and compared bit for bit with what was measured. On an ``OrtRunner`` (CPU, fp32
+GroupQueryAttention graph) the probe runs on max-length buffers bound as past *and* present:
+no copy of the cache into new outputs, no padding of trimmed sliding layers, and the decoded
+cache is rebuilt straight into them (same logits as ``continue_from``, bit for bit). The record
+is spliced into the header (chunks untouched). ``check="decode"``: encode, full decode and
+``continue_from`` for every preset (no shortcut, slower).
 
 Probes (token ids the model reads after the cache):
 
@@ -16,7 +26,11 @@ Probes (token ids the model reads after the cache):
 * or the context's own last tokens fed again after it (:meth:`Guard.from_context`): no extra
   text is needed, and re-reading them makes the model attend back to where they sit in the cache
   (copying), which is sensitive to exactly the errors a codec makes. Measured on the reference
-  models, this probe's KL tracks the continuation's (benches/RESULTS.md, "Quality guard").
+  models, this probe's KL tracks the continuation's (benches/RESULTS.md, "Quality guard");
+* or the prefill's own predictions (:meth:`Guard.from_prefill`): the decoded cache without its
+  last tokens, then those tokens, against the logits the prefill already gave there, so there is
+  no exact probe to run. Full-attention caches only (a sliding layer trimmed to its window lacks
+  positions the earlier probe tokens see).
 
 ``runner``: anything with ``continue_from(kv, ids) -> (logits [1, T, V], kv)`` (``OrtRunner``, the
 store's runner protocol); logits may be numpy or torch.
@@ -57,8 +71,8 @@ class GuardStep:
     top1: float
     passed: bool
     measured: bool            # False for lossless (bit-exact: KL 0 without running the model)
-    encode_s: float
-    check_s: float            # decode + probe with the decoded cache
+    encode_s: float           # "fast": pass 1, plus tables + rANS coding for the preset kept
+    check_s: float            # rebuild (or decode) + probe with the decoded cache (+ spot check, record)
 
 
 @dataclass
