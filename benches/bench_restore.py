@@ -182,10 +182,15 @@ def measure_row(r, model: str, T: int, ids: list[int], reps: int, dry: bool) -> 
         tok = int(s.step(nxt)[0, -1].argmax())
         t2 = time.perf_counter()
         lr = s.last_restore
+        ht = None
+        if not dry:   # the GPU decoder's host breakdown of this restore (cachegen.gpu.v2.HostTiming)
+            from cachegen.gpu.v2 import default_decoder
+            t_ = default_decoder("cuda").last_timing
+            ht = None if t_ is None else dict(vars(t_))
         return dict(ttft=(t2 - t) * 1e3, restore=(t1 - t) * 1e3, step=(t2 - t1) * 1e3, proc_cpu=(p1 - p0) * 1e3,
                     host_cpu=lr.host_cpu_ms, read=lr.read_ms, read_cpu=lr.read_cpu_ms, parse=lr.parse_ms,
                     decode_call=lr.decode_call_ms, h2d=lr.h2d_busy_ms, h2d_span=lr.h2d_span_ms,
-                    kernels=lr.decode_gpu_ms, path=lr.path, source=lr.source), tok
+                    kernels=lr.decode_gpu_ms, path=lr.path, source=lr.source, host_parts=ht), tok
 
     prints = {}
     toks = {}
@@ -207,6 +212,8 @@ def measure_row(r, model: str, T: int, ids: list[int], reps: int, dry: bool) -> 
             row[f"{name}_{k}_ms"] = _med([x[k] for x in rs])
         row[f"{name}_ttft_all_ms"] = [x["ttft"] for x in rs]
         row[f"{name}_path"] = rs[0]["path"]
+        if rs[0]["host_parts"]:
+            row[f"{name}_host_parts_ms"] = {k: _med([x["host_parts"][k] for x in rs]) for k in rs[0]["host_parts"]}
         row[f"{name}_ratio"] = row[f"{name}_ttft_ms"] / row["recompute_ms"]
         # end to end restore throughput, in bytes of the restored cache's dtype (fp16 on the GPU)
         row[f"{name}_restore_GBs"] = out_bytes / row[f"{name}_restore_ms"] / 1e6
@@ -332,11 +339,16 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-reps", type=int, default=5)
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--dry-run", "--cpu", dest="dry", action="store_true", help="CPU only: check the harness")
+    ap.add_argument("--no-pipeline", action="store_true",
+                    help="GpuDecoder(pipeline=False): decode after the whole H2D copy, in one launch")
     ap.add_argument("--out", default=str(ROOT / "benches" / "restore_results.json"),
                     help="JSON path; the markdown table goes next to it (.md)")
     a = ap.parse_args(argv)
     import torch
     dry = a.dry
+    if a.no_pipeline and not dry:   # decode after the whole copy, one launch (A/B of the pipelined decode)
+        from cachegen.gpu.v2 import default_decoder
+        default_decoder("cuda").pipeline = False
     if not dry and not torch.cuda.is_available():
         print("no CUDA GPU: use --dry-run for the CPU check", file=sys.stderr)
         return 2
@@ -345,7 +357,8 @@ def main(argv=None) -> int:
     res = dict(device="CPU (dry run)" if dry else torch.cuda.get_device_name(), torch=torch.__version__,
                host=f"{platform.node()} {os.cpu_count()} CPUs", when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                command="python " + " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
-               reps=a.reps, sources=list(DRY_SOURCES if dry else SOURCES), rows=[], read_sweep=[])
+               reps=a.reps, sources=list(DRY_SOURCES if dry else SOURCES), rows=[], read_sweep=[],
+               pipeline=not a.no_pipeline)
     try:
         import onnxruntime as ort
         res["onnxruntime"] = ort.__version__
