@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -138,7 +138,7 @@ def allocation(sens: np.ndarray, rate: np.ndarray, mse: np.ndarray, lam: float, 
 
 
 def fit_profile(model_name: str, runner: Any, text: Optional[str] = None, *, allocate: bool = True,
-                holdout: bool = True,
+                holdout: bool = True, final_bases: str = "holdout",
                 max_tokens: int = 4096, sinks: int = 1, targets: Optional[Dict[str, Optional[float]]] = None,
                 log: Log = None) -> Profile:
     """Fit a profile for ``runner``'s model on ``text`` (default: the shipped calibration text).
@@ -168,8 +168,18 @@ def fit_profile(model_name: str, runner: Any, text: Optional[str] = None, *, all
     if not allocate:
         return base.with_presets(base.presets, fit_seconds=round(time.time() - t_start, 1), allocated=False)
 
-    return tune_presets(base, runner, text, targets=targets, log=log, _ids=ids, _t0=t_start,
-                        margin=DEFAULT_MARGIN if holdout else IN_SAMPLE_MARGIN)
+    tuned = tune_presets(base, runner, text, targets=targets, log=log, _ids=ids, _t0=t_start,
+                         margin=DEFAULT_MARGIN if holdout else IN_SAMPLE_MARGIN)
+    if holdout and final_bases == "all":
+        # Cross-fit: the allocation was chosen with bases that never saw the tuning windows (so
+        # its KL predicts unseen text); the shipped bases then use every calibration token,
+        # which can only fit unseen text as well or better.
+        _log(log, f"[profile {model_name}] final bases on all {len(ids)} calibration tokens")
+        kb, vb = fit_bases(runner, ids, info)
+        tuned = replace(tuned, key_basis=kb, value_basis=vb, info={**tuned.info, "final_bases": "all"})
+    elif final_bases not in ("holdout", "all"):
+        raise InputError(f"final_bases must be 'holdout' or 'all', got {final_bases!r}")
+    return tuned
 
 
 WINDOW_STARTS = (0, 2048)   # tuning windows: 1,024-token contexts + 128-token continuations
