@@ -503,31 +503,21 @@ def _shared_probe_class():
         bit-identical to ``continue_from``'s (tests/test_guard.py). Buffers start uninitialised
         except where a windowed layer's front is read as the padded runner's zeros."""
 
-        def __init__(self, runner: Any, kv: Any, ids: Sequence[int], cut: int = 0):   # StaticKV's, empty buffers
+        def __init__(self, runner: Any, kv: Any, ids: Sequence[int], cut: int = 0):
             import torch
 
-            self.runner, self.ids, self.cut = runner, list(ids), cut
+            from .ort.cuda import _TORCH
+
+            self.ids, self.cut = list(ids), cut
             self.tokens = [int(k.shape[2]) for k, _ in kv]
             self.T = max(self.tokens)
-            self.capacity = self.T - cut + len(self.ids)
-            self.device = torch.device("cpu")
-            H, D = runner.num_kv_heads, runner.head_dim
-            self.kv = []
-            for t in self.tokens:
-                pair = (torch.empty((1, H, self.capacity, D)), torch.empty((1, H, self.capacity, D)))
-                for b in pair:
+            super().__init__(runner, self.T - cut + len(self.ids), zero=False)
+            for pair, t in zip(self.kv, self.tokens):
+                for b in pair:      # a windowed layer's front is read as the padded runner's zeros
                     b[:, :, :self.T - t].zero_()
-                self.kv.append(pair)
-            self._io = runner.session.io_binding()
-            for (k, v), (pk, pv), (ok, ov) in zip(self.kv, runner.layout.past_names, runner.layout.present_names):
-                for name_in, name_out, t in ((pk, ok, k), (pv, ov, v)):
-                    self._io.bind_input(name_in, "cpu", 0, np.float32, list(t.shape), t.data_ptr())
-                    self._io.bind_output(name_out, "cpu", 0, np.float32, list(t.shape), t.data_ptr())
-            self._reader, self.last_restore, self.length = None, None, 0
             # one logits buffer for every run of the probe (StaticKV.step reuses what it finds here)
             self._logits = {len(self.ids): torch.empty((1, len(self.ids), runner.vocab_size),
-                                                       dtype={np.dtype(np.float16): torch.float16}.get(
-                                                           np.dtype(runner._logits_dtype), torch.float32))}
+                                                       dtype=_TORCH[np.dtype(runner._logits_dtype)])}
             self._views(self.tokens)          # refuses badly trimmed layers
 
         def score_exact(self, kv: Any):

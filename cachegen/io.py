@@ -796,7 +796,7 @@ def _payload_ok(dec: Any, c: Any) -> bool:
         return bool(sup(c))
     # cachegen.gpu.v2.GpuDecoder: format v2, lossy, no anchor-delta groups
     from .format.container import MODE_LOSSLESS
-    return (len(_CONTAINERS) > 1 and isinstance(c, _CONTAINERS[1]) and c.header.mode != MODE_LOSSLESS
+    return (isinstance(c, _ContainerV2) and c.header.mode != MODE_LOSSLESS
             and c.header.group_size <= 1)
 
 

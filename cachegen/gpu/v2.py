@@ -15,11 +15,11 @@ tables are cached by the table section's content, per-call words go through one 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import threading
 import time
 import warnings
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
@@ -229,12 +229,12 @@ class GpuDecoder:
     def _lut(self, h: fmt2.HeaderV2) -> tuple[torch.Tensor, torch.Tensor]:
         """(LUT, table ids) on the device, cached by the table section's content: caches encoded
         with the same tables (one model profile, one preset) reuse them without a rebuild."""
-        ids_all = [a.reshape(-1) for per in h.table_ids for a in per]
-        crc = zlib.crc32(h.units.tobytes())
-        crc = zlib.crc32(h.alphabets.tobytes(), crc)
-        for a in ids_all:
-            crc = zlib.crc32(a.tobytes(), crc)
-        key = (h.table_bits, crc, h.units.size, len(ids_all))
+        dig = hashlib.blake2b(h.units.tobytes(), digest_size=16)
+        dig.update(h.alphabets.tobytes())
+        for per in h.table_ids:
+            for a in per:
+                dig.update(np.ascontiguousarray(a).tobytes())
+        key = (h.table_bits, dig.digest())
         hit = self._luts.get(key)
         if hit is None:
             alph_r, units_r, ids_r = self._tables(h)

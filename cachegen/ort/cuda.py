@@ -60,14 +60,16 @@ def _sync(device: torch.device) -> None:
 class StaticKV:
     """Preallocated max-length KV buffers bound to one ORT session as past *and* present."""
 
-    def __init__(self, runner, capacity: int):
+    def __init__(self, runner, capacity: int, *, zero: bool = True):
+        """``zero=False``: the buffers start uninitialised (the caller fills what is read)."""
         self.runner = runner
         self.capacity = int(capacity)
         self.device = torch.device(f"cuda:{runner.device_id}" if runner.provider == "cuda" else "cpu")
         dt = _TORCH[np.dtype(runner.dtype)]
         H, D = runner.num_kv_heads, runner.head_dim
-        self.kv = [(torch.zeros((1, H, self.capacity, D), dtype=dt, device=self.device),
-                    torch.zeros((1, H, self.capacity, D), dtype=dt, device=self.device))
+        alloc = torch.zeros if zero else torch.empty
+        self.kv = [(alloc((1, H, self.capacity, D), dtype=dt, device=self.device),
+                    alloc((1, H, self.capacity, D), dtype=dt, device=self.device))
                    for _ in range(runner.num_layers)]
         self.length = 0
         self._io = runner.session.io_binding()

@@ -25,11 +25,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--show", action="store_true", help="print the stored profile and exit")
     ap.add_argument("--force", action="store_true", help="refit even if a profile exists")
-    ap.add_argument("--cross-fit", action="store_true",
-                    help="tune the allocation with the held-out bases, then refit the bases on the whole text")
-    ap.add_argument("--in-sample", action="store_true",
-                    help="fit the bases on the whole calibration text, tuning windows included (the "
-                         "method of the profiles fitted before 2026-12-02; default: windows held out of the bases)")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--cross-fit", action="store_true",
+                   help="tune the allocation with the held-out bases, then refit the bases on the whole text")
+    g.add_argument("--in-sample", action="store_true",
+                   help="fit the bases on the whole calibration text, tuning windows included (the "
+                        "method of the profiles fitted before 2026-12-02; default: windows held out of the bases)")
     return ap
 
 
@@ -55,8 +56,8 @@ def run(a: argparse.Namespace) -> int:
         return 0
     runner = OrtRunner(model_dir, threads=a.threads)
     text = a.text.read_text() if a.text else None
-    p = fit_profile(a.model, runner, text, allocate=not a.no_allocate, holdout=not a.in_sample,
-                    final_bases="all" if a.cross_fit else "holdout",
+    bases = "cross-fit" if a.cross_fit else "in-sample" if a.in_sample else "holdout"
+    p = fit_profile(a.model, runner, text, allocate=not a.no_allocate, bases=bases,
                     log=lambda s: print(s, flush=True))
     p.save(out)
     print(f"profile {p.hash_hex} -> {out}")

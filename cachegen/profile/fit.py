@@ -38,7 +38,11 @@ PRESET_TARGETS: Dict[str, Optional[float]] = {"default-p": None, "small-p": 0.00
 # the whole text, profiles before format 2026-12-02) held-out KL came out ~1.5x higher and the
 # margin was 0.6.
 DEFAULT_MARGIN = 0.9
-IN_SAMPLE_MARGIN = 0.6      # holdout=False: bases fitted on the whole text, windows included
+IN_SAMPLE_MARGIN = 0.6      # bases="in-sample": bases fitted on the whole text, windows included
+# How the bases are fitted: on the calibration tokens outside the tuning windows ("holdout"), on
+# all of them ("in-sample", the method before 2026-12-02), or tuned as "holdout" and then
+# refitted on all of them ("cross-fit").
+BASES = ("holdout", "in-sample", "cross-fit")
 # without allocation: uniform widths (coefficients need about one bit less than raw channels)
 UNIFORM_PRESETS = {"default-p": (7, 5), "small-p": (6, 4), "tiny-p": (5, 3)}
 BREF = 5
@@ -138,7 +142,7 @@ def allocation(sens: np.ndarray, rate: np.ndarray, mse: np.ndarray, lam: float, 
 
 
 def fit_profile(model_name: str, runner: Any, text: Optional[str] = None, *, allocate: bool = True,
-                holdout: bool = True, final_bases: str = "holdout",
+                bases: str = "holdout",
                 max_tokens: int = 4096, sinks: int = 1, targets: Optional[Dict[str, Optional[float]]] = None,
                 log: Log = None) -> Profile:
     """Fit a profile for ``runner``'s model on ``text`` (default: the shipped calibration text).
@@ -155,6 +159,9 @@ def fit_profile(model_name: str, runner: Any, text: Optional[str] = None, *, all
     ids = runner.encode(text)[:max_tokens]
     if len(ids) < 16:
         raise InputError(f"calibration text too short ({len(ids)} tokens)")
+    if bases not in BASES:
+        raise InputError(f"bases must be one of {BASES}, got {bases!r}")
+    holdout = bases != "in-sample"
     bids = basis_ids(ids) if holdout else list(ids)
     _log(log, f"[profile {model_name}] fitting bases on {len(bids)} of {len(ids)} calibration tokens "
               f"({'tuning windows left out' if holdout else 'tuning windows included'})")
@@ -170,15 +177,13 @@ def fit_profile(model_name: str, runner: Any, text: Optional[str] = None, *, all
 
     tuned = tune_presets(base, runner, text, targets=targets, log=log, _ids=ids, _t0=t_start,
                          margin=DEFAULT_MARGIN if holdout else IN_SAMPLE_MARGIN)
-    if holdout and final_bases == "all":
+    if bases == "cross-fit":
         # Cross-fit: the allocation was chosen with bases that never saw the tuning windows (so
         # its KL predicts unseen text); the shipped bases then use every calibration token,
         # which can only fit unseen text as well or better.
         _log(log, f"[profile {model_name}] final bases on all {len(ids)} calibration tokens")
         kb, vb = fit_bases(runner, ids, info)
         tuned = replace(tuned, key_basis=kb, value_basis=vb, info={**tuned.info, "final_bases": "all"})
-    elif final_bases not in ("holdout", "all"):
-        raise InputError(f"final_bases must be 'holdout' or 'all', got {final_bases!r}")
     return tuned
 
 
