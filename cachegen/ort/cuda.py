@@ -33,6 +33,7 @@ from ..errors import InputError
 __all__ = ["StaticKV", "cuda_provider_available"]
 
 _TORCH = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
+_TORCH_INT = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}
 
 
 def cuda_provider_available() -> bool:
@@ -52,6 +53,9 @@ def cuda_provider_available() -> bool:
     return True
 
 
+_NP_OF = {torch.int64: np.dtype(np.int64), torch.int32: np.dtype(np.int32)}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
@@ -60,8 +64,10 @@ def _sync(device: torch.device) -> None:
 class StaticKV:
     """Preallocated max-length KV buffers bound to one ORT session as past *and* present."""
 
-    def __init__(self, runner, capacity: int, *, zero: bool = True):
-        """``zero=False``: the buffers start uninitialised (the caller fills what is read)."""
+    def __init__(self, runner, capacity: int, *, zero: bool = True, device_inputs: bool = True):
+        """``zero=False``: the buffers start uninitialised (the caller fills what is read).
+        ``device_inputs``: the attention mask and position ids live on the session's device
+        (one preallocated buffer each, bound as views), so a step copies only its token ids."""
         self.runner = runner
         self.capacity = int(capacity)
         self.device = torch.device(f"cuda:{runner.device_id}" if runner.provider == "cuda" else "cpu")
@@ -80,6 +86,14 @@ class StaticKV:
                 self._io.bind_input(name_in, dev, idx, np_dt, list(t.shape), t.data_ptr())
                 self._io.bind_output(name_out, dev, idx, np_dt, list(t.shape), t.data_ptr())
         self._logits: dict = {}
+        self._mask = self._pos = None
+        if device_inputs and self.device.type == "cuda":
+            if runner._mask_dtype is not None:
+                self._mask = torch.ones((1, self.capacity), dtype=_TORCH_INT[np.dtype(runner._mask_dtype)],
+                                        device=self.device)
+            if runner._pos_dtype is not None:
+                self._pos = torch.arange(self.capacity, dtype=_TORCH_INT[np.dtype(runner._pos_dtype)],
+                                         device=self.device)[None]
         self._reader = None                 # cachegen.io.PinnedReader, built by the first staged restore
         self.last_restore = None            # cachegen.io.RestoreResult of the last staged restore
 
@@ -159,9 +173,17 @@ class StaticKV:
         return self.length
 
     # ------------------------------------------------------------------ running
-    def step(self, ids) -> torch.Tensor:
+    def _bind_view(self, name: str, buf: torch.Tensor, a: int, b: int) -> None:
+        """Bind ``buf[0, a:b]`` (a device buffer of this cache) as input ``name``."""
+        dev = buf.device
+        self._io.bind_input(name, dev.type, dev.index or 0, _NP_OF[buf.dtype], [1, b - a],
+                            buf.data_ptr() + a * buf.element_size())
+
+    def step(self, ids, *, sync: bool = True) -> torch.Tensor:
         """Feed ``ids`` (1-D token list/array) after the cache; returns logits ``[1, T, V]``
-        (a torch tensor on the session's device, reused by the next call of the same length)."""
+        (a torch tensor on the session's device, reused by the next call of the same length).
+        ``sync=False``: skip waiting for torch's current stream (the caller knows no torch
+        work on the buffers is pending; ORT runs on its own stream)."""
         r = self.runner
         a = np.ascontiguousarray(np.asarray(ids, dtype=r._ids_dtype).reshape(1, -1))
         T = a.shape[1]
@@ -170,9 +192,13 @@ class StaticKV:
             raise InputError(f"{total} tokens exceed the static cache capacity {self.capacity}")
         io = self._io
         io.bind_cpu_input("input_ids", a)
-        if r._mask_dtype is not None:
+        if self._mask is not None:
+            self._bind_view("attention_mask", self._mask, 0, total)
+        elif r._mask_dtype is not None:
             io.bind_cpu_input("attention_mask", np.ones((1, total), dtype=r._mask_dtype))
-        if r._pos_dtype is not None:
+        if self._pos is not None:
+            self._bind_view("position_ids", self._pos, self.length, total)
+        elif r._pos_dtype is not None:
             io.bind_cpu_input("position_ids", np.arange(self.length, total, dtype=r._pos_dtype)[None])
         lg = self._logits.get(T)
         if lg is None:
@@ -183,7 +209,8 @@ class StaticKV:
                 self._logits[T] = lg
         io.bind_output(r._logits_name, lg.device.type, lg.device.index or 0, np.dtype(r._logits_dtype),
                        list(lg.shape), lg.data_ptr())
-        _sync(self.device)              # torch work on the buffers (decode, copies) is done
+        if sync:
+            _sync(self.device)          # torch work on the buffers (decode, copies) is done
         r.session.run_with_iobinding(io)
         io.synchronize_outputs()
         self.length = total
