@@ -57,6 +57,7 @@ DRY_CONTEXTS = {"smollm2": [256, 600]}
 SOURCES = ("file_warm", "file_cold", "pinned", "gpu")
 DRY_SOURCES = ("file_warm", "file_cold", "host")
 PRESET = "default"
+DEFER = True          # TTFT restores: StaticKV.restore(defer=True) (--no-defer: wait for the checks)
 
 
 def heldout_text() -> str:
@@ -169,14 +170,14 @@ def measure_row(r, model: str, T: int, ids: list[int], reps: int, dry: bool) -> 
             srcs[name] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to("cuda")
     clock.sync()
 
-    def once(name):
+    def once(name, timed=False):
         src = srcs[name]
         if name == "file_cold":
             cio.drop_page_cache(path)
         clock.sync()
         p0 = time.process_time()
         t = time.perf_counter()
-        s.restore(src, timing=not dry)
+        s.restore(src, timing=timed and not dry, defer=DEFER and not timed)
         t1 = time.perf_counter()
         p1 = time.process_time()
         tok = int(s.step(nxt)[0, -1].argmax())
@@ -200,23 +201,29 @@ def measure_row(r, model: str, T: int, ids: list[int], reps: int, dry: bool) -> 
         try:
             once(name)                   # warm-up (first call: JIT, buffer growth)
             prints[name] = _kv_fingerprint(s, T)
+            # TTFT from untimed restores (CUDA events and their sync would serialize the decode
+            # with the step's launches); the breakdown from timed ones right after
             runs = [once(name) for _ in range(reps)]
+            truns = [once(name, timed=True) for _ in range(reps)] if not dry else runs
         except Exception as e:  # noqa: BLE001 - one failing source must not cost the whole run
             row[f"{name}_error"] = f"{type(e).__name__}: {e}"
             print(f"[{model} {T}] {name} failed: {row[f'{name}_error']}", flush=True)
             continue
-        toks[name] = {t for _, t in runs}
+        toks[name] = {t for _, t in runs} | {t for _, t in truns}
         rs = [x for x, _ in runs]
-        for k in ("ttft", "restore", "step", "proc_cpu", "host_cpu", "read", "read_cpu", "parse", "decode_call",
-                  "h2d", "h2d_span", "kernels"):
+        trs = [x for x, _ in truns]
+        for k in ("ttft", "restore", "step", "proc_cpu", "host_cpu"):
             row[f"{name}_{k}_ms"] = _med([x[k] for x in rs])
+        for k in ("ttft", "restore", "step", "read", "read_cpu", "parse", "decode_call", "h2d", "h2d_span", "kernels"):
+            row[f"{name}_{k}_ms" if k not in ("ttft", "restore", "step") else f"{name}_timed_{k}_ms"] = \
+                _med([x[k] for x in trs])
         row[f"{name}_ttft_all_ms"] = [x["ttft"] for x in rs]
         row[f"{name}_path"] = rs[0]["path"]
-        if rs[0]["host_parts"]:
-            row[f"{name}_host_parts_ms"] = {k: _med([x["host_parts"][k] for x in rs]) for k in rs[0]["host_parts"]}
+        if trs[0]["host_parts"]:
+            row[f"{name}_host_parts_ms"] = {k: _med([x["host_parts"][k] for x in trs]) for k in trs[0]["host_parts"]}
         row[f"{name}_ratio"] = row[f"{name}_ttft_ms"] / row["recompute_ms"]
         # end to end restore throughput, in bytes of the restored cache's dtype (fp16 on the GPU)
-        row[f"{name}_restore_GBs"] = out_bytes / row[f"{name}_restore_ms"] / 1e6
+        row[f"{name}_restore_GBs"] = out_bytes / row[f"{name}_timed_restore_ms"] / 1e6   # a synced restore
     rd = s.reader()
     row["reader"] = dict(threads=rd.threads, piece_bytes=rd.piece_bytes, adaptive=rd.adaptive, pinned=rd.pin)
     row["kv_identical_across_sources"] = len(set(prints.values())) == 1
@@ -299,19 +306,23 @@ def markdown(res: dict) -> str:
                      + " | ".join(_f(r.get(f'{s}_ratio'), 2) for s in srcs) + " |")
     lines += ["", "Breakdown (ms, medians): read = filling the pinned buffer (H2D queued on the way); H2D = sum "
               "of piece copies (events); parse + decoder call = host wall; kernels = decoder's stream time; "
-              "step = first decode step + argmax; host CPU = restore's thread CPU time (reader threads "
-              "included); proc CPU = process CPU time during the restore; GB/s = restored KV bytes / restore "
-              "wall time.", "",
-              "| model | tokens | source | path | restore | read | H2D | parse | decoder call | kernels | step | "
-              "host CPU | proc CPU | GB/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "step = first decode step + argmax. `restore`, `step` (and the TTFT above): untimed restores "
+              "(`defer` when the run says so: the step then also waits for the decode); `timed` columns: "
+              "restores with CUDA events, synchronized at the end, where read … kernels come from. host CPU = "
+              "restore's thread CPU time (reader threads included); proc CPU = process CPU time during the "
+              "restore; GB/s = restored KV bytes / timed restore wall time.", "",
+              "| model | tokens | source | path | restore | step | timed restore | read | H2D | parse | decoder call "
+              "| kernels | timed step | host CPU | proc CPU | GB/s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in ok:
         for s in srcs:
             if f"{s}_ttft_ms" not in r:
                 continue
             g = lambda k: r.get(f"{s}_{k}_ms")  # noqa: E731
             lines.append(f"| {r['model']} | {r['tokens']} | {s} | {r.get(f'{s}_path')} | {_f(g('restore'), 2)} | "
+                         f"{_f(g('step'), 2)} | {_f(g('timed_restore'), 2)} | "
                          f"{_f(g('read'), 2)} | {_f(g('h2d'), 2)} | {_f(g('parse'), 2)} | {_f(g('decode_call'), 2)} | "
-                         f"{_f(g('kernels'), 2)} | {_f(g('step'), 2)} | {_f(g('host_cpu'), 2)} | "
+                         f"{_f(g('kernels'), 2)} | {_f(g('timed_step'), 2)} | {_f(g('host_cpu'), 2)} | "
                          f"{_f(g('proc_cpu'), 2)} | {_f(r.get(f'{s}_restore_GBs'), 1)} |")
     checks = [f"{r['model']} {r['tokens']}: KV identical across sources {r['kv_identical_across_sources']}, "
               f"first token restore {r['first_token_restore']} vs recompute {r['first_token_recompute']}"
@@ -339,16 +350,21 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-reps", type=int, default=5)
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--dry-run", "--cpu", dest="dry", action="store_true", help="CPU only: check the harness")
-    ap.add_argument("--no-pipeline", action="store_true",
-                    help="GpuDecoder(pipeline=False): decode after the whole H2D copy, in one launch")
+    ap.add_argument("--no-defer", action="store_true",
+                    help="TTFT restores wait for the decode's device checks (StaticKV.restore(defer=False))")
+    ap.add_argument("--pipeline", action="store_true",
+                    help="GpuDecoder(pipeline=True): a launch per chunk group as its bytes arrive (slower "
+                         "on the H200, 2026-12-02; the default decodes after the whole copy in one launch)")
     ap.add_argument("--out", default=str(ROOT / "benches" / "restore_results.json"),
                     help="JSON path; the markdown table goes next to it (.md)")
     a = ap.parse_args(argv)
     import torch
     dry = a.dry
-    if a.no_pipeline and not dry:   # decode after the whole copy, one launch (A/B of the pipelined decode)
+    global DEFER
+    DEFER = not a.no_defer
+    if a.pipeline and not dry:   # A/B of the per-group launches
         from cachegen.gpu.v2 import default_decoder
-        default_decoder("cuda").pipeline = False
+        default_decoder("cuda").pipeline = True
     if not dry and not torch.cuda.is_available():
         print("no CUDA GPU: use --dry-run for the CPU check", file=sys.stderr)
         return 2
@@ -358,7 +374,7 @@ def main(argv=None) -> int:
                host=f"{platform.node()} {os.cpu_count()} CPUs", when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                command="python " + " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
                reps=a.reps, sources=list(DRY_SOURCES if dry else SOURCES), rows=[], read_sweep=[],
-               pipeline=not a.no_pipeline)
+               pipeline=a.pipeline, defer=DEFER)
     try:
         import onnxruntime as ort
         res["onnxruntime"] = ort.__version__

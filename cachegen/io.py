@@ -334,7 +334,10 @@ class PinnedReader:
         """Run ``job(a, b)`` for every piece of ``host`` (on the pool when threads > 1), and
         ``on_piece(host, a, b)`` on this thread for the pieces in order as they complete.
         ``job=None``: the bytes are there already, only ``on_piece`` runs."""
-        ranges = self._ranges(host.numel())
+        # bytes already in (pinned) memory: one piece, i.e. one H2D copy queued before the header
+        # is parsed (per-piece copies and events cost ~60 us each on the host; the decode waits
+        # for all of it anyway)
+        ranges = [(0, host.numel())] if job is None else self._ranges(host.numel())
         stats.pieces, stats.threads = len(ranges), 1
         t0 = time.perf_counter()
         if job is None or self.threads == 1 or len(ranges) == 1:
@@ -589,6 +592,25 @@ class RestoreResult:
     h2d_busy_ms: Optional[float] = None    # sum of the piece copies (CUDA events)
     h2d_span_ms: Optional[float] = None    # first copy start -> last copy end (CUDA events)
     decode_gpu_ms: Optional[float] = None  # the decoder's stream work (CUDA events around the call)
+    #: ``decode_staged(defer=True)``: the decoder's device error flags, not read yet (``wait()``)
+    pending: Optional["PendingCheck"] = None
+
+    def wait(self) -> None:
+        """Resolve a deferred check: wait for the decode and raise its errors (no-op if none)."""
+        p, self.pending = self.pending, None
+        if p is not None:
+            p.resolve()
+
+
+@dataclass
+class PendingCheck:
+    """Device-side verdict of a decode that was queued without reading it back."""
+    flags: Any
+    verify: Any
+    raise_for: Callable[[Any, Any], None]
+
+    def resolve(self) -> None:
+        self.raise_for(self.flags, self.verify)
 
 
 @dataclass
@@ -801,8 +823,14 @@ def _payload_ok(dec: Any, c: Any) -> bool:
 
 
 def decode_staged(st: Staged, bufs: Sequence[Sequence[torch.Tensor]], *, decoder: Any = "auto",
-                  stream=None, verify: Any = True, limits: Optional[DecodeLimits] = None) -> RestoreResult:
-    """Step 2 of :func:`restore`: decode a staged container into ``bufs``."""
+                  stream=None, verify: Any = True, limits: Optional[DecodeLimits] = None,
+                  defer: bool = False) -> RestoreResult:
+    """Step 2 of :func:`restore`: decode a staged container into ``bufs``.
+
+    ``defer=True``: with a GPU decoder that can (``decode_into(check=False)`` + ``raise_for``),
+    return once the decode is queued, without waiting for its device-side checks; they are in
+    ``result.pending`` and :meth:`RestoreResult.wait` reads them (the buffers must not be used
+    for anything visible before that). Other decoders check before returning, as usual."""
     from . import api
 
     dev = _bufs_device(bufs)
@@ -840,18 +868,24 @@ def decode_staged(st: Staged, bufs: Sequence[Sequence[torch.Tensor]], *, decoder
                 payload = rd.device_copy(dbytes.tensor, s)
                 copied = True
             pipelined = getattr(dec, "decode_into_pipelined", None)
+            lazy = bool(defer) and callable(getattr(dec, "raise_for", None))
+            ck = {"check": False} if lazy else {}
+            flags = None
             with torch.cuda.stream(s):
                 if pipelined is not None:
                     # per-chunk entry point: the decoder waits on the bytes each launch reads
                     if e0 is not None:
                         e0.record(s)
-                    pipelined(c, bufs, stream=s, payload=payload, wait=lambda upto: dbytes.wait(s, upto),
-                              **_verify_kw(pipelined, verify))
+                    flags = pipelined(c, bufs, stream=s, payload=payload, wait=lambda upto: dbytes.wait(s, upto),
+                                      **ck, **_verify_kw(pipelined, verify))
                 else:
                     dbytes.wait(s)  # decoding starts once every byte is on the device
                     if e0 is not None:
                         e0.record(s)
-                    dec.decode_into(c, bufs, stream=s, payload=payload, **_verify_kw(dec.decode_into, verify))
+                    flags = dec.decode_into(c, bufs, stream=s, payload=payload, **ck,
+                                            **_verify_kw(dec.decode_into, verify))
+            if lazy and flags is not None:
+                res.pending = PendingCheck(flags, verify, dec.raise_for)
             res.tokens = c.tokens()
         else:
             # cachegen.decode_into: its GPU decoder uploads the bytes itself (from the pinned buffer)
@@ -882,7 +916,7 @@ def decode_staged(st: Staged, bufs: Sequence[Sequence[torch.Tensor]], *, decoder
 
 def restore(source: Union[Source, Any], bufs: Sequence[Sequence[torch.Tensor]], *, decoder: Any = "auto",
             reader: Optional[PinnedReader] = None, stream=None, verify: bool = True,
-            limits: Optional[DecodeLimits] = None, timing: bool = False) -> RestoreResult:
+            limits: Optional[DecodeLimits] = None, timing: bool = False, defer: bool = False) -> RestoreResult:
     """Decode a container from ``source`` into caller-owned ``bufs`` ([(key, value)] per layer,
     each [B, H, >= T, D], all on one device); returns a :class:`RestoreResult` (``.tokens``:
     tokens written per layer).
@@ -896,8 +930,10 @@ def restore(source: Union[Source, Any], bufs: Sequence[Sequence[torch.Tensor]], 
     ``stream`` (default: the current stream), which waits on the copies' events; without one,
     or with a decoder name (``"gpu"``, ``"reference"``, ``"lockstep"``), ``cachegen.decode_into``
     on the host bytes. CPU buffers: the CPU decoder. ``timing=True`` records CUDA events and
-    synchronizes at the end so that the GPU times of the result are filled in.
+    synchronizes at the end so that the GPU times of the result are filled in. ``defer=True``:
+    the GPU decoder's device-side checks are not waited for; :meth:`RestoreResult.wait` reads
+    them (see :func:`decode_staged`).
     """
     dev = _bufs_device(bufs)
     st = stage(source, dev, decoder=decoder, reader=reader, limits=limits, timing=timing, verify=verify)
-    return decode_staged(st, bufs, decoder=decoder, stream=stream, verify=verify, limits=limits)
+    return decode_staged(st, bufs, decoder=decoder, stream=stream, verify=verify, limits=limits, defer=defer)

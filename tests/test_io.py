@@ -629,3 +629,23 @@ def test_statickv_real_model_cpu_restore_from_path_continues_like_load(tmp_path)
     b = StaticKV(r, 340)
     b.load(cachegen.decode(data))
     assert a.greedy(ids[300:301], 8) == b.greedy(ids[300:301], 8)
+
+
+@gpu
+@needs_cuda
+def test_restore_deferred_checks(tmp_path, case, ref):
+    """defer=True: the restore returns once queued; the device-side verdict comes from wait()."""
+    _, data = case
+    bufs = _bufs("cuda")
+    res = cio.restore(data, bufs, defer=True)
+    assert res.pending is not None
+    res.wait()
+    assert res.pending is None and _same(bufs, ref)
+    # a flipped byte in the last chunk's stream words: the host checks pass, the device's fail
+    bad = bytearray(data)
+    bad[-3] ^= 0x5A
+    res = cio.restore(bytes(bad), _bufs("cuda"), defer=True)
+    with pytest.raises(cachegen.CacheGenError):
+        res.wait()
+    with pytest.raises(cachegen.CacheGenError):   # the same file without defer raises at once
+        cio.restore(bytes(bad), _bufs("cuda"))

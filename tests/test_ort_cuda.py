@@ -187,3 +187,26 @@ def test_restore_from_path_pinned_and_device_bytes(name, tmp_path, monkeypatch):
     p.write_bytes(bytes(bad))
     with pytest.raises(cachegen.CacheGenError):
         StaticKV(r, cap).restore(p)
+
+
+def test_deferred_restore_overlaps_and_checks_before_logits():
+    """restore(defer=True) + step: ORT's stream waits on the decode (no host sync), the same
+    greedy tokens come out, and a payload corrupt on the device raises in the step with the
+    cache emptied."""
+    r = _runner("smollm2")
+    assert r.compute_stream is not None            # ORT runs on a torch stream
+    _, nxt, data = _case("smollm2")
+    s0 = StaticKV(r, CONTEXT + 8)
+    s0.restore(data)
+    want = s0.greedy(nxt, 4)
+    s1 = StaticKV(r, CONTEXT + 8)
+    s1.restore(data, defer=True)
+    assert s1.last_restore.pending is not None
+    assert s1.greedy(nxt, 4) == want
+    bad = bytearray(data)
+    bad[-3] ^= 0x5A                                # stream words: only the device sees it
+    s2 = StaticKV(r, CONTEXT + 8)
+    s2.restore(bytes(bad), defer=True)
+    with pytest.raises(cachegen.CacheGenError):
+        s2.step(nxt)
+    assert s2.length == 0

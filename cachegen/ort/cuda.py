@@ -95,6 +95,7 @@ class StaticKV:
                 self._pos = torch.arange(self.capacity, dtype=_TORCH_INT[np.dtype(runner._pos_dtype)],
                                          device=self.device)[None]
         self._reader = None                 # cachegen.io.PinnedReader, built by the first staged restore
+        self._pending = None                # cachegen.io.PendingCheck of a deferred restore
         self.last_restore = None            # cachegen.io.RestoreResult of the last staged restore
 
     # ------------------------------------------------------------------ filling
@@ -118,7 +119,8 @@ class StaticKV:
             self._reader = PinnedReader(pin=self.device.type == "cuda")
         return self._reader
 
-    def restore(self, data: Any, verify: bool = True, decoder: Any = "auto", *, timing: bool = False) -> int:
+    def restore(self, data: Any, verify: bool = True, decoder: Any = "auto", *, timing: bool = False,
+                defer: bool = False) -> int:
         """Decode a cachegen container into the bound buffers (on the GPU for a CUDA session).
         Returns the context length.
 
@@ -129,12 +131,20 @@ class StaticKV:
         decoder on a CUDA session), a ``cachegen.decode_into`` decoder name, or a decoder object
         (``cachegen.io.restore``). What the last restore did (bytes, times, host CPU time) is in
         ``self.last_restore`` (GPU times with ``timing=True``).
+
+        ``defer=True`` (GPU decoder): return once the decode is queued, without waiting for the
+        device-side checks (every stream's rANS end state, the words checksums); the next
+        :meth:`step` / :meth:`greedy` queues its run behind the decode (a stream wait, no host
+        sync, when the runner has a ``compute_stream``), then reads the checks and raises, with
+        the cache emptied, before it returns any logits. Call :meth:`wait` before reading
+        ``self.kv`` yourself. Host-side checks (header, chunk metadata) still raise here.
         """
         import cachegen
         from .. import io as cio
 
         st = None
         self.last_restore = None
+        self._pending = None
         if cio.is_container(data):
             c = data
         else:
@@ -154,15 +164,32 @@ class StaticKV:
                 cachegen.decode_into(c, views, verify=verify, decoder=decoder if isinstance(decoder, str) else "auto")
             else:
                 consumed = True
-                self.last_restore = cio.decode_staged(st, views, decoder=decoder, verify=verify)
+                self.last_restore = cio.decode_staged(st, views, decoder=decoder, verify=verify, defer=defer)
+                self._pending = self.last_restore.pending
         finally:
             if st is not None and st.device_bytes is not None and not consumed:
                 st.device_bytes.release()  # queued bytes nobody decodes: free the buffer for the next restore
         self.length = max(tokens)
         return self.length
 
+    def wait(self) -> None:
+        """Resolve a deferred restore's device-side checks (``restore(defer=True)``): raise its
+        ``CacheGenError`` and empty the cache if the payload was corrupt. No-op otherwise."""
+        p, self._pending = self._pending, None
+        if p is None:
+            return
+        try:
+            p.resolve()
+        except Exception:
+            self.length = 0
+            raise
+        finally:
+            if self.last_restore is not None:
+                self.last_restore.pending = None
+
     def load(self, kv) -> int:
         """Copy a decoded cache ([(k, v)] torch tensors, any device, windowed layers allowed)."""
+        self._pending = None
         if len(kv) != len(self.kv):
             raise InputError(f"cache has {len(kv)} layers, the model {len(self.kv)}")
         tokens = [int(k.shape[2]) for k, _ in kv]
@@ -210,9 +237,17 @@ class StaticKV:
         io.bind_output(r._logits_name, lg.device.type, lg.device.index or 0, np.dtype(r._logits_dtype),
                        list(lg.shape), lg.data_ptr())
         if sync:
-            _sync(self.device)          # torch work on the buffers (decode, copies) is done
+            # torch work on the buffers (decode, copies) comes first: a stream wait when ORT runs
+            # on a torch stream (its host-side launches then overlap a queued decode), else a sync
+            cs = getattr(r, "compute_stream", None)
+            if cs is not None and self.device.type == "cuda":
+                cs.wait_stream(torch.cuda.current_stream(self.device))
+            else:
+                _sync(self.device)
         r.session.run_with_iobinding(io)
         io.synchronize_outputs()
+        if self._pending is not None:
+            self.wait()                 # a deferred restore's checks, before any logits leave
         self.length = total
         return lg
 

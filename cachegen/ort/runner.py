@@ -74,6 +74,23 @@ class KVLayout:
     windows: List[Optional[int]]
 
 
+def _compute_stream(opts: dict, device_id: int):
+    """Run the session on a torch CUDA stream (ORT's ``user_compute_stream``): a caller can then
+    order GPU work before a run with a stream wait instead of a host sync. A stream given in
+    ``opts`` is wrapped; otherwise one is made. None when torch has no CUDA."""
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            return None
+        if "user_compute_stream" in opts:
+            return torch.cuda.ExternalStream(int(opts["user_compute_stream"]), device=torch.device("cuda", device_id))
+        st = torch.cuda.Stream(device=torch.device("cuda", device_id))
+    except Exception:   # no usable CUDA in torch: ORT keeps its own stream
+        return None
+    opts["user_compute_stream"] = str(st.cuda_stream)
+    return st
+
+
 def _is_torch(x) -> bool:
     return type(x).__module__.startswith("torch")
 
@@ -94,6 +111,9 @@ class OrtRunner:
             raise InputError(f"provider must be 'cpu' or 'cuda', got {provider!r}")
         self.provider = provider
         self.device_id = device_id
+        #: the torch CUDA stream ORT's CUDA kernels run on (``user_compute_stream``), or None: work
+        #: queued on it (a GPU decode) is ordered before a run without a host sync
+        self.compute_stream = None
         so = session_options or ort.SessionOptions()
         if threads is not None:
             so.intra_op_num_threads = int(threads)
@@ -104,6 +124,7 @@ class OrtRunner:
             except Exception:
                 pass
             opts = {"device_id": device_id, **(provider_options or {})}
+            self.compute_stream = _compute_stream(opts, device_id)
             providers = [("CUDAExecutionProvider", opts), "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
@@ -355,6 +376,9 @@ class OrtRunner:
             self._bind_out(io, vn, v)
             presents.append((k, v))
         io.synchronize_inputs()
+        if self.compute_stream is not None:
+            import torch   # torch work still queued on the current stream (inputs) comes first
+            self.compute_stream.wait_stream(torch.cuda.current_stream(self.compute_stream.device))
         self.session.run_with_iobinding(io)
         io.synchronize_outputs()
         if logits is None:
