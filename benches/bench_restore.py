@@ -79,12 +79,15 @@ def _med(xs):
     return statistics.median(xs) if xs else None
 
 
-def _runner(model: str, dry: bool):
+GRAPH = True          # restores step through OrtRunner(cuda_graph=True) (--no-graph: plain steps)
+
+
+def _runner(model: str, dry: bool, graph: bool = False):
     from cachegen.ort import OrtRunner, export_model
     if dry:
         return OrtRunner(export_model(model, "fp32", "cpu", progress=False))
     return OrtRunner(export_model(model, "fp16", "cuda", progress=False), provider="cuda",
-                     provider_options={"arena_extend_strategy": "kSameAsRequested"})
+                     provider_options={"arena_extend_strategy": "kSameAsRequested"}, cuda_graph=graph)
 
 
 class _Clock:
@@ -109,7 +112,9 @@ def _kv_fingerprint(s, T: int) -> int:
     return acc
 
 
-def measure_row(r, model: str, T: int, ids: list[int], reps: int, dry: bool) -> dict:
+def measure_row(r, model: str, T: int, ids: list[int], reps: int, dry: bool, rs_=None) -> dict:
+    """``r``: the runner of the recompute (a plain session); ``rs_``: the restore's runner
+    (a CUDA-graph session with ``--graph``; default ``r``)."""
     import torch
     import cachegen
     from cachegen import io as cio
@@ -157,7 +162,15 @@ def measure_row(r, model: str, T: int, ids: list[int], reps: int, dry: bool) -> 
     if not dry:
         torch.cuda.empty_cache()
 
-    s = StaticKV(r, T + 8)
+    s = StaticKV(rs_ or r, T + 8)
+    try:
+        s.warmup()                      # a CUDA-graph runner captures the one-token step here
+        row["graph"] = bool(getattr(rs_, "cuda_graph", False))
+    except Exception as e:  # noqa: BLE001 - ORT refused the capture: measure plain steps, say why
+        row["graph"] = False
+        row["graph_error"] = f"{type(e).__name__}: {e}"[:500]
+        print(f"[{model} {T}] CUDA graph step failed, plain steps: {row['graph_error']}", flush=True)
+        s = StaticKV(r, T + 8)
     srcs: dict = {}
     for name in (DRY_SOURCES if dry else SOURCES):
         if name in ("file_warm", "file_cold"):
@@ -350,6 +363,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-reps", type=int, default=5)
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--dry-run", "--cpu", dest="dry", action="store_true", help="CPU only: check the harness")
+    ap.add_argument("--no-graph", action="store_true",
+                    help="restore-side steps without CUDA graphs (OrtRunner(cuda_graph=False))")
     ap.add_argument("--no-defer", action="store_true",
                     help="TTFT restores wait for the decode's device checks (StaticKV.restore(defer=False))")
     ap.add_argument("--pipeline", action="store_true",
@@ -360,8 +375,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     import torch
     dry = a.dry
-    global DEFER
+    global DEFER, GRAPH
     DEFER = not a.no_defer
+    GRAPH = not a.no_graph
     if a.pipeline and not dry:   # A/B of the per-group launches
         from cachegen.gpu.v2 import default_decoder
         default_decoder("cuda").pipeline = True
@@ -374,7 +390,7 @@ def main(argv=None) -> int:
                host=f"{platform.node()} {os.cpu_count()} CPUs", when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                command="python " + " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
                reps=a.reps, sources=list(DRY_SOURCES if dry else SOURCES), rows=[], read_sweep=[],
-               pipeline=a.pipeline, defer=DEFER)
+               pipeline=a.pipeline, defer=DEFER, graph=GRAPH)
     try:
         import onnxruntime as ort
         res["onnxruntime"] = ort.__version__
@@ -384,13 +400,14 @@ def main(argv=None) -> int:
     for model in models:
         t = time.perf_counter()
         r = _runner(model, dry)
+        rg = _runner(model, dry, graph=True) if GRAPH and not dry else None
         ctxs = a.contexts or contexts.get(model, CONTEXTS.get(model))
         ids = heldout_ids(r, max(ctxs) + 1)
         print(f"[{model}] runner ready in {time.perf_counter() - t:.1f}s", flush=True)
         for T in ctxs:
             t = time.perf_counter()
             try:
-                row = measure_row(r, model, T, ids, a.reps, dry)
+                row = measure_row(r, model, T, ids, a.reps, dry, rg)
             except Exception as e:  # noqa: BLE001 - e.g. out of memory at one context: keep the others
                 row = dict(model=model, tokens=T, error=f"{type(e).__name__}: {e}")
                 print(f"[{model} {T}] failed: {row['error']}", flush=True)
@@ -401,7 +418,7 @@ def main(argv=None) -> int:
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
                               if not isinstance(v, list) or k.startswith("first")}), flush=True)
             print(f"[{model} {T}] {time.perf_counter() - t:.1f}s", flush=True)
-        del r
+        del r, rg
         gc.collect()
         if not dry:
             torch.cuda.empty_cache()

@@ -94,6 +94,9 @@ class StaticKV:
             if runner._pos_dtype is not None:
                 self._pos = torch.arange(self.capacity, dtype=_TORCH_INT[np.dtype(runner._pos_dtype)],
                                          device=self.device)[None]
+        self._graph = None
+        if getattr(runner, "cuda_graph", False) and self.device.type == "cuda":
+            self._graph = _GraphStep(self)
         self._reader = None                 # cachegen.io.PinnedReader, built by the first staged restore
         self._pending = None                # cachegen.io.PendingCheck of a deferred restore
         self.last_restore = None            # cachegen.io.RestoreResult of the last staged restore
@@ -169,7 +172,7 @@ class StaticKV:
         finally:
             if st is not None and st.device_bytes is not None and not consumed:
                 st.device_bytes.release()  # queued bytes nobody decodes: free the buffer for the next restore
-        self.length = max(tokens)
+        self.reset(max(tokens))
         return self.length
 
     def wait(self) -> None:
@@ -196,7 +199,7 @@ class StaticKV:
         for (bk, bv), (k, v) in zip(self._views(tokens), kv):
             bk[:, :, :k.shape[2]].copy_(torch.as_tensor(k), non_blocking=True)
             bv[:, :, :v.shape[2]].copy_(torch.as_tensor(v), non_blocking=True)
-        self.length = max(tokens)
+        self.reset(max(tokens))
         return self.length
 
     # ------------------------------------------------------------------ running
@@ -217,8 +220,18 @@ class StaticKV:
         total = self.length + T
         if total > self.capacity:
             raise InputError(f"{total} tokens exceed the static cache capacity {self.capacity}")
+        if self._graph is not None:
+            if T == 1:
+                return self._graph.step(int(a[0, 0]), sync)
+            self._graph.dirty = True     # the graph's mask is rebuilt at its next step
         io = self._io
-        io.bind_cpu_input("input_ids", a)
+        keep = None
+        if self._graph is not None:      # a graph-enabled session takes device inputs only
+            keep = torch.from_numpy(a).to(self.device)
+            io.bind_input("input_ids", self.device.type, self.device.index or 0, a.dtype, list(a.shape),
+                          keep.data_ptr())
+        else:
+            io.bind_cpu_input("input_ids", a)
         if self._mask is not None:
             self._bind_view("attention_mask", self._mask, 0, total)
         elif r._mask_dtype is not None:
@@ -236,16 +249,24 @@ class StaticKV:
                 self._logits[T] = lg
         io.bind_output(r._logits_name, lg.device.type, lg.device.index or 0, np.dtype(r._logits_dtype),
                        list(lg.shape), lg.data_ptr())
-        if sync:
-            # torch work on the buffers (decode, copies) comes first: a stream wait when ORT runs
-            # on a torch stream (its host-side launches then overlap a queued decode), else a sync
-            cs = getattr(r, "compute_stream", None)
-            if cs is not None and self.device.type == "cuda":
-                cs.wait_stream(torch.cuda.current_stream(self.device))
-            else:
-                _sync(self.device)
-        r.session.run_with_iobinding(io)
+        self._order(sync)
+        r.session.run_with_iobinding(io, getattr(r, "_run_opts", None))
         io.synchronize_outputs()
+        return self._finish(total, lg)
+
+    def _order(self, sync: bool) -> None:
+        """Torch work on the buffers (decode, copies) comes before the run: a stream wait when
+        ORT runs on a torch stream (its host-side launches then overlap a queued decode), else
+        a host sync."""
+        if not sync:
+            return
+        cs = getattr(self.runner, "compute_stream", None)
+        if cs is not None and self.device.type == "cuda":
+            cs.wait_stream(torch.cuda.current_stream(self.device))
+        else:
+            _sync(self.device)
+
+    def _finish(self, total: int, lg: torch.Tensor) -> torch.Tensor:
         if self._pending is not None:
             self.wait()                 # a deferred restore's checks, before any logits leave
         self.length = total
@@ -263,5 +284,75 @@ class StaticKV:
             lg = self.step([tok])
         return out
 
+    def warmup(self) -> None:
+        """Capture the one-token step's CUDA graph now (``OrtRunner(cuda_graph=True)``), so that
+        the first step after a restore replays it. Leaves the cache empty. No-op otherwise."""
+        if self._graph is None:
+            return
+        self._pending = None
+        for _ in range(3):              # ORT: warm-up run(s), then the capture
+            self.reset(0)
+            self._graph.step(0, True)
+        self.reset(0)
+
     def reset(self, length: int = 0) -> None:
         self.length = int(length)
+        if self._graph is not None:
+            self._graph.dirty = True
+
+
+class _GraphStep:
+    """The one-token decode step of a StaticKV as a captured CUDA graph (ORT ``gpu_graph_id``):
+    fixed buffers for the token id, positions, logits and an attention mask as wide as the
+    cache (ones over the filled positions, zeros after: the graph derives the sequence lengths
+    from its sum, so one capture serves every length; bit-identical logits to a mask as wide as
+    the filled length on both reference models, ORT CPU, 2026-12-02). Each step writes the new
+    token id and mask entry with tiny kernels on the current stream, then replays."""
+
+    def __init__(self, skv: "StaticKV"):
+        r = skv.runner
+        self.skv = skv
+        dev = skv.device
+        self.ro = r.graph_run_options()
+        self.io = r.session.io_binding()
+        np_dt = np.dtype(r.dtype)
+        for (k, v), (pk, pv), (ok, ov) in zip(skv.kv, r.layout.past_names, r.layout.present_names):
+            for name_in, name_out, t in ((pk, ok, k), (pv, ov, v)):
+                self.io.bind_input(name_in, "cuda", dev.index or 0, np_dt, list(t.shape), t.data_ptr())
+                self.io.bind_output(name_out, "cuda", dev.index or 0, np_dt, list(t.shape), t.data_ptr())
+        if r.vocab_size is None:
+            raise InputError("graph has no static vocabulary size")
+        self.ids = torch.zeros((1, 1), dtype=_TORCH_INT[np.dtype(r._ids_dtype)], device=dev)
+        self._bind("input_ids", self.ids)
+        self.mask = self.pos = None
+        if r._mask_dtype is not None:
+            self.mask = torch.zeros((1, skv.capacity), dtype=_TORCH_INT[np.dtype(r._mask_dtype)], device=dev)
+            self._bind("attention_mask", self.mask)
+        if r._pos_dtype is not None:
+            self.pos = torch.zeros((1, 1), dtype=_TORCH_INT[np.dtype(r._pos_dtype)], device=dev)
+            self._bind("position_ids", self.pos)
+        self.logits = torch.empty((1, 1, r.vocab_size), dtype=_TORCH[np.dtype(r._logits_dtype)], device=dev)
+        self.io.bind_output(r._logits_name, "cuda", dev.index or 0, np.dtype(r._logits_dtype),
+                            list(self.logits.shape), self.logits.data_ptr())
+        self.dirty = True               # the mask does not match skv.length yet
+
+    def _bind(self, name: str, t: torch.Tensor) -> None:
+        self.io.bind_input(name, "cuda", t.device.index or 0, _NP_OF[t.dtype], list(t.shape), t.data_ptr())
+
+    def step(self, tok: int, sync: bool) -> torch.Tensor:
+        skv = self.skv
+        L = skv.length
+        self.ids.fill_(tok)
+        if self.pos is not None:
+            self.pos.fill_(L)
+        if self.mask is not None:
+            if self.dirty:
+                self.mask[:, :L + 1].fill_(1)
+                self.mask[:, L + 1:].fill_(0)
+            else:
+                self.mask[:, L:L + 1].fill_(1)
+        self.dirty = False
+        skv._order(True)                # the fills above are torch work too: always ordered
+        skv.runner.session.run_with_iobinding(self.io, self.ro)
+        self.io.synchronize_outputs()
+        return skv._finish(L + 1, self.logits)

@@ -22,7 +22,7 @@ so the attention kernel never reads them); outputs of such calls are trimmed aga
 """
 from __future__ import annotations
 
-from ..errors import InputError
+from ..errors import InputError, ModelError
 
 import json
 import os
@@ -100,7 +100,11 @@ class OrtRunner:
 
     def __init__(self, model_dir: os.PathLike | str, provider: str = "cpu",
                  threads: Optional[int] = None, session_options=None, device_id: int = 0,
-                 provider_options: Optional[dict] = None):
+                 provider_options: Optional[dict] = None, cuda_graph: bool = False):
+        """``cuda_graph=True`` (CUDA only): the session may capture CUDA graphs (ORT's
+        ``enable_cuda_graph``); ``StaticKV`` then replays one-token decode steps from a graph
+        (host cost of a step: one launch instead of one per node). Runs outside a StaticKV
+        graph step (prefill, scoring) run uncaptured (``gpu_graph_id=-1``)."""
         import onnxruntime as ort
 
         self.model_dir = Path(model_dir)
@@ -114,6 +118,9 @@ class OrtRunner:
         #: the torch CUDA stream ORT's CUDA kernels run on (``user_compute_stream``), or None: work
         #: queued on it (a GPU decode) is ordered before a run without a host sync
         self.compute_stream = None
+        self.cuda_graph = bool(cuda_graph) and provider == "cuda"
+        self._graph_ids = 0
+        self._run_opts = None
         so = session_options or ort.SessionOptions()
         if threads is not None:
             so.intra_op_num_threads = int(threads)
@@ -125,10 +132,19 @@ class OrtRunner:
                 pass
             opts = {"device_id": device_id, **(provider_options or {})}
             self.compute_stream = _compute_stream(opts, device_id)
+            if self.cuda_graph:
+                opts["enable_cuda_graph"] = "1"
+                self._run_opts = ort.RunOptions()
+                self._run_opts.add_run_config_entry("gpu_graph_id", "-1")   # prefill etc.: not captured
             providers = [("CUDAExecutionProvider", opts), "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        except Exception as e:
+            if not self.cuda_graph:
+                raise
+            raise ModelError(f"onnxruntime refused CUDA graphs for {path}: {e}") from e
         self._ort = ort
         self._meta = self._read_meta()
         self.layout = self._discover()
@@ -142,6 +158,15 @@ class OrtRunner:
         self.eos_token_ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
         self.add_bos = bool(self._meta.get("add_bos", False))
         self._tokenizer = None
+
+    def graph_run_options(self):
+        """Run options of a new CUDA graph of this session (one per static buffer set)."""
+        if not self.cuda_graph:
+            raise InputError("this runner was not built with cuda_graph=True")
+        self._graph_ids += 1
+        ro = self._ort.RunOptions()
+        ro.add_run_config_entry("gpu_graph_id", str(self._graph_ids))
+        return ro
 
     # ------------------------------------------------------------------ discovery
     def _read_meta(self) -> dict:
@@ -296,6 +321,12 @@ class OrtRunner:
         io.bind_input(name, "cpu", 0, self.dtype, list(a.shape), a.ctypes.data)
         return a
 
+    def _bind_in_dev(self, io, name: str, a: np.ndarray):
+        import torch
+        t = torch.from_numpy(np.ascontiguousarray(a)).to(f"cuda:{self.device_id}")
+        io.bind_input(name, "cuda", self.device_id, a.dtype, list(a.shape), t.data_ptr())
+        return t
+
     def _bind_out(self, io, name: str, buf) -> None:
         if _is_torch(buf):
             io.bind_output(name, buf.device.type, buf.device.index or 0,
@@ -348,12 +379,16 @@ class OrtRunner:
         total = past_len + T
         io = self.session.io_binding()
         keep = []
-        io.bind_cpu_input("input_ids", ids)
+        small = [("input_ids", ids)]
         if self._mask_dtype is not None:
-            io.bind_cpu_input("attention_mask", np.ones((B, total), dtype=self._mask_dtype))
+            small.append(("attention_mask", np.ones((B, total), dtype=self._mask_dtype)))
         if self._pos_dtype is not None:
-            pos = np.broadcast_to(np.arange(past_len, total, dtype=self._pos_dtype), (B, T)).copy()
-            io.bind_cpu_input("position_ids", pos)
+            small.append(("position_ids", np.broadcast_to(np.arange(past_len, total, dtype=self._pos_dtype), (B, T)).copy()))
+        for name, a in small:
+            if self.cuda_graph:   # a graph-enabled session: every input on the device
+                keep.append(self._bind_in_dev(io, name, a))
+            else:
+                io.bind_cpu_input(name, a)
         for i, (kn, vn) in enumerate(self.layout.past_names):
             if past is None:
                 empty = np.zeros((B, self.num_kv_heads, 0, self.head_dim), dtype=self.dtype)
@@ -379,7 +414,7 @@ class OrtRunner:
         if self.compute_stream is not None:
             import torch   # torch work still queued on the current stream (inputs) comes first
             self.compute_stream.wait_stream(torch.cuda.current_stream(self.compute_stream.device))
-        self.session.run_with_iobinding(io)
+        self.session.run_with_iobinding(io, self._run_opts)
         io.synchronize_outputs()
         if logits is None:
             logits = io.get_outputs()[0].numpy()
