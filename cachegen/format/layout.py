@@ -122,23 +122,41 @@ def _build(blocks: tuple, channels: tuple, batch: int, group_size: int, cps: int
                        total_steps, total_tok)
 
 
+def _key(h) -> tuple:
+    return (tuple(l.tokens for l in h.layers), h.chunk_tokens,
+            tuple((l.channels(0), l.channels(1)) for l in h.layers), h.batch, h.group_size,
+            h.channels_per_stream, 2 if h.param_dtype == 1 else 4, h.step_mode, h.token_scaling)
+
+
 def chunk_layouts(header) -> list[ChunkLayout]:
     """The layout of every chunk of a (v2) header, computed once per distinct block set
-    (vectorized over chunks: a long cache has only a handful of distinct ones)."""
-    h = header
-    T = np.array([l.tokens for l in h.layers], dtype=np.int64)
-    C = h.chunk_tokens
+    (a long cache has only a handful of distinct ones), and memoized per cache shape
+    (restoring another cache of the same shape costs a dict lookup)."""
+    return list(_chunk_layouts(*_key(header))[0])
+
+
+def chunk_meta_sizes(header) -> np.ndarray:
+    """Each chunk's metadata size implied by the layout (read-only int64 array, memoized)."""
+    return _chunk_layouts(*_key(header))[1]
+
+
+@lru_cache(maxsize=64)
+def _chunk_layouts(tokens: tuple, C: int, channels: tuple, batch: int, group_size: int, cps: int, pb: int,
+                   step_mode: int, token_scaling: int) -> tuple:
+    T = np.array(tokens, dtype=np.int64)
     ks = np.arange(-(-int(T.max()) // C), dtype=np.int64)
     n = np.clip(T[None, :] - ks[:, None] * C, 0, C)          # [chunks, layers] tokens per block
-    rows, inverse = np.unique(n, axis=0, return_inverse=True)
-    channels = tuple((l.channels(0), l.channels(1)) for l in h.layers)
-    pb = 2 if h.param_dtype == 1 else 4
-    distinct = []
-    for r in rows.tolist():
-        blocks = tuple((i, kv, t) for i, t in enumerate(r) if t for kv in (0, 1))
-        distinct.append(_build(blocks, channels, h.batch, h.group_size, h.channels_per_stream, pb,
-                               h.step_mode, h.token_scaling))
-    return [distinct[j] for j in np.asarray(inverse).reshape(-1).tolist()]
+    distinct: dict = {}
+    out = []
+    for r in map(tuple, n.tolist()):
+        lay = distinct.get(r)
+        if lay is None:
+            blocks = tuple((i, kv, t) for i, t in enumerate(r) if t for kv in (0, 1))
+            lay = distinct[r] = _build(blocks, channels, batch, group_size, cps, pb, step_mode, token_scaling)
+        out.append(lay)
+    meta = np.array([lay.meta_size for lay in out], dtype=np.int64)
+    meta.setflags(write=False)
+    return tuple(out), meta
 
 
 def chunk_layout(header, k: int) -> ChunkLayout:

@@ -27,7 +27,7 @@ from ..errors import (ChecksumError, FormatError, InputError, LimitExceededError
 from .container import (DTYPE_CODES, MAGIC, CacheShape, inflate_model_section, MODE_LOSSLESS, MODE_LOSSY, PARAM_DTYPES, DecodeLimits,
                         LayerInfo, crc32)
 from .extensions import MAX_EXTENSIONS, Extension, check_known
-from .layout import STEP_PER_CHANNEL, STEP_SHARED, ChunkLayout, chunk_layout, chunk_layouts, chunk_token_count
+from .layout import STEP_PER_CHANNEL, STEP_SHARED, ChunkLayout, chunk_layout, chunk_layouts, chunk_meta_sizes, chunk_token_count
 from .tables import MAX_ALPHABET, PRECISION_BITS
 
 VERSION = 2
@@ -348,7 +348,7 @@ def parse_container(data, limits: Optional[DecodeLimits] = None, partial: bool =
                     & (lrec["v_bits"] <= 10)).all()), "a layer's bit widths are outside [1, 10]")
     else:
         _need(not lrec["k_bits"].any() and not lrec["v_bits"].any(), "lossless layers carry no bit widths")
-    layers = [LayerInfo(*(int(x) for x in r[:7])) for r in lrec.tolist()]
+    layers = [LayerInfo(*r[:7]) for r in lrec.tolist()]   # tolist() gives Python ints
     header = HeaderV2(mode=mode, dtype=dtype, batch=batch, chunk_tokens=chunk_tokens, layers=layers,
                       param_dtype=param_dtype, group_size=group_size, channels_per_stream=cps,
                       token_scaling=token_scaling, step_mode=step_mode, table_bits=table_bits)
@@ -375,7 +375,7 @@ def parse_container(data, limits: Optional[DecodeLimits] = None, partial: bool =
         used = _parse_tables(header, raw_model, n_tables)
         _parse_ids(header, raw_model[used:])
         # Each lossy chunk's metadata size follows from the layout: a cheap structural check.
-        want_meta = np.array([lay.meta_size for lay in chunk_layouts(header)], dtype=np.int64)
+        want_meta = chunk_meta_sizes(header)
         got_meta = index["meta_size"].astype(np.int64)
         bad = np.flatnonzero((got_meta != want_meta) | ((sizes - want_meta) % 4 != 0))
         _need(bad.size == 0, f"chunk {int(bad[0]) if bad.size else 0}: metadata size does not match its layout "

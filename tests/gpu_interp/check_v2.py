@@ -67,7 +67,7 @@ def main():
     ref = cachegen.decode(data)
     bufs = [(torch.empty_like(k), torch.empty_like(v)) for k, v in ref]
     waits = []
-    GpuDecoder("cpu", block=4).decode_into_pipelined(data, bufs, wait=waits.append, group_bytes=1)
+    GpuDecoder("cpu", block=4, pipeline=True).decode_into_pipelined(data, bufs, wait=waits.append, group_bytes=1)
     ends = [c.payload_start + int(o) + int(z) for o, z in zip(c.index["offset"], c.index["size"])]
     out["pipelined"] = (all(np.array_equal(bits(x), bits(r)) for p, q in zip(bufs, ref) for x, r in zip(p, q))
                         and waits == ends + [None] and c.n_chunks > 2)
