@@ -377,7 +377,9 @@ class GpuDecoder:
         msz = c.index["meta_size"].astype(np.int64)
         chunk = np.stack([cb, (c.index["size"].astype(np.int64) - msz) // 4,
                           c.index["words_sum"].view(np.int64), (cb + msz) // 4])
-        meta = np.concatenate([host.reshape(-1), chunk.reshape(-1)])
+        # [bases | strides (row-major [nf, 4]) | head dims | chunk words]: each field a contiguous
+        # slice on the device (no copy kernels)
+        meta = np.concatenate([host[:, 0], host[:, 1:5].reshape(-1), host[:, 5], chunk.reshape(-1)])
         scales = self._scales
         if scales is None:
             scales = self._scales = torch.from_numpy(TOKEN_SCALES.astype(np.float32)).to(dev)
@@ -387,10 +389,9 @@ class GpuDecoder:
             md = self._stage(meta)
             tm.stage_ms = (time.perf_counter() - t1) * 1e3
             nf = len(flat)
-            hm = md[:6 * nf].view(nf, 6)
-            obase = hm[:, 0].contiguous()
-            strides = hm[:, 1:5].contiguous()
-            hdim = hm[:, 5].contiguous()
+            obase = md[:nf]
+            strides = md[nf:5 * nf].view(nf, 4)
+            hdim = md[5 * nf:6 * nf]
             cbase = md[6 * nf:6 * nf + c.n_chunks]
             cwords = md[6 * nf + c.n_chunks:6 * nf + 2 * c.n_chunks]
             stored = md[6 * nf + 2 * c.n_chunks:6 * nf + 3 * c.n_chunks]
