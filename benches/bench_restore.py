@@ -305,7 +305,8 @@ def _f(x, nd=1):
 def markdown(res: dict) -> str:
     srcs = res["sources"]
     lines = [f"Restore vs recompute TTFT ({res['device']}; {res['when']}; `{res['command']}`; medians of "
-             f"{res['reps']}; held-out text; preset `{PRESET}`).", "",
+             f"{res['reps']}; held-out text; preset `{PRESET}`; defer {res.get('defer')}, CUDA-graph step "
+             f"{res.get('graph')}, per-group launches {res.get('pipeline')}).", "",
              "| model | tokens | comp MB | ×fp16 | recompute ms | " + " | ".join(f"{s} ms" for s in srcs) + " | "
              + " | ".join(f"{s}/rec" for s in srcs) + " |",
              "|---|---|---|---|---|" + "---|" * (2 * len(srcs))]
