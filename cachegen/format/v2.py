@@ -15,7 +15,10 @@ All integers little-endian. Every size and offset is validated before anything i
 """
 from __future__ import annotations
 
+import hashlib
 import struct
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -369,11 +372,9 @@ def parse_container(data, limits: Optional[DecodeLimits] = None, partial: bool =
 
     if mode == MODE_LOSSY:
         _need(model_raw % 4 == 0, "model section size is not a multiple of 4")
-        raw_model = memoryview(inflate_model_section(body[pos:pos + model_comp], model_raw, limits))
+        _model_section(header, body[pos:pos + model_comp], model_raw, n_tables, limits)
         pos += _align4(model_comp)
         header.model_section_bytes = _align4(model_comp)
-        used = _parse_tables(header, raw_model, n_tables)
-        _parse_ids(header, raw_model[used:])
         # Each lossy chunk's metadata size follows from the layout: a cheap structural check.
         want_meta = chunk_meta_sizes(header)
         got_meta = index["meta_size"].astype(np.int64)
@@ -401,6 +402,37 @@ def parse_container(data, limits: Optional[DecodeLimits] = None, partial: bool =
           f"decoded size {decoded} exceeds what a {len(mv)}-byte container may declare "
           f"({limits.max_expansion}x + {limits.free_output_bytes})", LimitExceededError)
     return ContainerV2(header, index, mv, payload_start, is_partial)
+
+
+_MODEL_MEMO: "OrderedDict[tuple, tuple]" = OrderedDict()
+_MODEL_MEMO_LOCK = threading.Lock()
+
+
+def _model_section(h: HeaderV2, comp: memoryview, model_raw: int, n_tables: int, limits: DecodeLimits) -> None:
+    """Tables and table ids from the (zstd) model section, memoized by its bytes and the layer
+    facts its checks depend on: caches of one model and preset share it, so a restore of the
+    next one skips the inflate and the per-id checks (read-only arrays, shared)."""
+    _need(0 < model_raw <= limits.max_model_bytes, f"model section size {model_raw} out of range",
+          LimitExceededError)   # checked before the memo: a stricter caller's limit holds on a hit
+    key = (hashlib.blake2b(comp, digest_size=16).digest(), len(comp), model_raw, n_tables, h.table_bits,
+           h.roles, tuple((l.k_bits, l.v_bits, l.channels(0), l.channels(1)) for l in h.layers))
+    with _MODEL_MEMO_LOCK:
+        hit = _MODEL_MEMO.get(key)
+        if hit is not None:
+            _MODEL_MEMO.move_to_end(key)
+    if hit is None:
+        raw_model = memoryview(inflate_model_section(comp, model_raw, limits))
+        used = _parse_tables(h, raw_model, n_tables)
+        _parse_ids(h, raw_model[used:])
+        for a in [h.alphabets, h.units] + [x for per in h.table_ids for x in per]:
+            a.setflags(write=False)
+        h.table_ids = [tuple(per) for per in h.table_ids]
+        hit = (h.alphabets, h.units, h.table_ids)
+        with _MODEL_MEMO_LOCK:
+            _MODEL_MEMO[key] = hit
+            while len(_MODEL_MEMO) > 16:
+                _MODEL_MEMO.popitem(last=False)
+    h.alphabets, h.units, h.table_ids = hit[0], hit[1], list(hit[2])
 
 
 def _parse_tables(h: HeaderV2, raw: memoryview, n_tables: int) -> int:
