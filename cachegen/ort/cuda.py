@@ -86,6 +86,7 @@ class StaticKV:
                 self._io.bind_input(name_in, dev, idx, np_dt, list(t.shape), t.data_ptr())
                 self._io.bind_output(name_out, dev, idx, np_dt, list(t.shape), t.data_ptr())
         self._logits: dict = {}
+        self._view_cache: dict = {}
         self._mask = self._pos = None
         if device_inputs and self.device.type == "cuda":
             if runner._mask_dtype is not None:
@@ -105,6 +106,10 @@ class StaticKV:
     def _views(self, tokens: Sequence[int]) -> list:
         """Per layer the buffer slice a layer of ``tokens[i]`` tokens is written to: the first
         ``T`` positions for full layers, the last ``tokens[i]`` of ``[0, T)`` for windowed ones."""
+        key = tuple(tokens)
+        hit = self._view_cache.get(key)
+        if hit is not None:
+            return hit
         T = max(tokens)
         if T > self.capacity:
             raise InputError(f"cache of {T} tokens does not fit capacity {self.capacity}")
@@ -113,6 +118,9 @@ class StaticKV:
             if t < T and (w is None or t < min(w, T)):
                 raise InputError(f"a layer has {t} of {T} tokens; only sliding-window layers may be trimmed")
             out.append((k[:, :, T - t:], v[:, :, T - t:]))
+        if len(self._view_cache) >= 8:
+            self._view_cache.clear()
+        self._view_cache[key] = out      # views of the fixed buffers: reusable for the next restore
         return out
 
     def reader(self):
