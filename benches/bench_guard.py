@@ -14,6 +14,10 @@ docs, onnxruntime's licence notices, stdlib code), the context is prefilled once
     python benches/bench_guard.py                       # 4K: 3 windows per model, default + small
     python benches/bench_guard.py --context 1024 --windows 8
     python benches/bench_guard.py --report              # markdown table from guard_results.json
+    python benches/bench_guard.py --ab f074250 --starts default,small --reps 2
+        # side by side in one process: the guard of a git revision against the working tree's
+        # (with and without overlap) and plain encodes, alternating; wall and CPU-time cost,
+        # verdict agreement (stored under "ab"; see benches/guard_notes.md)
 """
 from __future__ import annotations
 
@@ -125,6 +129,152 @@ def run(models, context: int, windows: int, starts, max_kl: float, probe_tokens:
     return res
 
 
+def cpu_s() -> float:
+    """CPU seconds of this process and its (finished) forked workers."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def load_guard_at(rev: str):
+    """cachegen/guard.py as of git revision ``rev``, imported as a module of the package (for
+    side-by-side runs against the working tree's guard in one process)."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    src = subprocess.run(["git", "show", f"{rev}:cachegen/guard.py"], cwd=HERE.parent, check=True,
+                         capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "guard_ab.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("cachegen._guard_ab", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_ab(models, context: int, windows: int, starts, max_kl: float, probe_tokens: int, threads: int,
+           out: Path, rev: str, reps: int, variants) -> dict:
+    """Side by side in one process: the guard at ``rev`` ("old"), the working tree's ("new", and
+    "new-seq" = overlap=False, "new-cold" = without the probe buffers kept from the runner's last
+    guarded encode) and plain encodes, alternating, ``reps`` rounds per window and start.
+    Cost of a run = its wall time minus the median of the window's plain encodes, over that median."""
+    import cachegen
+    from cachegen import guard as G
+    from cachegen.ort import OrtRunner, export_model
+    from cachegen.quality import eval_texts, text_windows
+
+    old = load_guard_at(rev)
+    texts = eval_texts()
+    order = [n for n in ("pydocs-a", "ort-notices", "code-argparse", "pydocs-b", "code-difflib") if n in texts]
+    res = json.loads(out.read_text()) if out.is_file() else {"results": []}
+    ab = res.setdefault("ab", {"rev": rev, "rows": []})
+    ab["rev"] = rev
+    ab["machine"] = (f"{platform.node()} {os.cpu_count()} cores (shared 2-core dev VM), ORT CPU fp32, "
+                     f"{threads} threads")
+    for model in models:
+        runner = OrtRunner(export_model(model, "fp32", "cpu"), threads=threads)
+        bos = runner.bos_token_id if runner.add_bos else None
+        per_text = max(1, math.ceil(windows / len(order)))
+        by_text = {name: text_windows(runner.encode(texts[name][0]), context, per_text, bos=bos) for name in order}
+        wins = [(f"{name}#{j}", by_text[name][j]) for j in range(per_text) for name in order
+                if j < len(by_text[name])][:windows]
+        for wname, ctx in wins:
+            logits, kv = runner.prefill(ctx)
+            del logits
+            kv = runner.window_kv(kv)
+            for start in starts:
+                makers = {"old": lambda: old.Guard.from_context(runner, ctx, probe_tokens, max_kl=max_kl),
+                          "new": lambda: G.Guard.from_context(runner, ctx, probe_tokens, max_kl=max_kl),
+                          "new-seq": lambda: G.Guard.from_context(runner, ctx, probe_tokens, max_kl=max_kl,
+                                                                  overlap=False),
+                          # no probe buffers kept from the runner's last guarded encode
+                          "new-cold": lambda: (G.release_buffers(),
+                                               G.Guard.from_context(runner, ctx, probe_tokens, max_kl=max_kl))[1]}
+                runs: dict = {v: [] for v in variants}
+                plain: list = []
+                for rep in range(reps):
+                    seq = list(variants[rep % len(variants):]) + list(variants[:rep % len(variants)])
+                    for v in seq:
+                        g = makers[v]()
+                        c0 = cpu_s()
+                        t0 = time.perf_counter()
+                        gr = g.encode(kv, start)
+                        t = time.perf_counter() - t0
+                        runs[v].append(dict(wall_s=t, cpu_s=cpu_s() - c0, stored=gr.config,
+                                            kl=[s.kl_mean for s in gr.steps],
+                                            steps=[s.config for s in gr.steps], reference_s=gr.reference_s,
+                                            check_s=sum(s.check_s for s in gr.steps),
+                                            wait_s=sum(getattr(s, "wait_s", 0.0) for s in gr.steps),
+                                            load_avg=os.getloadavg()[0]))
+                        c0 = cpu_s()
+                        t0 = time.perf_counter()
+                        cachegen.encode(kv, gr.config)
+                        plain.append(dict(config=gr.config, s=time.perf_counter() - t0, cpu_s=cpu_s() - c0,
+                                          load_avg=os.getloadavg()[0]))
+                row = dict(model=model, context=context, window=wname, start=start, max_kl=max_kl,
+                           probe_tokens=probe_tokens, reps=reps, runs=runs, plain=plain,
+                           date=time.strftime("%Y-%m-%d %H:%M"))
+                for v in variants:
+                    costs, cpu = [], []
+                    for r in runs[v]:
+                        same = [p for p in plain if p["config"] == r["stored"]]
+                        base = float(np.median([p["s"] for p in same]))
+                        costs.append((r["wall_s"] - base) / base)
+                        base = float(np.median([p["cpu_s"] for p in same]))
+                        cpu.append((r["cpu_s"] - base) / base)
+                    row[f"cost_{v}"] = costs
+                    row[f"cpu_cost_{v}"] = cpu
+                ab["rows"] = [r for r in ab["rows"] if (r["model"], r["context"], r["window"], r["start"])
+                              != (model, context, wname, start)] + [row]
+                out.write_text(json.dumps(res, indent=1) + "\n")
+                log(f"{model} {wname} {start}: " + "; ".join(
+                    f"{v} {runs[v][0]['stored']} cost median {100 * float(np.median(row[f'cost_{v}'])):.0f}% "
+                    f"max {100 * max(row[f'cost_{v}']):.0f}%" for v in variants)
+                    + f"; plain {np.median([p['s'] for p in plain]):.2f}s load {os.getloadavg()[0]:.1f}")
+    return res
+
+
+def report_ab(res: dict) -> str:
+    ab = res.get("ab")
+    if not ab or not ab.get("rows"):
+        return ""
+    rows = ab["rows"]
+    variants = [k[5:] for k in rows[0] if k.startswith("cost_")]
+    lines = [f"Side by side (one process, alternating; guard at {ab['rev']} = old): {ab.get('machine', '?')}", "",
+             "Cost = wall time over the median plain encode of the preset stored (same window), minus 1; "
+             "CPU = the same with CPU seconds (process + forked workers).", "",
+             "| model | start | windows x reps | plain encode (median) | load avg | "
+             + " | ".join(f"{v}: cost median, max (CPU median)" for v in variants)
+             + " | verdicts old = new (max KL rel. diff) |",
+             "|---|---|---|---|---|" + "---|" * len(variants) + "---|"]
+    for m, s in sorted({(r["model"], r["start"]) for r in rows}):
+        rs = [r for r in rows if (r["model"], r["start"]) == (m, s)]
+        cells = []
+        for v in variants:
+            c = [x for r in rs for x in r[f"cost_{v}"]]
+            cpu = [x for r in rs for x in r.get(f"cpu_cost_{v}", [])]
+            cells.append(f"{100 * float(np.median(c)):.0f} %, {100 * max(c):.0f} %"
+                         + (f" ({100 * float(np.median(cpu)):.0f} %)" if cpu else ""))
+        agree = n = 0
+        rel = 0.0
+        if "old" in variants:
+            for r in rs:
+                for v in variants:
+                    if v == "old":
+                        continue
+                    for a, b in zip(r["runs"]["old"], r["runs"][v]):
+                        n += 1
+                        d = [abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a["kl"], b["kl"])]
+                        rel = max([rel] + d)
+                        agree += a["steps"] == b["steps"] and a["stored"] == b["stored"] and max(d) <= 1e-4
+        loads = [x["load_avg"] for r in rs for v in variants for x in r["runs"][v]]
+        lines.append(f"| {m} | {s} | {len(rs)} x {rs[0]['reps']} | "
+                     f"{float(np.median([p['s'] for r in rs for p in r['plain']])):.2f} s | "
+                     f"{min(loads):.1f}-{max(loads):.1f} | " + " | ".join(cells) + f" | {agree}/{n} ({rel:.1e}) |")
+    return "\n".join(lines)
+
+
 def report(res: dict) -> str:
     rows = res["results"]
     lines = [f"Machine: {res.get('machine', '?')}", "",
@@ -184,12 +334,24 @@ def main(argv=None) -> int:
                          "(Guard.from_prefill; full-attention caches only: not Gemma-3's trimmed sliding layers)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--ab", metavar="REV", help="side by side in one process: the guard of git revision REV "
+                    "(old) against the working tree's (new, new-seq = overlap=False) and plain encodes")
+    ap.add_argument("--reps", type=int, default=3, help="--ab: rounds per window and start")
+    ap.add_argument("--variants", default="old,new,new-seq", help="--ab: which guards to run")
     a = ap.parse_args(argv)
     out = Path(a.out)
+    if a.ab and not a.report:
+        run_ab(a.models.split(","), a.context, a.windows, a.starts.split(","), a.max_kl, a.probe_tokens,
+               a.threads, out, a.ab, a.reps, a.variants.split(","))
+        print(report_ab(json.loads(out.read_text())))
+        return 0
     if not a.report:
         run(a.models.split(","), a.context, a.windows, a.starts.split(","), a.max_kl, a.probe_tokens,
             a.cont_tokens, a.threads, out, [int(x) for x in a.probe_sweep.split(",") if x], a.probe)
-    print(report(json.loads(out.read_text())))
+    res = json.loads(out.read_text())
+    print(report(res))
+    if res.get("ab"):
+        print("\n" + report_ab(res))
     return 0
 
 

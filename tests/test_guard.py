@@ -147,6 +147,47 @@ def test_fast_check_equals_full_decode(setup):
            [(s.config, s.kl_mean, s.kl_max, s.top1) for s in b.steps]
 
 
+def test_overlap_gives_the_same_result(setup):
+    """The model runs on a helper thread (default) or in turn (overlap=False): same steps,
+    figures and container; wait_s / exposed_s account for what the encode stood waiting."""
+    kv, m, probe, kls = setup
+    budget = math.sqrt(kls["default"] * kls["high"])       # default fails (its table fit is stopped)
+    a = Guard(m, probe, max_kl=budget).encode(kv)
+    b = Guard(m, probe, max_kl=budget, overlap=False).encode(kv)
+    assert a.data == b.data and a.config == b.config == "high"
+    assert [(s.config, s.bytes, s.kl_mean, s.kl_max, s.top1, s.passed) for s in a.steps] == \
+           [(s.config, s.bytes, s.kl_mean, s.kl_max, s.top1, s.passed) for s in b.steps]
+    for r in (a, b):
+        assert all(s.wait_s >= 0 for s in r.steps) and 0 < r.exposed_s
+    # in turn, the encode waits for every model run: at least the reference and the checks
+    assert b.exposed_s >= b.reference_s + b.steps[0].check_s - 1e-3
+
+
+class _FailingRunner(TinyAttention):
+    def __init__(self, fail_at: int):
+        super().__init__(3, 2, 16)
+        self.fail_at = fail_at
+
+    def continue_from(self, kv, ids):
+        if self.calls + 1 == self.fail_at:
+            self.calls += 1
+            raise RuntimeError("runner broke")
+        return super().continue_from(kv, ids)
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+@pytest.mark.parametrize("overlap", [True, False])
+def test_runner_errors_reach_the_caller(setup, fail_at, overlap):
+    """An error of the exact (1) or the decoded (2) probe run, on the helper thread or not, is
+    raised by encode, and no helper thread is left running."""
+    import threading
+
+    kv, _, probe, _ = setup
+    with pytest.raises(RuntimeError, match="runner broke"):
+        Guard(_FailingRunner(fail_at), probe, max_kl=1e9, overlap=overlap).encode(kv, "small")
+    assert not [t for t in threading.enumerate() if t.name == "cachegen-guard"]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, "bf16"])
 @pytest.mark.parametrize("preset", ["default", "tiny", "cachegen-paper"])
 def test_reconstruction_is_bit_exact(dtype, preset):
@@ -292,6 +333,18 @@ def test_shared_buffer_probe_equals_continue_from(name):
         assert s.kl_mean == pytest.approx(t.kl_mean, rel=1e-6, abs=1e-9)
         assert s.kl_max == pytest.approx(t.kl_max, rel=1e-6, abs=1e-9) and s.top1 == t.top1
     assert with_extensions(a.data, []) == with_extensions(b.data, []) == cachegen.encode(kv, "default")
+    # the runner kept the probe's buffers: the next guarded encode of this shape reuses them
+    # (exact cache reloaded, decoded one rebuilt into them) and measures the same
+    from cachegen.guard import _IDLE_PROBES, release_buffers
+
+    kept = _IDLE_PROBES.get(r)
+    assert kept is not None
+    c = Guard.from_context(r, ids, 16, max_kl=0.0, presets=("tiny", "default")).encode(kv)
+    assert _IDLE_PROBES.get(r) is kept
+    assert [(s.kl_mean, s.kl_max, s.top1) for s in c.steps] == [(s.kl_mean, s.kl_max, s.top1) for s in a.steps]
+    assert c.data == a.data
+    release_buffers(r)
+    assert _IDLE_PROBES.get(r) is None
 
 
 def test_prefill_tail_probe_on_the_tiny_model(setup):
