@@ -10,9 +10,20 @@ the compressed cache is restored into the same buffers (GPU decode on CUDA) and 
 * Δppl (relative), mean / max KL(exact || restored) in nats, top-1 agreement over the
   continuation's positions (256 tokens);
 * greedy agreement as a rate: over many windows (32 × 64 tokens at 1K by default), the mean
-  fraction of tokens generated identically before the first difference, and how many windows
-  are identical; where one diverges, the exact cache's top-2 probabilities at that step (a
-  near-tie explains a flip that the KL figures call harmless).
+  fraction of tokens generated identically before the first difference, the position-wise
+  agreement (fraction of the 64 positions holding the same token in both, which keeps counting
+  after a flip), and how many windows are identical; where one diverges, the exact cache's
+  top-2 probabilities at that step (a near-tie explains a flip that the KL figures call
+  harmless);
+* the noise floor of that rate: the pseudo preset ``exact-repeat`` (greedy rows only) runs the
+  exact cache's generation a second time (``load`` again) and compares it with the first; on
+  the fp32 CPU graphs it must be 100 %, on fp16 CUDA graphs it shows what run-to-run / path
+  differences alone cost.
+
+Codec variants (for tuning a preset) are given as ``--variant NAME=JSON``: the JSON holds
+``CodecConfig`` fields overriding a base preset (``"preset"``, default ``high``), e.g.
+``--variant 'k9v8={"key_bits": 9, "value_bits": 8}'``; they are measured like the presets, their
+rows carry the config (``config``), and greedy rows the mean compression ratio of their windows.
 
 Gemma-3's sliding layers are stored with their 512-token window (``window_kv``), as in the
 demo. The tokenizer is checked on every run (``OrtRunner.encode`` raises ModelError on a broken
@@ -26,7 +37,16 @@ CPU end-to-end check of the script (fp32 CPU graphs, small sizes):
 
     python benches/bench_quality_gpu.py --device cpu --quick --out /tmp/quality_cpu.json
 
-Writes ``--out`` (JSON) and the same name with ``.md`` (tables).
+CPU agreement with a variant (fp32 graphs: exact-repeat must be 100 %):
+
+    python benches/bench_quality_gpu.py --device cpu --threads 2 --models smollm2 --contexts 1024 \
+        --presets exact-repeat,lossless,high,default,k9v8 --variant 'k9v8={"key_bits": 9, "value_bits": 8}' \
+        --out /tmp/quality_cpu.json
+
+Writes ``--out`` (JSON) and the same name with ``.md`` (tables). Resuming skips a row only when
+its key matches: (model, context, window, preset) for the windows, (model, preset, greedy
+context, tokens, windows) for greedy rows, and for both the codec config where the row records
+one (older rows without ``config`` / ``token_agreement`` still load and count as done).
 """
 from __future__ import annotations
 
@@ -43,7 +63,30 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 MODELS = ("smollm2", "gemma3")
-PRESET_ORDER = ("tiny", "small", "default", "cachegen-paper", "high", "lossless")
+PRESET_ORDER = ("exact-repeat", "tiny", "small", "default", "cachegen-paper", "high", "lossless")
+EXACT_REPEAT = "exact-repeat"     # greedy-only pseudo preset: the exact cache's generation run twice
+
+
+def _order(p: str) -> int:
+    return PRESET_ORDER.index(p) if p in PRESET_ORDER else 99
+
+
+def _config_dict(cfg) -> Optional[dict]:
+    from cachegen.config import get_config
+
+    return None if cfg is None else get_config(cfg).to_dict()
+
+
+def parse_variant(spec: str):
+    """``NAME=JSON`` (CodecConfig fields over the preset ``"preset"``, default ``high``) -> (name, config)."""
+    from cachegen.config import CodecConfig
+
+    name, sep, js = spec.partition("=")
+    if not sep or not name or name in PRESET_ORDER:
+        raise SystemExit(f"--variant wants NAME=JSON with a new name, got {spec!r}")
+    over = json.loads(js) if js.strip() else {}
+    base = over.pop("preset", "high")
+    return name, CodecConfig.from_preset(base, name=name, **over)
 
 
 def log(msg: str) -> None:
@@ -121,9 +164,16 @@ def _windows(m: Model, texts: Dict[str, Any], length: int, count: int) -> List[t
 
 def run(device: str, models: Sequence[str], presets: Sequence[str], contexts: Sequence[int], windows: int,
         cont: int, greedy_windows: int, greedy_tokens: int, greedy_context: int, out: Path,
-        threads: Optional[int] = None) -> dict:
+        threads: Optional[int] = None, configs: Optional[Dict[str, Any]] = None) -> dict:
+    """``presets``: preset names, names of ``configs`` (name -> CodecConfig) and/or
+    ``"exact-repeat"`` (greedy only: the noise floor)."""
     import cachegen
     from cachegen.quality import eval_texts, greedy_stats
+
+    configs = dict(configs or {})
+    cfg_of = {p: (None if p == EXACT_REPEAT else configs.get(p, p)) for p in presets}
+    cfg_dict = {p: _config_dict(c) for p, c in cfg_of.items()}
+    codec_presets = [p for p in presets if p != EXACT_REPEAT]
 
     texts = eval_texts()
     res = json.loads(out.read_text()) if out.is_file() else {}
@@ -140,8 +190,14 @@ def run(device: str, models: Sequence[str], presets: Sequence[str], contexts: Se
             res["meta"]["gpu"] = torch.cuda.get_device_name(0)
     except Exception:
         pass
-    done_w = {(r["model"], r["context"], r["window"], r["preset"]) for r in res["windows"]}
-    done_g = {(r["model"], r["preset"]) for r in res["greedy"]}
+    # a finished row counts only where its config (when it recorded one) is the one asked for now
+    def same_cfg(r) -> bool:
+        return "config" not in r or r["preset"] not in cfg_dict or r["config"] == cfg_dict[r["preset"]]
+
+    done_w = {(r["model"], r["context"], r["window"], r["preset"]) for r in res["windows"] if same_cfg(r)}
+    done_g = {(r["model"], r["preset"]) for r in res["greedy"] if same_cfg(r)
+              and r.get("context", greedy_context) == greedy_context and r.get("tokens", greedy_tokens) == greedy_tokens
+              and r.get("requested_windows", r.get("windows")) == greedy_windows}
 
     def save() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -158,7 +214,7 @@ def run(device: str, models: Sequence[str], presets: Sequence[str], contexts: Se
         log(f"{name} {m.precision} {device}: tokenizer {len(probe) / n_tok:.2f} chars/token")
         for C in contexts:
             for wname, w in _windows(m, texts, C + cont, windows):
-                todo = [p for p in presets if (name, C, wname, p) not in done_w]
+                todo = [p for p in codec_presets if (name, C, wname, p) not in done_w]
                 if not todo:
                     continue
                 ctx, tail = w[:C], w[C:]
@@ -171,14 +227,15 @@ def run(device: str, models: Sequence[str], presets: Sequence[str], contexts: Se
                 fp16 = m.runner.kv_nbytes_fp16(stored)
                 for p in todo:
                     t0 = time.perf_counter()
-                    data = cachegen.encode(stored, p)
+                    data = cachegen.encode(stored, cfg_of[p])
                     enc_s = time.perf_counter() - t0
                     t0 = time.perf_counter()
                     lr = m.logits_after(data, tail, C)[:-1]
                     rs_s = time.perf_counter() - t0
                     row = dict(model=name, precision=m.precision, device=device, context=C, window=wname,
                                preset=p, bytes=len(data), ratio=fp16 / len(data), encode_s=enc_s,
-                               restore_and_score_s=rs_s, statickv_path_kl=path_kl, **compare(lo, lr, tail[1:]))
+                               restore_and_score_s=rs_s, statickv_path_kl=path_kl, config=cfg_dict[p],
+                               **compare(lo, lr, tail[1:]))
                     res["windows"].append(row)
                     log(f"{name} {C} {wname} {p}: ratio {row['ratio']:.2f} dppl {100 * row['delta_ppl_rel']:+.2f}% "
                         f"KL {row['kl_mean']:.4f} top1 {row['top1']:.3f}")
@@ -194,11 +251,15 @@ def run(device: str, models: Sequence[str], presets: Sequence[str], contexts: Se
                 kv = m.runner.window_kv(m.prefill(ctx))
                 wins.append((kv, first, m.greedy_after(kv, first, greedy_tokens)))
             log(f"{name}: {len(wins)} exact greedy runs of {greedy_tokens} tokens")
-            # `high` and `default` first: the targets are about them
-            for p in sorted(todo, key=lambda q: (q != "high", q != "default")):
-                pairs = []
+            # the noise floor, then `high` and `default` first: the targets are about them
+            for p in sorted(todo, key=lambda q: (q != EXACT_REPEAT, q != "high", q != "default")):
+                pairs, ratios = [], []
                 for kv, first, gen_o in wins:
-                    data = cachegen.encode(kv, p)
+                    if p == EXACT_REPEAT:
+                        data = kv                       # the same exact cache, loaded again
+                    else:
+                        data = cachegen.encode(kv, cfg_of[p])
+                        ratios.append(m.runner.kv_nbytes_fp16(kv) / len(data))
                     gen_r = m.greedy_after(data, first, greedy_tokens)
                     div = None
                     if gen_r != gen_o:
@@ -206,8 +267,10 @@ def run(device: str, models: Sequence[str], presets: Sequence[str], contexts: Se
                     pairs.append((gen_o, gen_r, div))
                 st = greedy_stats(pairs, greedy_tokens)
                 row = dict(model=name, precision=m.precision, device=device, preset=p, context=greedy_context,
-                           windows=st.prompts, tokens=st.tokens_per_prompt, agreement=st.agreement,
+                           windows=st.prompts, requested_windows=greedy_windows, tokens=st.tokens_per_prompt,
+                           agreement=st.agreement, token_agreement=st.token_agreement,
                            identical=st.identical, identical_rate=st.identical_rate,
+                           ratio=float(np.mean(ratios)) if ratios else None, config=cfg_dict[p],
                            divergences=[dict(position=d.position, margin=d.margin,
                                              original_top2=d.original_top2, restored_top2=d.restored_top2)
                                         for d in st.divergences],
@@ -242,7 +305,7 @@ def report(res: dict) -> str:
     lines += ["", "| model | context | preset | windows | ratio | Δppl mean | Δppl max | KL mean | KL max (of means) "
               "| top-1 | StaticKV path KL |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = res.get("windows", [])
-    key = lambda r: (r["model"], r["context"], PRESET_ORDER.index(r["preset"]) if r["preset"] in PRESET_ORDER else 99, r["preset"])
+    key = lambda r: (r["model"], r["context"], _order(r["preset"]), r["preset"])
     for k in sorted({key(r) for r in rows}):
         rs = [r for r in rows if key(r) == k]
         d = [r["delta_ppl_rel"] for r in rs]
@@ -252,15 +315,24 @@ def report(res: dict) -> str:
                      f"{100 * np.mean([r['top1'] for r in rs]):.1f} % | {max(r['statickv_path_kl'] for r in rs):.1e} |")
     g = res.get("greedy", [])
     if g:
-        lines += ["", "| model | preset | greedy agreement | identical | divergences at near-ties (margin < 0.1) |",
-                  "|---|---|---|---|---|"]
-        for r in sorted(g, key=lambda r: (r["model"], PRESET_ORDER.index(r["preset"]) if r["preset"] in PRESET_ORDER else 99)):
+        lines += ["", "Greedy agreement: prefix = mean fraction of the tokens generated identically before the "
+                  "first difference; position-wise = mean fraction of positions holding the same token; "
+                  "exact-repeat = the exact cache's generation run twice (the noise floor).", "",
+                  "| model | preset | ratio | greedy agreement (prefix) | position-wise | identical "
+                  "| divergences at near-ties (margin < 0.1) |", "|---|---|---|---|---|---|---|"]
+        for r in sorted(g, key=lambda r: (r["model"], _order(r["preset"]), r["preset"])):
             dv = r["divergences"]
             near = sum(d["margin"] < 0.1 for d in dv)
-            lines.append(f"| {r['model']} | {r['preset']} | {100 * r['agreement']:.1f} % of {r['windows']} × "
-                         f"{r['tokens']} tokens | {r['identical']}/{r['windows']} | "
+            ta, ratio = r.get("token_agreement"), r.get("ratio")
+            lines.append(f"| {r['model']} | {r['preset']} | {'-' if ratio is None else f'{ratio:.2f}'} | "
+                         f"{100 * r['agreement']:.1f} % of {r['windows']} × {r['tokens']} tokens | "
+                         f"{'-' if ta is None else f'{100 * ta:.1f} %'} | {r['identical']}/{r['windows']} | "
                          + (f"{near}/{len(dv)} (median margin {np.median([d['margin'] for d in dv]):.3f})" if dv else "-")
                          + " |")
+    cfgs = {r["preset"]: r["config"] for r in list(rows) + list(g)
+            if r.get("config") and r["preset"] not in PRESET_ORDER}
+    if cfgs:
+        lines += ["", "Variants: " + "; ".join(f"{k} = {json.dumps(v, sort_keys=True)}" for k, v in sorted(cfgs.items()))]
     lines += ["", "Targets (issue 12): " + "; ".join(targets(res))]
     return "\n".join(lines)
 
@@ -280,10 +352,18 @@ def targets(res: dict) -> List[str]:
                 ok = mean_d <= 0.01 and kl <= 0.01
                 out.append(f"{name} {C} default Δppl mean {100 * mean_d:+.2f} % (≤ 1 %), KL max {kl:.4f} (≤ 0.01): "
                            + ("met" if ok else "NOT met"))
-    for r in res.get("greedy", []):
+    g = res.get("greedy", [])
+    for r in g:
         if r["preset"] == "high":
-            out.append(f"{r['model']} high greedy agreement {100 * r['agreement']:.1f} % (≥ 95 %): "
-                       + ("met" if r["agreement"] >= 0.95 else "NOT met"))
+            s = (f"{r['model']} high greedy agreement {100 * r['agreement']:.1f} % (≥ 95 %): "
+                 + ("met" if r["agreement"] >= 0.95 else "NOT met"))
+            extra = []
+            if r.get("token_agreement") is not None:
+                extra.append(f"position-wise {100 * r['token_agreement']:.1f} %")
+            floor = [q for q in g if q["model"] == r["model"] and q["preset"] == EXACT_REPEAT]
+            if floor:
+                extra.append(f"noise floor (exact-repeat) {100 * floor[-1]['agreement']:.1f} %")
+            out.append(s + (f" ({', '.join(extra)})" if extra else ""))
     return out
 
 
@@ -293,7 +373,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="preset quality on the serving path (fp16 CUDA graphs + StaticKV)")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--presets", default=None, help="comma list (default: every preset)")
+    ap.add_argument("--presets", default=None,
+                    help="comma list (default: exact-repeat, then every preset, then every --variant); "
+                         "exact-repeat = the greedy noise floor")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                    help="a codec variant: CodecConfig fields over a base preset (key \"preset\", default "
+                         "high), e.g. 'k9v8={\"key_bits\": 9, \"value_bits\": 8}'; repeatable")
     ap.add_argument("--contexts", default="1024,4096")
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--continuation", type=int, default=256)
@@ -303,7 +388,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true",
                     help="small sizes to check the script end to end (context 256, 2 windows, 32-token "
-                         "continuation, 4 x 16 greedy, presets default/high/lossless)")
+                         "continuation, 4 x 16 greedy, presets exact-repeat/default/high/lossless)")
     ap.add_argument("--out", required=True, help="results JSON (a .md table is written next to it)")
     ap.add_argument("--report", action="store_true", help="only rewrite the .md from --out")
     a = ap.parse_args(argv)
@@ -318,15 +403,20 @@ def main(argv=None) -> int:
         if not cuda_provider_available():
             print("no CUDA GPU / onnxruntime CUDA provider here: use --device cpu", file=sys.stderr)
             return 2
-    presets = a.presets.split(",") if a.presets else [p for p in PRESET_ORDER if p in cachegen.PRESETS] + \
-        [p for p in cachegen.PRESETS if p not in PRESET_ORDER]
+    configs = dict(parse_variant(v) for v in a.variant)
+    presets = a.presets.split(",") if a.presets else [EXACT_REPEAT] + [p for p in PRESET_ORDER if p in cachegen.PRESETS] + \
+        [p for p in cachegen.PRESETS if p not in PRESET_ORDER] + list(configs)
+    unknown = [p for p in presets if p != EXACT_REPEAT and p not in configs and p not in cachegen.PRESETS]
+    if unknown:
+        print(f"unknown presets/variants: {unknown}", file=sys.stderr)
+        return 2
     contexts = [int(c) for c in a.contexts.split(",")]
     windows, cont, gw, gt, gc = a.windows, a.continuation, a.greedy_windows, a.greedy_tokens, a.greedy_context
     if a.quick:
         contexts, windows, cont, gw, gt, gc = [256], 2, 32, 4, 16, 256
         if not a.presets:
-            presets = ["default", "high", "lossless"]
-    res = run(a.device, a.models.split(","), presets, contexts, windows, cont, gw, gt, gc, out, a.threads)
+            presets = [EXACT_REPEAT, "default", "high", "lossless"] + list(configs)
+    res = run(a.device, a.models.split(","), presets, contexts, windows, cont, gw, gt, gc, out, a.threads, configs)
     print(report(res))
     return 0
 

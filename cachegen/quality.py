@@ -327,6 +327,10 @@ class GreedyStats:
     identical: int                    # prompts whose continuations are identical
     agreement: float                  # mean over prompts of (common prefix length / tokens)
     divergences: List[Divergence] = field(default_factory=list)
+    # mean over prompts of the fraction of the ``tokens`` positions holding the same token in
+    # both continuations (a position missing from either, e.g. after an EOS stop, disagrees);
+    # unlike ``agreement`` it keeps counting after the first difference. None: not computed.
+    token_agreement: Optional[float] = None
 
     @property
     def identical_rate(self) -> float:
@@ -334,7 +338,10 @@ class GreedyStats:
 
     def summary(self) -> str:
         s = (f"greedy agreement {100 * self.agreement:.1f}% of {self.tokens_per_prompt}-token continuations "
-             f"({self.identical}/{self.prompts} identical)")
+             f"({self.identical}/{self.prompts} identical")
+        if self.token_agreement is not None:
+            s += f", {100 * self.token_agreement:.1f}% of positions agree"
+        s += ")"
         if self.divergences:
             near = sum(d.margin < 0.1 for d in self.divergences)
             s += (f"; {near}/{len(self.divergences)} divergences at near-ties (original top-2 margin < 0.1, "
@@ -345,5 +352,17 @@ class GreedyStats:
 def greedy_stats(pairs: Sequence[tuple], tokens: int) -> GreedyStats:
     """``pairs``: ``(generated_original, generated_restored, divergence or None)`` per prompt."""
     agree = [_common_prefix(o, r) / max(1, tokens) for o, r, _ in pairs]
+    pos = [position_agreement(o, r, tokens) for o, r, _ in pairs]
     return GreedyStats(len(pairs), tokens, sum(list(o) == list(r) for o, r, _ in pairs),
-                       float(np.mean(agree)) if agree else 1.0, [d for _, _, d in pairs if d is not None])
+                       float(np.mean(agree)) if agree else 1.0, [d for _, _, d in pairs if d is not None],
+                       float(np.mean(pos)) if pos else 1.0)
+
+
+def position_agreement(a: Sequence[int], b: Sequence[int], tokens: Optional[int] = None) -> float:
+    """Fraction of the first ``tokens`` positions (default: the longer sequence's length) where
+    ``a`` and ``b`` hold the same token; a position that only one of them reaches disagrees."""
+    n = max(len(a), len(b)) if tokens is None else int(tokens)
+    if n <= 0:
+        return 1.0
+    same = sum(int(x) == int(y) for x, y in zip(list(a)[:n], list(b)[:n]))
+    return same / n

@@ -32,6 +32,36 @@ def test_int8_round_trip_is_close():
         assert np.abs(k2 - k).max() <= np.abs(k).max() / 127 * 0.51 + 1e-7
 
 
+def test_greedy_stats_prefix_and_position_agreement():
+    from cachegen.quality import Divergence, GreedyStats, greedy_stats, position_agreement
+
+    a = [1, 2, 3, 4, 5, 6, 7, 8]
+    assert position_agreement(a, a) == 1.0 and position_agreement(a, a, 8) == 1.0
+    # one flipped token in the middle: the prefix stops at 3, the positions still agree 7/8
+    b = [1, 2, 3, 9, 5, 6, 7, 8]
+    assert position_agreement(a, b, 8) == 7 / 8
+    # a shifted continuation (an inserted token) agrees before the shift only
+    c = [1, 2, 0, 3, 4, 5, 6, 7]
+    assert position_agreement(a, c, 8) == 2 / 8
+    # a short continuation (EOS stop): the missing positions disagree
+    assert position_agreement(a, a[:4], 8) == 4 / 8 and position_agreement(a[:4], a) == 4 / 8
+    assert position_agreement([], [], 0) == 1.0
+    div = Divergence(3, 4, 9, [(4, 0.41), (9, 0.40)], [(9, 0.42), (4, 0.40)], 0.01)
+    st = greedy_stats([(a, a, None), (a, b, div), (a, c, None)], 8)
+    assert st.prompts == 3 and st.tokens_per_prompt == 8 and st.identical == 1
+    assert abs(st.agreement - (8 + 3 + 2) / 24) < 1e-12
+    assert abs(st.token_agreement - (8 + 7 + 2) / 24) < 1e-12
+    assert st.divergences == [div] and abs(st.identical_rate - 1 / 3) < 1e-12
+    s = st.summary()
+    assert "54.2% of 8-token continuations (1/3 identical, 70.8% of positions agree)" in s, s
+    assert "1/1 divergences at near-ties" in s
+    empty = greedy_stats([], 8)
+    assert empty.agreement == 1.0 and empty.token_agreement == 1.0 and empty.prompts == 0
+    # built the old way (positional, no position-wise figure): still valid, summary without it
+    old = GreedyStats(2, 8, 2, 1.0)
+    assert old.token_agreement is None and "positions" not in old.summary()
+
+
 @pytest.mark.slow
 def test_identity_round_trip_is_lossless(smollm2):
     from cachegen.demo import demo_text
