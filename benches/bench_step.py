@@ -70,6 +70,32 @@ def _timed(fn, reps: int, dry: bool) -> list[float]:
     return out
 
 
+def _loop_ms(s, nxt, T: int, dry: bool, n: int = 32) -> float:
+    """Per-token host time of ``n`` greedy steps after a cache of ``T`` tokens."""
+    s.reset(T)
+    _sync(dry)
+    t = time.perf_counter()
+    toks = s.greedy(nxt, n)
+    return (time.perf_counter() - t) * 1e3 / len(toks)
+
+
+def _restore_steps(s, src, nxt, reps: int, dry: bool, defer: bool) -> tuple[list, list, list]:
+    """(restore, first step, restore + step) ms per rep, after two warm-up reps."""
+    rest, after, ttft = [], [], []
+    for i in range(reps + 2):
+        _sync(dry)
+        t = time.perf_counter()
+        s.restore(src, defer=defer)
+        t1 = time.perf_counter()
+        int(s.step(nxt)[0, -1].argmax())
+        t2 = time.perf_counter()
+        if i >= 2:
+            rest.append((t1 - t) * 1e3)
+            after.append((t2 - t1) * 1e3)
+            ttft.append((t2 - t) * 1e3)
+    return rest, after, ttft
+
+
 def measure(model: str, T: int, reps: int, dry: bool) -> dict:
     import torch
     import cachegen
@@ -105,42 +131,19 @@ def measure(model: str, T: int, reps: int, dry: bool) -> dict:
                 io[0].run_with_iobinding(io[1])
                 io[1].synchronize_outputs()
             row["ort_run_all_ms"] = _timed(run_only, reps, dry)
-            # steady decode
-            s.reset(T)
-            _sync(dry)
-            t = time.perf_counter()
-            toks = s.greedy(nxt, 32)
-            row["loop_per_token_ms"] = (time.perf_counter() - t) * 1e3 / len(toks)
+            row["loop_per_token_ms"] = _loop_ms(s, nxt, T, dry)   # steady decode
             # after a restore from pinned bytes (host bytes on the CPU)
             host = [(torch.as_tensor(np.asarray(k) if not torch.is_tensor(k) else k.cpu()),
                      torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v.cpu())) for k, v in r.window_kv(kv)]
             data = cachegen.encode(host, "default")
             src = data if dry else torch.frombuffer(bytearray(data), dtype=torch.uint8).pin_memory()
-            after, rest = [], []
-            for i in range(reps + 2):
-                _sync(dry)
-                t = time.perf_counter()
-                s.restore(src)
-                t1 = time.perf_counter()
-                int(s.step(nxt)[0, -1].argmax())
-                t2 = time.perf_counter()
-                if i >= 2:
-                    rest.append((t1 - t) * 1e3)
-                    after.append((t2 - t1) * 1e3)
+            rest, after, _ = _restore_steps(s, src, nxt, reps, dry, defer=False)
             row["restore_nontimed_all_ms"] = rest
             row["static_after_restore_all_ms"] = after
             if PROFILE_DIR is not None:
                 _host_profiles(s, src, nxt, f"{model}_{T}", dry)
             # TTFT-style: restore (deferred checks) + step, on this plain session
-            ttft = []
-            for i in range(reps + 2):
-                _sync(dry)
-                t = time.perf_counter()
-                s.restore(src, defer=True)
-                int(s.step(nxt)[0, -1].argmax())
-                if i >= 2:
-                    ttft.append((time.perf_counter() - t) * 1e3)
-            row["plain_session_restore_defer_step_all_ms"] = ttft
+            row["plain_session_restore_defer_step_all_ms"] = _restore_steps(s, src, nxt, reps, dry, defer=True)[2]
         del s
     if not dry:
         try:
@@ -172,24 +175,9 @@ def _graph_rows(row, r, kv, nxt, src, T, reps, model, dry):
             sg.reset(T)
             return int(sg.step(nxt)[0, -1].argmax())
         row["graph_step_all_ms"] = _timed(gst, reps, dry)
-        sg.reset(T)
-        _sync(dry)
-        t = time.perf_counter()
-        toks = sg.greedy(nxt, 32)
-        row["graph_loop_per_token_ms"] = (time.perf_counter() - t) * 1e3 / len(toks)
+        row["graph_loop_per_token_ms"] = _loop_ms(sg, nxt, T, dry)
         for defer in (True, False):
-            rest, after, ttft = [], [], []
-            for i in range(reps + 2):
-                _sync(dry)
-                t = time.perf_counter()
-                sg.restore(src, defer=defer)
-                t1 = time.perf_counter()
-                int(sg.step(nxt)[0, -1].argmax())
-                t2 = time.perf_counter()
-                if i >= 2:
-                    rest.append((t1 - t) * 1e3)
-                    after.append((t2 - t1) * 1e3)
-                    ttft.append((t2 - t) * 1e3)
+            rest, after, ttft = _restore_steps(sg, src, nxt, reps, dry, defer)
             tag = "defer" if defer else "sync"
             row[f"graph_restore_{tag}_all_ms"] = rest
             row[f"graph_after_restore_{tag}_all_ms"] = after
