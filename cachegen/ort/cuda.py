@@ -18,6 +18,13 @@ Windowed caches (Gemma-3's sliding layers stored with their last 512 tokens) are
 the *tail* of that layer's full-length buffer, i.e. at their true positions; the positions in
 front lie outside the attention window and are never read (the buffers start zeroed).
 
+Time to first token after a restore (H200 measurements: benches/RESULTS.md section 9): ORT runs
+on a torch stream (``OrtRunner.compute_stream``), so a step is ordered after a queued decode by a
+stream wait, not a host sync; ``restore(defer=True)`` leaves the decoder's device checks to the
+next step (which raises before it returns logits); with ``OrtRunner(cuda_graph=True)`` the
+one-token step replays a CUDA graph captured by :meth:`StaticKV.warmup` (one per StaticKV:
+make one per serving slot, not per request).
+
 The class works with ``provider="cpu"`` too (torch CPU tensors), which is how it is unit-tested
 without a GPU; its purpose is the CUDA path.
 """
