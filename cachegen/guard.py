@@ -309,7 +309,7 @@ class _Background:
         self._t.join()
 
     def result(self) -> Any:
-        self._t.join()
+        self.join()
         if self._exc is not None:
             raise self._exc
         return self._res
@@ -330,11 +330,6 @@ class _Inline(_Background):
 
     def join(self) -> None:
         pass
-
-    def result(self) -> Any:
-        if self._exc is not None:
-            raise self._exc
-        return self._res
 
 
 def _encode_keep(kv: Any, cfg: CodecConfig, progress: Any = None) -> tuple[bytes, Any, list]:

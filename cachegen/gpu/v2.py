@@ -207,20 +207,21 @@ class GpuDecoder:
         n = c.n_chunks
         if n == 0:
             return
-        total = int(c.index["meta_size"].sum()) if not words else None
-        if total is not None and (total < _SERIAL_CRC_BYTES or n < 4 or (os.cpu_count() or 1) < 4):
-            for k in range(n):       # little metadata: one thread beats handing tasks to a pool
-                c.verify_chunk(k, words=False)
-            return
-        # a few tasks of several chunks each (zlib releases the GIL): one task per chunk costs
-        # more in pool hand-offs than the CRCs (H200 host, 2026-12-02: 32 tasks 0.8 ms, serial 0.7)
-        ex = _pool()
-        g = min(_CRC_TASKS, n) if total is not None else n
-        bounds = np.linspace(0, n, g + 1).astype(int).tolist()
+        if not words and (int(c.index["meta_size"].sum()) < _SERIAL_CRC_BYTES or (os.cpu_count() or 1) < 4):
+            tasks = 1        # little metadata or few CPUs: one thread beats handing tasks to a pool
+        else:
+            # metadata only: a few tasks of several chunks each (one task per chunk costs more in
+            # pool hand-offs than the CRCs: H200 host, 2026-12-02, 32 tasks 0.8 ms, serial 0.7)
+            tasks = n if words else min(_CRC_TASKS, n)
+        bounds = np.linspace(0, n, tasks + 1).astype(int).tolist()
 
         def run(a: int, b: int) -> None:
             for k in range(a, b):
                 c.verify_chunk(k, words=words)
+        if tasks == 1:
+            run(0, n)
+            return
+        ex = _pool()
         list(ex.map(run, bounds[:-1], bounds[1:]))
 
     def plan(self, c: fmt2.ContainerV2) -> ShapePlan:

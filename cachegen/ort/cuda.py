@@ -30,7 +30,7 @@ without a GPU; its purpose is the CUDA path.
 """
 from __future__ import annotations
 
-from typing import Any, List, Sequence
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -60,7 +60,24 @@ def cuda_provider_available() -> bool:
     return True
 
 
-_NP_OF = {torch.int64: np.dtype(np.int64), torch.int32: np.dtype(np.int32)}
+_NP_OF = {t: n for n, t in _TORCH_INT.items()}
+
+
+def _bind_kv(io, runner, kv) -> None:
+    """Bind each layer's buffer pair as both past (input) and present (output) of ``io``."""
+    np_dt = np.dtype(runner.dtype)
+    for (k, v), (pk, pv), (ok, ov) in zip(kv, runner.layout.past_names, runner.layout.present_names):
+        for name_in, name_out, t in ((pk, ok, k), (pv, ov, v)):
+            dev, idx = t.device.type, (t.device.index or 0)
+            io.bind_input(name_in, dev, idx, np_dt, list(t.shape), t.data_ptr())
+            io.bind_output(name_out, dev, idx, np_dt, list(t.shape), t.data_ptr())
+
+
+def _bind_dev(io, name: str, t: torch.Tensor, a: int = 0, b: Optional[int] = None) -> None:
+    """Bind ``t[0, a:b]`` (a [1, n] device buffer; the whole of it by default) as input ``name``."""
+    b = t.shape[1] if b is None else b
+    io.bind_input(name, t.device.type, t.device.index or 0, _NP_OF[t.dtype], [1, b - a],
+                  t.data_ptr() + a * t.element_size())
 
 
 def _sync(device: torch.device) -> None:
@@ -86,12 +103,7 @@ class StaticKV:
                    for _ in range(runner.num_layers)]
         self.length = 0
         self._io = runner.session.io_binding()
-        np_dt = np.dtype(runner.dtype)
-        for (k, v), (pk, pv), (ok, ov) in zip(self.kv, runner.layout.past_names, runner.layout.present_names):
-            for name_in, name_out, t in ((pk, ok, k), (pv, ov, v)):
-                dev, idx = t.device.type, (t.device.index or 0)
-                self._io.bind_input(name_in, dev, idx, np_dt, list(t.shape), t.data_ptr())
-                self._io.bind_output(name_out, dev, idx, np_dt, list(t.shape), t.data_ptr())
+        _bind_kv(self._io, runner, self.kv)
         self._logits: dict = {}
         self._view_cache: dict = {}
         self._mask = self._pos = None
@@ -218,17 +230,12 @@ class StaticKV:
         return self.length
 
     # ------------------------------------------------------------------ running
-    def _bind_view(self, name: str, buf: torch.Tensor, a: int, b: int) -> None:
-        """Bind ``buf[0, a:b]`` (a device buffer of this cache) as input ``name``."""
-        dev = buf.device
-        self._io.bind_input(name, dev.type, dev.index or 0, _NP_OF[buf.dtype], [1, b - a],
-                            buf.data_ptr() + a * buf.element_size())
-
     def step(self, ids, *, sync: bool = True) -> torch.Tensor:
         """Feed ``ids`` (1-D token list/array) after the cache; returns logits ``[1, T, V]``
         (a torch tensor on the session's device, reused by the next call of the same length).
-        ``sync=False``: skip waiting for torch's current stream (the caller knows no torch
-        work on the buffers is pending; ORT runs on its own stream)."""
+        ``sync=False``: do not order the run after torch work queued on the current stream (the
+        caller knows none is pending). A CUDA-graph step is always ordered (it fills its inputs
+        with torch kernels)."""
         r = self.runner
         a = np.ascontiguousarray(np.asarray(ids, dtype=r._ids_dtype).reshape(1, -1))
         T = a.shape[1]
@@ -237,22 +244,20 @@ class StaticKV:
             raise InputError(f"{total} tokens exceed the static cache capacity {self.capacity}")
         if self._graph is not None:
             if T == 1:
-                return self._graph.step(int(a[0, 0]), sync)
+                return self._graph.step(int(a[0, 0]))
             self._graph.dirty = True     # the graph's mask is rebuilt at its next step
         io = self._io
         keep = None
         if self._graph is not None:      # a graph-enabled session takes device inputs only
-            keep = torch.from_numpy(a).to(self.device)
-            io.bind_input("input_ids", self.device.type, self.device.index or 0, a.dtype, list(a.shape),
-                          keep.data_ptr())
+            keep = r._bind_in_dev(io, "input_ids", a)
         else:
             io.bind_cpu_input("input_ids", a)
         if self._mask is not None:
-            self._bind_view("attention_mask", self._mask, 0, total)
+            _bind_dev(io, "attention_mask", self._mask, 0, total)
         elif r._mask_dtype is not None:
             io.bind_cpu_input("attention_mask", np.ones((1, total), dtype=r._mask_dtype))
         if self._pos is not None:
-            self._bind_view("position_ids", self._pos, self.length, total)
+            _bind_dev(io, "position_ids", self._pos, self.length, total)
         elif r._pos_dtype is not None:
             io.bind_cpu_input("position_ids", np.arange(self.length, total, dtype=r._pos_dtype)[None])
         lg = self._logits.get(T)
@@ -307,7 +312,7 @@ class StaticKV:
         self._pending = None
         for _ in range(3):              # ORT: warm-up run(s), then the capture
             self.reset(0)
-            self._graph.step(0, True)
+            self._graph.step(0)
         self.reset(0)
 
     def reset(self, length: int = 0) -> None:
@@ -330,31 +335,24 @@ class _GraphStep:
         dev = skv.device
         self.ro = r.graph_run_options()
         self.io = r.session.io_binding()
-        np_dt = np.dtype(r.dtype)
-        for (k, v), (pk, pv), (ok, ov) in zip(skv.kv, r.layout.past_names, r.layout.present_names):
-            for name_in, name_out, t in ((pk, ok, k), (pv, ov, v)):
-                self.io.bind_input(name_in, "cuda", dev.index or 0, np_dt, list(t.shape), t.data_ptr())
-                self.io.bind_output(name_out, "cuda", dev.index or 0, np_dt, list(t.shape), t.data_ptr())
+        _bind_kv(self.io, r, skv.kv)
         if r.vocab_size is None:
             raise InputError("graph has no static vocabulary size")
         self.ids = torch.zeros((1, 1), dtype=_TORCH_INT[np.dtype(r._ids_dtype)], device=dev)
-        self._bind("input_ids", self.ids)
+        _bind_dev(self.io, "input_ids", self.ids)
         self.mask = self.pos = None
         if r._mask_dtype is not None:
             self.mask = torch.zeros((1, skv.capacity), dtype=_TORCH_INT[np.dtype(r._mask_dtype)], device=dev)
-            self._bind("attention_mask", self.mask)
+            _bind_dev(self.io, "attention_mask", self.mask)
         if r._pos_dtype is not None:
             self.pos = torch.zeros((1, 1), dtype=_TORCH_INT[np.dtype(r._pos_dtype)], device=dev)
-            self._bind("position_ids", self.pos)
+            _bind_dev(self.io, "position_ids", self.pos)
         self.logits = torch.empty((1, 1, r.vocab_size), dtype=_TORCH[np.dtype(r._logits_dtype)], device=dev)
         self.io.bind_output(r._logits_name, "cuda", dev.index or 0, np.dtype(r._logits_dtype),
                             list(self.logits.shape), self.logits.data_ptr())
         self.dirty = True               # the mask does not match skv.length yet
 
-    def _bind(self, name: str, t: torch.Tensor) -> None:
-        self.io.bind_input(name, "cuda", t.device.index or 0, _NP_OF[t.dtype], list(t.shape), t.data_ptr())
-
-    def step(self, tok: int, sync: bool) -> torch.Tensor:
+    def step(self, tok: int) -> torch.Tensor:
         skv = self.skv
         L = skv.length
         self.ids.fill_(tok)
