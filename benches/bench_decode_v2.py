@@ -77,7 +77,7 @@ def events_median(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def run_case(name, kv, cfg, dec_args, reps, check_ref, rows):
+def run_case(name, kv, cfg, dec_args, reps, check_ref, rows, kernels=("nested",)):
     from cachegen.gpu.v2 import GpuDecoder
     data = cachegen.encode(kv, cfg)
     c = fmt2.parse_container(data)
@@ -85,17 +85,18 @@ def run_case(name, kv, cfg, dec_args, reps, check_ref, rows):
     dev = torch.device("cuda")
     outs = [(torch.empty(k.shape, dtype=torch.float16, device=dev), torch.empty(v.shape, dtype=torch.float16, device=dev))
             for k, v in kv]
-    exact = None
-    if check_ref:
-        ref = cachegen.decode(data)
-        cachegen.decode_into(data, outs)
-        exact = all(np.array_equal(bits(a), bits(r)) for p, q in zip(outs, ref) for a, r in zip(p, q))
-    for block, nw in dec_args:
-        dec = GpuDecoder(dev, block=block, num_warps=nw)
+    ref = cachegen.decode(data) if check_ref else None
+    for (block, nw), kern in [(d, k) for d in dec_args for k in kernels]:
+        dec = GpuDecoder(dev, block=block, num_warps=nw, kernel=kern)
         pad = (-len(data)) % 4
         payload = torch.frombuffer(bytearray(data + b"\0" * pad), dtype=torch.uint8).to(dev)
+        for o in outs:
+            o[0].fill_(0)
+            o[1].fill_(0)
         dec.decode_into(c, outs, payload=payload)          # warm-up / JIT
         torch.cuda.synchronize()
+        exact = None if ref is None else all(np.array_equal(bits(a), bits(r)) for p, q in zip(outs, ref)
+                                             for a, r in zip(p, q))
         k_ms = events_median(lambda: dec.decode_into(c, outs, payload=payload, verify=False, check=False), reps)
         # host part: parse + CRC + plan + launch (payload on device), then the sync
         host, cpu, parts = [], [], []
@@ -118,7 +119,7 @@ def run_case(name, kv, cfg, dec_args, reps, check_ref, rows):
             dec.decode_into(pv, outs)
             e2e.append((time.perf_counter() - t0) * 1e3)
         row = dict(case=name, tokens=int(max(k.shape[2] for k, _ in kv)), cps=cfg.channels_per_stream,
-                   table_bits=cfg.table_bits, block=block, warps=nw, fp16_mb=fp16 / 1e6,
+                   table_bits=cfg.table_bits, kernel=kern, block=block, warps=nw, fp16_mb=fp16 / 1e6,
                    comp_mb=len(data) / 1e6, ratio=fp16 / len(data), streams=int(dec.plan(c).n_streams),
                    kernel_ms=k_ms, kernel_gbs=fp16 / k_ms / 1e6, host_ms=statistics.median(host),
                    host_cpu_ms=statistics.median(cpu), e2e_ms=statistics.median(e2e),
@@ -137,6 +138,7 @@ def main(argv=None):
     ap.add_argument("--table-bits", type=int, nargs="+", default=[12])
     ap.add_argument("--sweep", default="64x2", help="BLOCKxWARPS list, comma separated")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--kernels", default="nested", help="GpuDecoder kernels to compare, comma separated (nested,flat)")
     ap.add_argument("--gemma", action="store_true", help="add Gemma-3: real (--gemma-npz) or synthetic")
     ap.add_argument("--gemma-npz", default=".gpudata/gemma3_1k.npz")
     ap.add_argument("--check-max", type=int, default=8192, help="check vs CPU reference up to this many tokens")
@@ -144,24 +146,25 @@ def main(argv=None):
     a = ap.parse_args(argv)
     dec_args = [tuple(int(x) for x in s.split("x")) for s in a.sweep.split(",")]
     rows: list = []
+    kernels = tuple(a.kernels.split(","))
     base = load_npz(a.npz) if os.path.exists(a.npz) else None
     for T in a.tokens:
         for cps in a.cps:
             for tb in a.table_bits:
                 cfg = cachegen.CodecConfig.from_preset("default", channels_per_stream=cps, table_bits=tb)
                 if base is not None:
-                    run_case("smollm2", tile(base, T), cfg, dec_args, a.reps, T <= a.check_max, rows)
+                    run_case("smollm2", tile(base, T), cfg, dec_args, a.reps, T <= a.check_max, rows, kernels)
                 if a.gemma and os.path.exists(a.gemma_npz):
-                    run_case("gemma3", gemma_real(a.gemma_npz, T), cfg, dec_args, a.reps, T <= a.check_max, rows)
+                    run_case("gemma3", gemma_real(a.gemma_npz, T), cfg, dec_args, a.reps, T <= a.check_max, rows, kernels)
                 elif a.gemma:
-                    run_case("gemma3-shape", gemma_like(T), cfg, dec_args, a.reps, T <= a.check_max, rows)
+                    run_case("gemma3-shape", gemma_like(T), cfg, dec_args, a.reps, T <= a.check_max, rows, kernels)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=1)
-    print("\n| case | tokens | cps | tb | block x warps | ratio | streams | kernel ms | kernel GB/s | host ms (cpu) | e2e ms | e2e GB/s | exact |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| case | tokens | cps | tb | kernel | block x warps | ratio | streams | kernel ms | kernel GB/s | host ms (cpu) | e2e ms | e2e GB/s | exact |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['tokens']} | {r['cps']} | {r['table_bits']} | {r['block']}x{r['warps']} | {r['ratio']:.2f} | "
+        print(f"| {r['case']} | {r['tokens']} | {r['cps']} | {r['table_bits']} | {r['kernel']} | {r['block']}x{r['warps']} | {r['ratio']:.2f} | "
               f"{r['streams']} | {r['kernel_ms']:.3f} | {r['kernel_gbs']:.0f} | {r['host_ms']:.2f} ({r['host_cpu_ms']:.2f}) | "
               f"{r['e2e_ms']:.2f} | {r['e2e_gbs']:.1f} | {r['exact']} |")
 

@@ -21,9 +21,10 @@ pytestmark = [pytest.mark.slow,
                                  reason="no triton wheel for this platform")]
 
 
-def test_kernel_under_interpreter_matches_reference_and_catches_corruption():
+@pytest.mark.parametrize("kernel", ["nested", "flat"])
+def test_kernel_under_interpreter_matches_reference_and_catches_corruption(kernel):
     script = Path(__file__).parent / "gpu_interp" / "check_v2.py"
-    env = dict(os.environ, TRITON_INTERPRET="1", N_CORRUPT="10", CACHEGEN_WORKERS="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", N_CORRUPT="10", CACHEGEN_WORKERS="1", KERNEL=kernel)
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])

@@ -203,3 +203,128 @@ def v2_words_sum_kernel(u32_ptr, wbase_ptr, cwords_ptr, sums_ptr, k1, k2, BLOCKW
     part = tl.sum(v, axis=0)
     if j * BLOCKW < cw:
         tl.atomic_add(sums_ptr + k, part.to(tl.int64, bitcast=True))
+
+
+@triton.jit
+def v2_decode_nested_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr,
+                            sblk_ptr, ssic_ptr, sc0_ptr, snch_ptr, blk_ptr, cbase_ptr, cwords_ptr,
+                            lut_ptr, scale_ptr, out_ptr, obase_ptr, ostride_ptr, hdim_ptr, err_ptr,
+                            lane0, lane_end, p0, batch,
+                            TB: tl.constexpr, PSZ: tl.constexpr, SHARED: tl.constexpr, HAS_TS: tl.constexpr,
+                            OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    """The same decode as ``v2_decode_kernel`` (same arguments less ``steps_ptr``, same
+    arithmetic, same checks, bit-identical output), with the channel / batch-row / token walk
+    as three nested loops instead of one flat loop: the per-symbol step then carries only the
+    rANS chain, the renormalization, the dequantize and the store (pointers advanced in place),
+    and the channel switch (table id, parameters, their checks, the head/dim division and the
+    output row) runs once per channel instead of being computed and masked at every symbol.
+    The ncu profile of the flat loop counted 157 instructions per symbol step."""
+    pid = tl.program_id(0) + p0
+    lane = pid * BLOCK + tl.arange(0, BLOCK)
+    m = (lane >= lane0) & (lane < lane_end)
+    blk = tl.load(sblk_ptr + lane, mask=m, other=0).to(tl.int64)
+    sic = tl.load(ssic_ptr + lane, mask=m, other=0).to(tl.int64)
+    c0 = tl.load(sc0_ptr + lane, mask=m, other=0)
+    nchs = tl.load(snch_ptr + lane, mask=m, other=0)
+    row = blk_ptr + blk * 14
+    k = tl.load(row + 0, mask=m, other=0)
+    lk = tl.load(row + 1, mask=m, other=0)
+    n = tl.load(row + 2, mask=m, other=1).to(tl.int32)
+    tok0 = tl.load(row + 3, mask=m, other=0)
+    ch_off = tl.load(row + 5, mask=m, other=0)
+    step_off = tl.load(row + 6, mask=m, other=0)
+    tok_off = tl.load(row + 7, mask=m, other=0)
+    s_chunk = tl.load(row + 8, mask=m, other=1)
+    step_at = tl.load(row + 9, mask=m, other=0)
+    tok_at = tl.load(row + 10, mask=m, other=0)
+    dir_at = tl.load(row + 11, mask=m, other=0)
+    meta = tl.load(row + 12, mask=m, other=0)
+    ids_base = tl.load(row + 13, mask=m, other=0)
+    cbase = tl.load(cbase_ptr + k, mask=m, other=0)
+    cwords = tl.load(cwords_ptr + k, mask=m, other=0)
+
+    d0 = (cbase + dir_at) // 4 + sic
+    e_end = tl.load(u32_ptr + d0, mask=m, other=0).to(tl.uint32).to(tl.int64)
+    e_beg = tl.load(u32_ptr + d0 - 1, mask=m & (sic > 0), other=0).to(tl.uint32).to(tl.int64)
+    bad = m & ((e_beg > e_end) | (e_end > cwords) | ((sic == s_chunk - 1) & (e_end != cwords)))
+    ok = m & (bad == 0)
+    wb = (cbase + meta) // 4 + e_beg
+    ptr = tl.where(ok, e_end - e_beg, 0).to(tl.int32)
+    nch_eff = tl.where(ok, nchs, 0)
+    per = batch * n
+
+    wp = u32_ptr + wb + ptr - 1          # the next word a renormalization consumes
+    last = tl.load(wp, mask=ok & (ptr > 0), other=0).to(tl.uint32).to(tl.uint64)
+    bad = bad | ((ptr > 0) & (last == 0))
+    x = tl.zeros([BLOCK], dtype=tl.uint64)
+    for _k in tl.static_range(2):
+        need = ((x >> 32) == 0) & (ptr > 0)
+        w = tl.load(wp, mask=need, other=0).to(tl.uint32).to(tl.uint64)
+        x = tl.where(need, (x << 32) | w, x)
+        ptr = ptr - need.to(tl.int32)
+        wp = wp - need.to(tl.int32)
+    wnext = tl.load(wp, mask=ok & (ptr > 0), other=0)
+
+    optr = out_ptr + tl.load(obase_ptr + lk, mask=m, other=0)
+    sb = tl.load(ostride_ptr + lk * 4, mask=m, other=0)
+    sh = tl.load(ostride_ptr + lk * 4 + 1, mask=m, other=0)
+    stt = tl.load(ostride_ptr + lk * 4 + 2, mask=m, other=0)
+    sd = tl.load(ostride_ptr + lk * 4 + 3, mask=m, other=0)
+    hd = tl.load(hdim_ptr + lk, mask=m, other=1).to(tl.int32)
+    pbase = (cbase // PSZ) + ch_off
+    sbase = ((cbase + step_at) // PSZ) + step_off
+    tbase = (cbase + tok_at) + tok_off
+    if SHARED:
+        st = tl.load(par_ptr + sbase, mask=ok, other=0.0).to(tl.float32)
+    lmask = (1 << (24 - TB)) - 1
+    cmax = tl.max(nch_eff, axis=0)
+    nmax = tl.max(tl.where(ok, n, 0), axis=0)
+    for j in range(0, cmax):
+        c = c0 + j
+        cact = j < nch_eff
+        tid = tl.load(ids_ptr + ids_base + c, mask=cact, other=0)
+        lo = tl.load(par_ptr + pbase + c, mask=cact, other=0.0).to(tl.float32)
+        if not SHARED:
+            st = tl.load(par_ptr + sbase + c, mask=cact, other=0.0).to(tl.float32)
+        pb = (lo != lo) | (st != st) | (tl.abs(lo) == float("inf")) | (tl.abs(st) == float("inf")) | (st < 0)
+        bad = bad | (cact & pb)
+        hh = c // hd
+        crow = optr + (hh.to(tl.int64) * sh + (c - hh * hd).to(tl.int64) * sd + tok0 * stt)
+        lrow = lut_ptr + (tid << TB)
+        e = tl.load(lrow + ((x & 0xFFFFFF).to(tl.int32) >> (24 - TB)), mask=cact, other=0)
+        if HAS_TS:
+            sc = tl.load(scale_ptr + tl.load(u8_ptr + tbase, mask=cact, other=0).to(tl.int32))
+            p2 = 1 % per
+            ecn = tl.load(u8_ptr + tbase + p2, mask=cact, other=0).to(tl.int32)
+        for b in range(0, batch):
+            op = crow + b * sb
+            for t in range(0, nmax):
+                active = cact & (t < n)
+                q = (x & 0xFFFFFF).to(tl.int32)
+                sym = (e & 0x7FF).to(tl.int32)
+                f = ((e >> 11) & 0x1FFF).to(tl.uint64)
+                off = ((e >> 24) & 0xFFF).to(tl.uint64)
+                nx = (x >> 24) * (f << (24 - TB)) + ((off << (24 - TB)) | (q & lmask).to(tl.uint64))
+                x = tl.where(active, nx, x)
+                need = active & ((x >> 32) == 0) & (ptr > 0)
+                x = tl.where(need, (x << 32) | wnext.to(tl.uint32).to(tl.uint64), x)
+                ptr = ptr - need.to(tl.int32)
+                wp = wp - need.to(tl.int32)
+                wnext = tl.load(wp, mask=need & (ptr > 0), other=wnext)
+                val = sym.to(tl.float32) * st
+                val = val + lo
+                if HAS_TS:
+                    val = val * sc
+                if OUT_BF16:
+                    tl.store(op, bf16_bits(val), mask=active)
+                else:
+                    tl.store(op, val.to(op.dtype.element_ty), mask=active)
+                op += stt
+                e = tl.load(lrow + ((x & 0xFFFFFF).to(tl.int32) >> (24 - TB)), mask=active, other=0)
+                if HAS_TS:
+                    sc = tl.where(active, tl.load(scale_ptr + ecn), sc)
+                    p2n = p2 + 1
+                    p2 = tl.where(active, tl.where(p2n == per, 0, p2n), p2)
+                    ecn = tl.load(u8_ptr + tbase + p2, mask=active, other=ecn)
+    bad = bad | (ok & ((x != 0) | (ptr != 0)))
+    tl.store(err_ptr + lane, bad.to(tl.int8), mask=m)

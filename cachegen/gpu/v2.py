@@ -43,6 +43,7 @@ Verify = Union[bool, str]
 # Tunables (H200 sweep: benches/gpu_notes.md).
 BLOCK = 32
 NUM_WARPS = 1
+KERNELS = ("nested", "flat")
 
 
 @dataclass
@@ -178,7 +179,9 @@ class GpuDecoder:
     supports = staticmethod(supports)
 
     def __init__(self, device: Any = "cuda", block: Optional[int] = None, num_warps: Optional[int] = None,
-                 pipeline: bool = False):
+                 pipeline: bool = False, kernel: str = "nested"):
+        if kernel not in KERNELS:
+            raise InputError(f"GpuDecoder kernel must be one of {KERNELS}, got {kernel!r}")
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             # "cuda" and "cuda:0" compare unequal: pin the index so device checks hold.
@@ -194,6 +197,9 @@ class GpuDecoder:
         # stream time): each group is bound by the same serial per-stream symbol chain as the
         # whole cache, and the groups run one after another on the decode stream.
         self.pipeline = pipeline
+        # "nested" (default): channel / batch-row / token loops, the symbol step carries only the
+        # chain; "flat": the previous single loop (kept for A/B on the device).
+        self.kernel = kernel
         self._plans: dict = {}
         self._scales = None
         self._luts: dict = {}
@@ -345,7 +351,7 @@ class GpuDecoder:
         streams are then launched per group of chunks of about ``group_bytes`` (default: an
         eighth of the payload, at least 4 MiB), each after the wait for its bytes.
         """
-        from .kernels_v2 import v2_decode_kernel, v2_words_sum_kernel
+        from .kernels_v2 import v2_decode_kernel, v2_decode_nested_kernel, v2_words_sum_kernel
 
         c = data if isinstance(data, fmt2.ContainerV2) else fmt2.parse_container(data)
         h = c.header
@@ -417,19 +423,26 @@ class GpuDecoder:
             block = self.block or BLOCK
             nw = self.num_warps or NUM_WARPS
             u32 = payload.view(torch.int32)
-            steps = p.program_steps(block, dev)
+            nested = self.kernel == "nested"
+            steps = None if nested else p.program_steps(block, dev)
             out = base.view(torch.int16) if bf16 else base
             for s0, s1, upto in self._groups(c, p, wait is not None, group_bytes):
                 if wait is not None:
                     wait(upto)
                 p0 = s0 // block
-                v2_decode_kernel[(-(-s1 // block) - p0,)](
-                    u32, ids, par, payload, p.sblk, p.ssic, p.sc0, p.snch, steps, p.blocks,
-                    cbase, cwords, lut, scales, out, obase, strides, hdim,
-                    err, s0, s1, p0, h.batch,
-                    TB=h.table_bits, PSZ=2 if h.param_dtype == 1 else 4, SHARED=h.step_mode == 1,
-                    HAS_TS=bool(h.token_scaling), OUT_BF16=bf16, BLOCK=block, num_warps=nw,
-                    enable_fp_fusion=False)
+                consts = dict(TB=h.table_bits, PSZ=2 if h.param_dtype == 1 else 4, SHARED=h.step_mode == 1,
+                              HAS_TS=bool(h.token_scaling), OUT_BF16=bf16, BLOCK=block, num_warps=nw,
+                              enable_fp_fusion=False)
+                if nested:
+                    v2_decode_nested_kernel[(-(-s1 // block) - p0,)](
+                        u32, ids, par, payload, p.sblk, p.ssic, p.sc0, p.snch, p.blocks,
+                        cbase, cwords, lut, scales, out, obase, strides, hdim,
+                        err, s0, s1, p0, h.batch, **consts)
+                else:
+                    v2_decode_kernel[(-(-s1 // block) - p0,)](
+                        u32, ids, par, payload, p.sblk, p.ssic, p.sc0, p.snch, steps, p.blocks,
+                        cbase, cwords, lut, scales, out, obase, strides, hdim,
+                        err, s0, s1, p0, h.batch, **consts)
             if wait is not None:
                 wait(None)   # the checksum pass reads every chunk
             # Per-chunk words checksums: one coalesced pass over each chunk's word area.

@@ -27,6 +27,9 @@ from cachegen.gpu.v2 import GpuDecoder  # noqa: E402
 from helpers import make_kv  # noqa: E402
 
 
+KERNEL = os.environ.get("KERNEL", "nested")    # GpuDecoder(kernel=...): each is checked
+
+
 def bits(t):
     return t.view(torch.int16 if t.element_size() == 2 else torch.int32).numpy()
 
@@ -39,7 +42,7 @@ def run(cfg, dtype, **kw):
     big = [(torch.full((a.shape[0], a.shape[1], a.shape[2] + cap, a.shape[3]), -7.0, dtype=a.dtype),
             torch.full((b.shape[0], b.shape[1], b.shape[2] + cap, b.shape[3]), -7.0, dtype=b.dtype)) for a, b in ref]
     views = [(k[:, :, cap:], v[:, :, cap:]) for k, v in big]   # strided views at an offset
-    dec = GpuDecoder("cpu")
+    dec = GpuDecoder("cpu", kernel=KERNEL)
     dec.decode_into(data, views)
     exact = all(np.array_equal(bits(x), bits(r)) for p, q in zip(views, ref) for x, r in zip(p, q))
     untouched = all(bool((k[:, :, :cap] == -7.0).all()) for k, _ in big)
@@ -67,7 +70,7 @@ def main():
     ref = cachegen.decode(data)
     bufs = [(torch.empty_like(k), torch.empty_like(v)) for k, v in ref]
     waits = []
-    GpuDecoder("cpu", block=4, pipeline=True).decode_into_pipelined(data, bufs, wait=waits.append, group_bytes=1)
+    GpuDecoder("cpu", block=4, pipeline=True, kernel=KERNEL).decode_into_pipelined(data, bufs, wait=waits.append, group_bytes=1)
     ends = [c.payload_start + int(o) + int(z) for o, z in zip(c.index["offset"], c.index["size"])]
     out["pipelined"] = (all(np.array_equal(bits(x), bits(r)) for p, q in zip(bufs, ref) for x, r in zip(p, q))
                         and waits == ends + [None] and c.n_chunks > 2)
@@ -78,7 +81,7 @@ def main():
     e = c.payload_start + int(c.index["offset"][0]) + int(c.index["size"][0])
     rng = np.random.default_rng(0)
     caught = {}
-    dec = GpuDecoder("cpu")
+    dec = GpuDecoder("cpu", kernel=KERNEL)
     for t in range(int(os.environ.get("N_CORRUPT", "12"))):
         b = bytearray(data)
         p = int(rng.integers(s, e))
