@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.slow,
                                  reason="no triton wheel for this platform")]
 
 
-@pytest.mark.parametrize("kernel", ["nested", "flat"])
+@pytest.mark.parametrize("kernel", ["nested", "nested-wide", "flat"])
 def test_kernel_under_interpreter_matches_reference_and_catches_corruption(kernel):
     script = Path(__file__).parent / "gpu_interp" / "check_v2.py"
     env = dict(os.environ, TRITON_INTERPRET="1", N_CORRUPT="10", CACHEGEN_WORKERS="1", KERNEL=kernel)

@@ -208,17 +208,21 @@ def v2_words_sum_kernel(u32_ptr, wbase_ptr, cwords_ptr, sums_ptr, k1, k2, BLOCKW
 @triton.jit
 def v2_decode_nested_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr,
                             sblk_ptr, ssic_ptr, sc0_ptr, snch_ptr, blk_ptr, cbase_ptr, cwords_ptr,
-                            lut_ptr, scale_ptr, out_ptr, obase_ptr, ostride_ptr, hdim_ptr, err_ptr,
+                            lut_ptr, fc_ptr, scale_ptr, out_ptr, obase_ptr, ostride_ptr, hdim_ptr, err_ptr,
                             lane0, lane_end, p0, batch,
                             TB: tl.constexpr, PSZ: tl.constexpr, SHARED: tl.constexpr, HAS_TS: tl.constexpr,
-                            OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+                            OUT_BF16: tl.constexpr, BLOCK: tl.constexpr, LUT8: tl.constexpr):
     """The same decode as ``v2_decode_kernel`` (same arguments less ``steps_ptr``, same
     arithmetic, same checks, bit-identical output), with the channel / batch-row / token walk
     as three nested loops instead of one flat loop: the per-symbol step then carries only the
     rANS chain, the renormalization, the dequantize and the store (pointers advanced in place),
     and the channel switch (table id, parameters, their checks, the head/dim division and the
     output row) runs once per channel instead of being computed and masked at every symbol.
-    The ncu profile of the flat loop counted 157 instructions per symbol step."""
+    The ncu profile of the flat loop counted 157 instructions per symbol step.
+
+    LUT8: the compact tables of ``build_lut8`` (uint8 slot -> symbol, int32 symbol -> f | cdf << 13
+    at fc_ptr); otherwise the 8-byte entries of ``build_lut`` (fc_ptr unused). The chain step is
+    the same arithmetic: x' = (x >> 24) * f' + q - cdf', with q the state's low 24 bits."""
     pid = tl.program_id(0) + p0
     lane = pid * BLOCK + tl.arange(0, BLOCK)
     m = (lane >= lane0) & (lane < lane_end)
@@ -291,7 +295,12 @@ def v2_decode_nested_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr,
         hh = c // hd
         crow = optr + (hh.to(tl.int64) * sh + (c - hh * hd).to(tl.int64) * sd + tok0 * stt)
         lrow = lut_ptr + (tid << TB)
-        e = tl.load(lrow + ((x & 0xFFFFFF).to(tl.int32) >> (24 - TB)), mask=cact, other=0)
+        if LUT8:
+            frow = fc_ptr + tid * 256
+            symc = tl.load(lrow + ((x & 0xFFFFFF).to(tl.int32) >> (24 - TB)), mask=cact, other=0).to(tl.int32)
+            e = tl.load(frow + symc, mask=cact, other=0)
+        else:
+            e = tl.load(lrow + ((x & 0xFFFFFF).to(tl.int32) >> (24 - TB)), mask=cact, other=0)
         if HAS_TS:
             sc = tl.load(scale_ptr + tl.load(u8_ptr + tbase, mask=cact, other=0).to(tl.int32))
             p2 = 1 % per
@@ -301,10 +310,15 @@ def v2_decode_nested_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr,
             for t in range(0, nmax):
                 active = cact & (t < n)
                 q = (x & 0xFFFFFF).to(tl.int32)
-                sym = (e & 0x7FF).to(tl.int32)
-                f = ((e >> 11) & 0x1FFF).to(tl.uint64)
-                off = ((e >> 24) & 0xFFF).to(tl.uint64)
-                nx = (x >> 24) * (f << (24 - TB)) + ((off << (24 - TB)) | (q & lmask).to(tl.uint64))
+                if LUT8:
+                    sym = symc
+                    f = (e & 0x1FFF).to(tl.uint64)
+                    nx = (x >> 24) * (f << (24 - TB)) + (q - ((e >> 13) << (24 - TB))).to(tl.uint64)
+                else:
+                    sym = (e & 0x7FF).to(tl.int32)
+                    f = ((e >> 11) & 0x1FFF).to(tl.uint64)
+                    off = ((e >> 24) & 0xFFF).to(tl.uint64)
+                    nx = (x >> 24) * (f << (24 - TB)) + ((off << (24 - TB)) | (q & lmask).to(tl.uint64))
                 x = tl.where(active, nx, x)
                 need = active & ((x >> 32) == 0) & (ptr > 0)
                 x = tl.where(need, (x << 32) | wnext.to(tl.uint32).to(tl.uint64), x)
@@ -320,7 +334,12 @@ def v2_decode_nested_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr,
                 else:
                     tl.store(op, val.to(op.dtype.element_ty), mask=active)
                 op += stt
-                e = tl.load(lrow + ((x & 0xFFFFFF).to(tl.int32) >> (24 - TB)), mask=active, other=0)
+                if LUT8:
+                    symc = tl.load(lrow + ((x & 0xFFFFFF).to(tl.int32) >> (24 - TB)), mask=active,
+                                   other=0).to(tl.int32)
+                    e = tl.load(frow + symc, mask=active, other=0)
+                else:
+                    e = tl.load(lrow + ((x & 0xFFFFFF).to(tl.int32) >> (24 - TB)), mask=active, other=0)
                 if HAS_TS:
                     sc = tl.where(active, tl.load(scale_ptr + ecn), sc)
                     p2n = p2 + 1

@@ -43,7 +43,7 @@ Verify = Union[bool, str]
 # Tunables (H200 sweep: benches/gpu_notes.md).
 BLOCK = 32
 NUM_WARPS = 1
-KERNELS = ("nested", "flat")
+KERNELS = ("nested", "nested-wide", "flat")
 
 
 @dataclass
@@ -156,6 +156,29 @@ def build_lut(units: torch.Tensor, alphabets: torch.Tensor, table_bits: int) -> 
     return rep(sym) | (rep(u) << 11) | ((slot - rep(cdf)) << 24)
 
 
+SYM_SLOTS = 256    # compact LUT: symbols per table row of the (f, cdf) array
+
+
+def build_lut8(units: torch.Tensor, alphabets: torch.Tensor, table_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact decode tables for alphabets of at most 256 symbols: uint8 [T * 2**table_bits]
+    slot -> symbol, and int32 [T * 256] symbol -> f | cdf << 13. 1 byte per slot instead of 8
+    keeps the slot tables of a whole file in L1 (32 tables of 2**12 slots: 128 KiB vs 1 MiB);
+    the chain then takes two small dependent loads instead of one that misses L1."""
+    T = int(alphabets.numel())
+    M = 1 << table_bits
+    a = alphabets.to(torch.int64)
+    u = units.to(torch.int64)
+    starts = torch.cumsum(a, 0) - a
+    tab = torch.repeat_interleave(torch.arange(T, device=u.device), a, output_size=int(u.numel()))
+    sym = torch.arange(u.numel(), device=u.device) - starts[tab]
+    csum = torch.cumsum(u, 0) - u
+    cdf = csum - (tab * M)
+    lut = torch.repeat_interleave(sym, u, output_size=T * M).to(torch.uint8)
+    fc = torch.zeros(T * SYM_SLOTS, dtype=torch.int32, device=u.device)
+    fc[tab * SYM_SLOTS + sym] = (u | (cdf << 13)).to(torch.int32)
+    return lut, fc
+
+
 _POOL: Optional[ThreadPoolExecutor] = None
 _POOL_LOCK = threading.Lock()
 
@@ -198,7 +221,8 @@ class GpuDecoder:
         # whole cache, and the groups run one after another on the decode stream.
         self.pipeline = pipeline
         # "nested" (default): channel / batch-row / token loops, the symbol step carries only the
-        # chain; "flat": the previous single loop (kept for A/B on the device).
+        # chain, compact LUT (build_lut8) where every alphabet fits a byte; "nested-wide": the
+        # same loops on the 8-byte LUT; "flat": the previous single loop (A/B on the device).
         self.kernel = kernel
         self._plans: dict = {}
         self._scales = None
@@ -252,8 +276,8 @@ class GpuDecoder:
             np.zeros(0, np.int64)
         return alph, h.units[idx].astype(np.int64), remap.astype(np.int32).reshape(-1)
 
-    def _lut(self, h: fmt2.HeaderV2) -> tuple[torch.Tensor, torch.Tensor]:
-        """(LUT, table ids) on the device, cached by the table section's content: caches encoded
+    def _lut(self, h: fmt2.HeaderV2) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(LUT, table ids, compact (f, cdf) array or None) on the device, cached by the table section's content: caches encoded
         with the same tables (one model profile, one preset) reuse them without a rebuild."""
         dig = hashlib.blake2b(h.units.tobytes(), digest_size=16)
         dig.update(h.alphabets.tobytes())
@@ -267,7 +291,10 @@ class GpuDecoder:
             alph = torch.from_numpy(alph_r).to(self.device, non_blocking=True)
             units = torch.from_numpy(units_r).to(self.device, non_blocking=True)
             ids = torch.from_numpy(ids_r).to(self.device, non_blocking=True)
-            hit = (build_lut(units, alph, h.table_bits), ids)
+            lut8 = fc = None
+            if self.kernel == "nested" and (alph_r.size == 0 or int(alph_r.max()) <= SYM_SLOTS):
+                lut8, fc = build_lut8(units, alph, h.table_bits)
+            hit = (build_lut(units, alph, h.table_bits) if lut8 is None else lut8, ids, fc)
             if len(self._luts) >= 8:
                 self._luts.pop(next(iter(self._luts)))
             self._luts[key] = hit
@@ -415,7 +442,7 @@ class GpuDecoder:
             # Tables and ids come from the host parse (the model section is zstd-compressed, small).
             # Only referenced tables get LUT slots (a file may list many it never uses).
             t1 = time.perf_counter()
-            lut, ids = self._lut(h)
+            lut, ids, fc = self._lut(h)
             t2 = time.perf_counter()
             tm.lut_ms = (t2 - t1) * 1e3
             par = payload.view(torch.float16 if h.param_dtype == 1 else torch.float32)
@@ -423,7 +450,7 @@ class GpuDecoder:
             block = self.block or BLOCK
             nw = self.num_warps or NUM_WARPS
             u32 = payload.view(torch.int32)
-            nested = self.kernel == "nested"
+            nested = self.kernel != "flat"
             steps = None if nested else p.program_steps(block, dev)
             out = base.view(torch.int16) if bf16 else base
             for s0, s1, upto in self._groups(c, p, wait is not None, group_bytes):
@@ -436,8 +463,8 @@ class GpuDecoder:
                 if nested:
                     v2_decode_nested_kernel[(-(-s1 // block) - p0,)](
                         u32, ids, par, payload, p.sblk, p.ssic, p.sc0, p.snch, p.blocks,
-                        cbase, cwords, lut, scales, out, obase, strides, hdim,
-                        err, s0, s1, p0, h.batch, **consts)
+                        cbase, cwords, lut, lut if fc is None else fc, scales, out, obase, strides, hdim,
+                        err, s0, s1, p0, h.batch, LUT8=fc is not None, **consts)
                 else:
                     v2_decode_kernel[(-(-s1 // block) - p0,)](
                         u32, ids, par, payload, p.sblk, p.ssic, p.sc0, p.snch, steps, p.blocks,
