@@ -68,7 +68,11 @@ PathLike = Union[str, "os.PathLike[str]"]
 Source = Union[PathLike, bytes, bytearray, memoryview, np.ndarray, torch.Tensor]
 
 _MiB = 1 << 20
-_MIN_PIECE = 256 << 10      # adaptive pieces never get smaller (per-copy overhead)
+_MIN_PIECE = 256 << 10      # adaptive pieces never get smaller (per-read overhead)
+# H2D copies of a file read are queued per run of completed pieces of at least this size (and
+# at the end): every copy + event costs ~60 us of host time, and the decoder waits for the whole
+# payload anyway (one launch), so small files go up in one copy.
+_COPY_GROUP = 8 * _MiB
 OnPiece = Callable[[torch.Tensor, int, int], None]   # (buffer the piece is in, start, end)
 
 
@@ -207,14 +211,15 @@ class PinnedReader:
 
     ``threads``: reader threads (``preadv`` into disjoint pieces of the buffer; 1 = read on the
     calling thread; default min(8, CPUs)). ``piece_bytes``: piece size, the unit of parallel
-    reads and of H2D copies; with ``adaptive`` (default) smaller for small sources, so that
-    every thread gets about two pieces (never below 256 KiB). ``pin``: pin the host buffer
+    reads; with ``adaptive`` (default) smaller for small sources, so that every thread gets
+    one piece (never below 256 KiB). ``copy_bytes``: H2D copies of a read go per run of
+    completed pieces of at least this size (default 8 MiB) and at the end. ``pin``: pin the host buffer
     (default: when CUDA is available). ``max_bytes``: largest source accepted
     (:class:`LimitExceededError` beyond; nothing is allocated for it).
     """
 
     def __init__(self, threads: Optional[int] = None, piece_bytes: int = 4 * _MiB, *, adaptive: bool = True,
-                 pin: Optional[bool] = None, max_bytes: int = 16 << 30) -> None:
+                 pin: Optional[bool] = None, max_bytes: int = 16 << 30, copy_bytes: int = _COPY_GROUP) -> None:
         if threads is None:
             threads = max(1, min(8, os.cpu_count() or 1))
         if not isinstance(threads, int) or threads < 1 or threads > 64:
@@ -222,7 +227,10 @@ class PinnedReader:
         if not isinstance(piece_bytes, int) or piece_bytes < 4096:
             raise InputError(f"piece_bytes must be an int >= 4096, got {piece_bytes!r}")
         self.threads = threads
+        if not isinstance(copy_bytes, int) or copy_bytes < 1:
+            raise InputError(f"copy_bytes must be a positive int, got {copy_bytes!r}")
         self.piece_bytes = piece_bytes
+        self.copy_bytes = copy_bytes
         self.adaptive = bool(adaptive)
         self.pin = cuda_available() if pin is None else bool(pin)
         if self.pin:
@@ -325,7 +333,7 @@ class PinnedReader:
     def _ranges(self, n: int) -> list[tuple[int, int]]:
         P = self.piece_bytes
         if self.adaptive and self.threads > 1:
-            want = -(-n // (2 * self.threads))
+            want = -(-n // self.threads)     # one piece per thread (pool hand-offs cost ~50 us each)
             P = min(P, max(_MIN_PIECE, -(-want // 65536) * 65536))
         return [(a, min(a + P, n)) for a in range(0, n, P)]
 
@@ -461,8 +469,9 @@ class PinnedReader:
         is *queued*: consumers wait with :meth:`DeviceBytes.wait`. A uint8 CUDA tensor on
         ``device`` is returned as it is (no copy). A pinned source tensor is copied from in
         place: do not modify it before :meth:`DeviceBytes.synchronize`. ``on_piece(host, a,
-        b)``: called on this thread after each piece's copy is queued (``host``: the whole
-        host view; bytes ``[0, b)`` are in it), e.g. to parse the header while the rest is read."""
+        b)``: called on this thread for each piece in order once it is in host memory (``host``:
+        the whole host view; bytes ``[0, b)`` are in it; copies are queued per run of pieces of
+        at least ``copy_bytes``), e.g. to parse the header while the rest is read."""
         user_piece = on_piece
         with self._lock:
             self._check_open()
@@ -476,16 +485,23 @@ class PinnedReader:
             out = DeviceBytes(torch.empty(0, dtype=torch.uint8, device=dev), copy_stream=stream,
                               _release=lambda s: self._set_dev_free(dev, s))
 
+            start = [0]     # first byte not yet copied
+
             def on_piece(host: torch.Tensor, a: int, b: int) -> None:
                 if a == 0:  # the size is known once the source is open
                     out._base = self._dev_buffer(host.numel(), dev, stream)
                     out.tensor = out._base[:host.numel()]
+                if b - start[0] < self.copy_bytes and b < host.numel():
+                    if user_piece is not None:
+                        user_piece(host, a, b)
+                    return
+                g, start[0] = start[0], b
                 with torch.cuda.stream(stream):
                     e0 = None
                     if timing:
                         e0 = torch.cuda.Event(enable_timing=True)
                         e0.record(stream)
-                    out.tensor[a:b].copy_(host[a:b], non_blocking=True)
+                    out.tensor[g:b].copy_(host[g:b], non_blocking=True)
                     ev = torch.cuda.Event(enable_timing=timing)
                     ev.record(stream)
                 out.ends.append(b)

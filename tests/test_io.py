@@ -75,7 +75,9 @@ def test_adaptive_pieces_split_small_files_across_threads(tmp_path):
     r = cio.PinnedReader(threads=8, piece_bytes=4 << 20)
     h = r.read(p)
     assert bytes(h.memoryview()) == data
-    assert h.stats.pieces == -(-len(data) // (256 << 10)) and h.stats.threads == 8   # 256 KiB floor
+    assert h.stats.pieces == 8 and h.stats.threads == 8      # one piece per thread
+    small = r.read(_write(tmp_path, data[:1_000_000], "small"))
+    assert small.stats.pieces == -(-1_000_000 // (256 << 10))     # 256 KiB floor
     fixed = cio.PinnedReader(threads=8, piece_bytes=4 << 20, adaptive=False).read(p)
     assert fixed.stats.pieces == 1 and bytes(fixed.memoryview()) == data
     assert cio.PinnedReader().threads == max(1, min(8, os.cpu_count() or 1))
@@ -405,7 +407,7 @@ def test_statickv_dtype_mismatch_casts(tmp_path, case, ref):
 def test_load_file_to_device_in_pieces(tmp_path, threads):
     data = os.urandom(10 * 65536 + 123)
     p = _write(tmp_path, data)
-    r = cio.PinnedReader(threads=threads, piece_bytes=65536)
+    r = cio.PinnedReader(threads=threads, piece_bytes=65536, copy_bytes=65536)
     assert r.pin
     d = r.load(p, "cuda", timing=True)
     assert len(d.events) == 11 and d.ends[-1] == len(data) and d.ends == sorted(d.ends)
@@ -426,6 +428,18 @@ def test_load_file_to_device_in_pieces(tmp_path, threads):
     d2 = r.load(_write(tmp_path, data[::-1], "rev"), "cuda")
     d2.synchronize()
     assert d2.tensor.data_ptr() == ptr and d2.tensor.cpu().numpy().tobytes() == data[::-1]
+
+
+@gpu
+@needs_cuda
+def test_load_file_coalesces_copies(tmp_path):
+    data = os.urandom(20 << 20)
+    r = cio.PinnedReader(threads=4, piece_bytes=8 << 20)     # 4 pieces of 5 MiB, copies per >= 8 MiB
+    seen = []
+    d = r.load(_write(tmp_path, data), "cuda", on_piece=lambda h, a, b: seen.append((a, b)))
+    assert d.ends == [10 << 20, 20 << 20] and len(seen) == 4 and seen[-1][1] == len(data)
+    d.synchronize()
+    assert d.tensor.cpu().numpy().tobytes() == data
 
 
 @gpu
