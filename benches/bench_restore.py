@@ -371,6 +371,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pipeline", action="store_true",
                     help="GpuDecoder(pipeline=True): a launch per chunk group as its bytes arrive (slower "
                          "on the H200, 2026-12-02; the default decodes after the whole copy in one launch)")
+    ap.add_argument("--kernel", default=None, help="GpuDecoder kernel (nested, nested-wide, flat) for an A/B")
     ap.add_argument("--out", default=str(ROOT / "benches" / "restore_results.json"),
                     help="JSON path; the markdown table goes next to it (.md)")
     a = ap.parse_args(argv)
@@ -379,6 +380,9 @@ def main(argv=None) -> int:
     global DEFER, GRAPH
     DEFER = not a.no_defer
     GRAPH = not a.no_graph
+    if a.kernel and not dry:
+        from cachegen.gpu.v2 import default_decoder
+        default_decoder("cuda").kernel = a.kernel
     if a.pipeline and not dry:   # A/B of the per-group launches
         from cachegen.gpu.v2 import default_decoder
         default_decoder("cuda").pipeline = True

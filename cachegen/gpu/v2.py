@@ -284,7 +284,7 @@ class GpuDecoder:
         for per in h.table_ids:
             for a in per:
                 dig.update(np.ascontiguousarray(a).tobytes())
-        key = (h.table_bits, dig.digest())
+        key = (h.table_bits, dig.digest(), self.kernel == "nested")   # compact or 8-byte LUT
         hit = self._luts.get(key)
         if hit is None:
             alph_r, units_r, ids_r = self._tables(h)
