@@ -29,6 +29,9 @@ def test_kernel_under_interpreter_matches_reference_and_catches_corruption(kerne
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     corrupt = res.pop("corrupt")
+    meta = res.pop("meta_crc")
+    assert meta["clean_exact"] and meta["meta0"] > 2 * 256, meta     # several device CRC segments
+    assert meta["caught"] == {"ChecksumError": 6}, meta
     assert res.pop("silent_case") in ("ChecksumError", "not found")
     assert all(res.values()), res
     assert corrupt.get("none", 0) == 0 and sum(corrupt.values()) == 10, corrupt

@@ -347,3 +347,56 @@ def v2_decode_nested_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr,
                     ecn = tl.load(u8_ptr + tbase + p2, mask=active, other=ecn)
     bad = bad | (ok & ((x != 0) | (ptr != 0)))
     tl.store(err_ptr + lane, bad.to(tl.int8), mask=m)
+
+
+@triton.jit
+def v2_meta_crc_seg_kernel(u32_ptr, cbase_ptr, msize_ptr, tab_ptr, seg_ptr, maxs,
+                           SEGW: tl.constexpr, BLOCK: tl.constexpr):
+    """CRC-32 register of each whole SEGW-word segment of chunk k's metadata, from register 0
+    (no pre/post inversion): seg[k, s]. The chunk's CRC follows from these by linearity
+    (``v2_meta_crc_fin_kernel``), so the segments run in parallel."""
+    k = tl.program_id(0)
+    s = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    cb = tl.load(cbase_ptr + k)
+    ms = tl.load(msize_ptr + k)
+    live = s < ms // (SEGW * 4)
+    base = cb // 4 + s.to(tl.int64) * SEGW
+    r = tl.zeros([BLOCK], dtype=tl.uint32)
+    for w in range(0, SEGW):
+        word = tl.load(u32_ptr + base + w, mask=live, other=0).to(tl.uint32, bitcast=True)
+        for b in tl.static_range(4):
+            idx = ((r ^ (word >> (8 * b))) & 0xFF).to(tl.int32)
+            r = tl.load(tab_ptr + idx).to(tl.uint32, bitcast=True) ^ (r >> 8)
+    tl.store(seg_ptr + k * maxs + s, r.to(tl.int32, bitcast=True), mask=live)
+
+
+@triton.jit
+def v2_meta_crc_fin_kernel(u8_ptr, cbase_ptr, msize_ptr, stored_ptr, tab_ptr, mat_ptr, seg_ptr, bad_ptr,
+                           n_chunks, maxs, SEG: tl.constexpr, BLOCK: tl.constexpr):
+    """Chunk k's metadata CRC-32 (zlib's) from its segment registers: r <- shift(r) ^ seg[s]
+    over the whole segments (shift = SEG zero bytes, a 32x32 GF(2) matrix: column b at
+    mat[b]), then the tail bytes one by one; bad[k] = (crc != stored meta_crc)."""
+    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = k < n_chunks
+    cb = tl.load(cbase_ptr + k, mask=m, other=0)
+    ms = tl.load(msize_ptr + k, mask=m, other=0)
+    nseg = ms // SEG
+    r = tl.full([BLOCK], 0xFFFFFFFF, dtype=tl.uint32)
+    for s in range(0, maxs):
+        live = m & (s < nseg)
+        sg = tl.load(seg_ptr + k * maxs + s, mask=live, other=0).to(tl.uint32, bitcast=True)
+        acc = tl.zeros([BLOCK], dtype=tl.uint32)
+        for b in tl.static_range(32):
+            col = tl.load(mat_ptr + b).to(tl.uint32, bitcast=True)
+            acc = acc ^ tl.where(((r >> b) & 1) != 0, col, 0)
+        r = tl.where(live, acc ^ sg, r)
+    t0 = cb + nseg * SEG
+    nt = ms - nseg * SEG
+    for i in range(0, SEG):
+        t = m & (i < nt)
+        byte = tl.load(u8_ptr + t0 + i, mask=t, other=0).to(tl.uint32)
+        nr = tl.load(tab_ptr + ((r ^ byte) & 0xFF).to(tl.int32)).to(tl.uint32, bitcast=True) ^ (r >> 8)
+        r = tl.where(t, nr, r)
+    crc = (r ^ 0xFFFFFFFF).to(tl.int64)
+    stored = tl.load(stored_ptr + k, mask=m, other=0)
+    tl.store(bad_ptr + k, (m & (crc != stored)).to(tl.int8), mask=m)

@@ -93,6 +93,29 @@ def main():
         except cachegen.CacheGenError as err:
             caught[type(err).__name__] = caught.get(type(err).__name__, 0) + 1
     out["corrupt"] = caught
+    # Metadata (parameters, token scales, directory) is checked by the device CRC-32: a clean
+    # cache whose metadata spans several CRC segments decodes, every flipped metadata bit raises
+    # ChecksumError (not some other error first).
+    kv = make_kv(layers=1, heads=1, tokens=260, dim=64, dtype="float16", seed=3)
+    mdata = cachegen.encode(kv, "default")
+    mc = fmt2.parse_container(mdata)
+    mref = cachegen.decode(mdata)
+    mbufs = [(torch.empty_like(k), torch.empty_like(v)) for k, v in mref]
+    dec.decode_into(mdata, mbufs, verify=True)
+    meta_ok = all(np.array_equal(bits(x), bits(r)) for p, q in zip(mbufs, mref) for x, r in zip(p, q))
+    m0 = int(mc.index["meta_size"][0])
+    meta_caught = {}
+    for t in range(int(os.environ.get("N_META", "6"))):
+        b = bytearray(mdata)
+        k = int(rng.integers(0, mc.n_chunks))
+        cs = mc.payload_start + int(mc.index["offset"][k])
+        b[cs + int(rng.integers(0, int(mc.index["meta_size"][k])))] ^= 1 << int(rng.integers(0, 8))
+        try:
+            dec.decode_into(bytes(b), mbufs, verify=True)
+            meta_caught["none"] = meta_caught.get("none", 0) + 1
+        except cachegen.CacheGenError as err:
+            meta_caught[type(err).__name__] = meta_caught.get(type(err).__name__, 0) + 1
+    out["meta_crc"] = dict(clean_exact=meta_ok, meta0=m0, caught=meta_caught)
     # A corruption the rANS end state misses (rANS resynchronizes: ~5% of word edits decode to a
     # wrong cache with a clean end state): found with the CPU reference, then the device words
     # checksum must reject it.
