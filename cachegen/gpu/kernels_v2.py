@@ -344,7 +344,7 @@ def v2_decode_nested_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr,
                     sc = tl.where(active, tl.load(scale_ptr + ecn), sc)
                     p2n = p2 + 1
                     p2 = tl.where(active, tl.where(p2n == per, 0, p2n), p2)
-                    ecn = tl.load(u8_ptr + tbase + p2, mask=active, other=ecn)
+                    ecn = tl.where(active, tl.load(u8_ptr + tbase + p2, mask=active, other=0).to(tl.int32), ecn)
     bad = bad | (ok & ((x != 0) | (ptr != 0)))
     tl.store(err_ptr + lane, bad.to(tl.int8), mask=m)
 
