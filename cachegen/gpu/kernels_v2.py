@@ -334,12 +334,16 @@ def v2_decode_nested_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr,
                 else:
                     tl.store(op, val.to(op.dtype.element_ty), mask=active)
                 op += stt
+                # A lane past its own n (shorter block) keeps its entry: its next batch row
+                # starts from the same state, so a masked load must not clobber it.
                 if LUT8:
-                    symc = tl.load(lrow + ((x & 0xFFFFFF).to(tl.int32) >> (24 - TB)), mask=active,
+                    symn = tl.load(lrow + ((x & 0xFFFFFF).to(tl.int32) >> (24 - TB)), mask=active,
                                    other=0).to(tl.int32)
-                    e = tl.load(frow + symc, mask=active, other=0)
+                    symc = tl.where(active, symn, symc)
+                    e = tl.where(active, tl.load(frow + symc, mask=active, other=0), e)
                 else:
-                    e = tl.load(lrow + ((x & 0xFFFFFF).to(tl.int32) >> (24 - TB)), mask=active, other=0)
+                    e = tl.where(active, tl.load(lrow + ((x & 0xFFFFFF).to(tl.int32) >> (24 - TB)),
+                                                 mask=active, other=0), e)
                 if HAS_TS:
                     sc = tl.where(active, tl.load(scale_ptr + ecn), sc)
                     p2n = p2 + 1

@@ -53,7 +53,9 @@ def main():
     out = {}
     cases = {
         "default-fp16": ("default", "float16", {}),
-        "small-bf16-batch2": ("small", "bfloat16", {"batch": 2}),
+        # batch 2 with chunks of 16, 16 and 8 tokens: lanes of one program run different n, and a
+        # lane past its n must keep its state for its next batch row (a nested-kernel bug once)
+        "small-bf16-batch2": (cachegen.CodecConfig.from_preset("small", chunk_tokens=16), "bfloat16", {"batch": 2}),
         "high-fp32-windowed": ("high", "float32", {"lengths": [40, 17]}),
         "cps3-perchannel-steps": (cachegen.CodecConfig.from_preset("default", channels_per_stream=3, chunk_tokens=16,
                                                                   scale_sharing=0.0, token_scaling=False), "float16", {}),
@@ -93,6 +95,9 @@ def main():
         except cachegen.CacheGenError as err:
             caught[type(err).__name__] = caught.get(type(err).__name__, 0) + 1
     out["corrupt"] = caught
+    if os.environ.get("DECODE_ONLY") == "1":   # the metadata CRC and the words sum do not depend on KERNEL
+        print(json.dumps(out))
+        return
     # Metadata (parameters, token scales, directory) is checked by the device CRC-32: a clean
     # cache whose metadata spans several CRC segments decodes, every flipped metadata bit raises
     # ChecksumError (not some other error first).
