@@ -186,7 +186,8 @@ def v2_decode_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr,
             p2 = tl.where(p2 == per, 0, p2)
             ecn = tl.load(u8_ptr + tbase + p2, mask=nxt, other=0).to(tl.int32)
     bad = bad | (ok & ((x != 0) | (ptr != 0)))
-    tl.store(err_ptr + lane, bad.to(tl.int8), mask=m)
+    # failed streams of this program into flags[0] (one atomic per program, no reduction launch)
+    tl.atomic_add(err_ptr, tl.sum((m & bad).to(tl.int64), axis=0))
 
 
 @triton.jit
@@ -350,7 +351,8 @@ def v2_decode_nested_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr,
                     p2 = tl.where(active, tl.where(p2n == per, 0, p2n), p2)
                     ecn = tl.where(active, tl.load(u8_ptr + tbase + p2, mask=active, other=0).to(tl.int32), ecn)
     bad = bad | (ok & ((x != 0) | (ptr != 0)))
-    tl.store(err_ptr + lane, bad.to(tl.int8), mask=m)
+    # failed streams of this program into flags[0] (one atomic per program, no reduction launch)
+    tl.atomic_add(err_ptr, tl.sum((m & bad).to(tl.int64), axis=0))
 
 
 @triton.jit
@@ -375,11 +377,13 @@ def v2_meta_crc_seg_kernel(u32_ptr, cbase_ptr, msize_ptr, tab_ptr, seg_ptr, maxs
 
 
 @triton.jit
-def v2_meta_crc_fin_kernel(u8_ptr, cbase_ptr, msize_ptr, stored_ptr, tab_ptr, mat_ptr, seg_ptr, bad_ptr,
-                           n_chunks, maxs, SEG: tl.constexpr, BLOCK: tl.constexpr):
+def v2_meta_crc_fin_kernel(u8_ptr, cbase_ptr, msize_ptr, stored_ptr, tab_ptr, mat_ptr, seg_ptr, flags_ptr,
+                           sums_ptr, wstored_ptr, n_chunks, maxs, SEG: tl.constexpr, BLOCK: tl.constexpr):
     """Chunk k's metadata CRC-32 (zlib's) from its segment registers: r <- shift(r) ^ seg[s]
     over the whole segments (shift = SEG zero bytes, a 32x32 GF(2) matrix: column b at
-    mat[b]), then the tail bytes one by one; bad[k] = (crc != stored meta_crc)."""
+    mat[b]), then the tail bytes one by one. Counts into flags[2] the chunks whose CRC differs
+    from the stored meta_crc, into flags[1] those whose words sum (sums, from
+    ``v2_words_sum_kernel`` earlier on the stream) differs from the stored one."""
     k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = k < n_chunks
     cb = tl.load(cbase_ptr + k, mask=m, other=0)
@@ -403,4 +407,7 @@ def v2_meta_crc_fin_kernel(u8_ptr, cbase_ptr, msize_ptr, stored_ptr, tab_ptr, ma
         r = tl.where(t, nr, r)
     crc = (r ^ 0xFFFFFFFF).to(tl.int64)
     stored = tl.load(stored_ptr + k, mask=m, other=0)
-    tl.store(bad_ptr + k, (m & (crc != stored)).to(tl.int8), mask=m)
+    tl.atomic_add(flags_ptr + 2, tl.sum((m & (crc != stored)).to(tl.int64), axis=0))
+    ws = tl.load(sums_ptr + k, mask=m, other=0)
+    wst = tl.load(wstored_ptr + k, mask=m, other=0)
+    tl.atomic_add(flags_ptr + 1, tl.sum((m & (ws != wst)).to(tl.int64), axis=0))
