@@ -79,6 +79,15 @@ def _med(xs):
     return statistics.median(xs) if xs else None
 
 
+def _encode(r, host) -> bytes:
+    """The cache to store, with PRESET: a model-profile preset ("...-p") codes it with the
+    model's profile (next to its export, else the shipped one), the others plainly."""
+    if PRESET.endswith("-p"):
+        from cachegen import profile as cp
+        return cp.encode(host, cp.load_for_model(r.model_dir), PRESET)
+    return cachegen.encode(host, PRESET)
+
+
 GRAPH = True          # restores step through OrtRunner(cuda_graph=True) (--no-graph: plain steps)
 
 
@@ -131,7 +140,7 @@ def measure_row(r, model: str, T: int, ids: list[int], reps: int, dry: bool, rs_
              torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v.cpu())) for k, v in kvw]
     del kv, kvw
     t0 = time.perf_counter()
-    data = cachegen.encode(host, PRESET)
+    data = _encode(r, host)
     enc_s = time.perf_counter() - t0
     fp16_bytes = sum(2 * (k.numel() + v.numel()) for k, v in host)
     out_bytes = sum(k.element_size() * (k.numel() + v.numel()) for k, v in host)
@@ -371,13 +380,15 @@ def main(argv=None) -> int:
     ap.add_argument("--pipeline", action="store_true",
                     help="GpuDecoder(pipeline=True): a launch per chunk group as its bytes arrive (slower "
                          "on the H200, 2026-12-02; the default decodes after the whole copy in one launch)")
+    ap.add_argument("--preset", default="default", help="preset of the stored caches (a '-p' one codes with the model's profile)")
     ap.add_argument("--kernel", default=None, help="GpuDecoder kernel (nested, nested-wide, flat) for an A/B")
     ap.add_argument("--out", default=str(ROOT / "benches" / "restore_results.json"),
                     help="JSON path; the markdown table goes next to it (.md)")
     a = ap.parse_args(argv)
     import torch
     dry = a.dry
-    global DEFER, GRAPH
+    global DEFER, GRAPH, PRESET
+    PRESET = a.preset
     DEFER = not a.no_defer
     GRAPH = not a.no_graph
     if a.kernel and not dry:
@@ -474,7 +485,7 @@ if pytest is not None:
             r = _runner(model, False)
             ids = heldout_ids(r, T + 1)
             _, kv = r._run(r._ids_array(ids[:T]), None, 0)
-            data = cachegen.encode([(k.cpu(), v.cpu()) for k, v in r.window_kv(kv)], PRESET)
+            data = _encode(r, [(k.cpu(), v.cpu()) for k, v in r.window_kv(kv)])
             WORK.mkdir(parents=True, exist_ok=True)
             path = WORK / f"bench_{model}_{T}.cgk"
             path.write_bytes(data)

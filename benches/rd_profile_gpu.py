@@ -53,20 +53,40 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", default=list(SHAPES))
     ap.add_argument("--reps", type=int, default=5)
     a = ap.parse_args(argv)
-    print("| model | tokens | device | decode ms | decode + inverse ms | inverse only ms | GB/s fp16 (with inverse) |")
-    print("|---|---:|---|---:|---:|---:|---:|")
+    from cachegen import dispatch
+    print("coefficients = the fused decoder alone (fp32 coefficients out); generic = coefficients + "
+          "profile.postprocess (torch ops per layer) + copy into the buffers; on-device = GpuDecoder's "
+          "untransform path into the buffers (cachegen.gpu.untransform); max err = |on-device - generic| / "
+          "(2^-10 max(1, |generic|))\n")
+    print("| model | tokens | device | coefficients ms | generic ms | on-device ms | on-device GB/s fp16 | max err / tol |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
     for model in a.models:
         for T in a.tokens:
             prof, kv = make(model, T)
             data = cp.encode(kv, prof, "default")
+            c = dispatch.open_container(data)
+            exts = c.header.extensions
             fp16 = sum(2 * k.size + 2 * v.size for k, v in kv)
-            plain = timeit(lambda: cachegen.decode(data, device=a.device), a.device, a.reps)
-            full = timeit(lambda: cp.decode(data, profiles=prof, device=a.device), a.device, a.reps)
-            raw = cachegen.dispatch.decode(cachegen.dispatch.open_container(data), a.device)
-            exts = cachegen.dispatch.open_container(data).header.extensions
-            inv = timeit(lambda: cp.postprocess(raw, exts, prof), a.device, a.reps)
-            print(f"| {model} | {T} | {a.device} | {1e3 * plain:.1f} | {1e3 * full:.1f} | {1e3 * inv:.1f} | "
-                  f"{fp16 / full / 1e9:.2f} |", flush=True)
+            dev = torch.device(a.device)
+            bufs = [(torch.empty(k.shape, dtype=torch.float16, device=dev), torch.empty(v.shape, dtype=torch.float16, device=dev))
+                    for k, v in kv]
+
+            def generic():
+                dispatch.copy_into(bufs, cp.postprocess(dispatch.decode(c, dev), exts, prof))
+            coeffs = timeit(lambda: dispatch.decode(c, dev), a.device, a.reps)
+            gen = timeit(generic, a.device, a.reps)
+            ref = [(k.clone(), v.clone()) for k, v in bufs]
+            if dev.type == "cuda":
+                from cachegen.gpu.v2 import GpuDecoder
+                dec = GpuDecoder(dev)
+                dec.profiles = [prof]
+                ondev = timeit(lambda: dec.decode_into(c, bufs), a.device, a.reps)
+                err = max(float(((x.float() - y.float()).abs() / (2.0 ** -10 * y.float().abs().clamp(min=1.0))).max())
+                          for p, q in zip(bufs, ref) for x, y in zip(p, q))
+                print(f"| {model} | {T} | {a.device} | {1e3 * coeffs:.2f} | {1e3 * gen:.2f} | {1e3 * ondev:.2f} | "
+                      f"{fp16 / ondev / 1e9:.1f} | {err:.3f} |", flush=True)
+            else:
+                print(f"| {model} | {T} | {a.device} | {1e3 * coeffs:.1f} | {1e3 * gen:.1f} | - | - | - |", flush=True)
     return 0
 
 

@@ -70,6 +70,12 @@ def decode(data: Any, device: Union[str, torch.device] = "cpu", *, decoder: str 
     """
     dev = dispatch.resolve_device(device)
     c = _container(data, limits, partial)
+    if dispatch.has_transform(c) and dev.type == "cuda" and decoder in ("auto", "gpu"):
+        from .gpu.v2 import supports
+        if supports(c):   # transformed back on the device by the fused decoder
+            out = dispatch.allocate(c, dev, dtype=dispatch.output_dtype(c))
+            decode_into(c, out, decoder=decoder, verify=verify, profiles=profiles)
+            return out
     return dispatch.untransform(c, dispatch.decode(c, dev, decoder, verify), profiles)
 
 
@@ -82,6 +88,16 @@ def decode_into(data: Any, buffers: Sequence[Sequence[torch.Tensor]], *, decoder
     """
     c = _container(data, limits, partial)
     if dispatch.has_transform(c):
+        dev = _buffers_device(buffers)
+        if dev.type == "cuda" and decoder in ("auto", "gpu"):
+            from .gpu.v2 import default_decoder, supports
+            if supports(c):
+                # the fused decoder transforms back on the device, into the buffers themselves
+                bufs = dispatch.check_buffers(c, buffers, dtype=dispatch.output_dtype(c))
+                dec = default_decoder(dev)
+                dec.profiles = _profile_list(profiles)
+                dec.decode_into(c, bufs, verify=verify)
+                return c.tokens()
         # coefficients decode in the container's dtype, K/V come back in the original one:
         # decode, transform back, then copy into the caller's buffers
         dispatch.copy_into(buffers, decode(c, _buffers_device(buffers), decoder=decoder, verify=verify,
@@ -90,6 +106,11 @@ def decode_into(data: Any, buffers: Sequence[Sequence[torch.Tensor]], *, decoder
     bufs = dispatch.check_buffers(c, buffers)
     dispatch.decode_into(c, bufs, decoder, verify)
     return c.tokens()
+
+
+def _profile_list(profiles: Any) -> list:
+    from .profile.codec import _profiles_list
+    return _profiles_list(profiles)
 
 
 def _buffers_device(buffers: Any) -> torch.device:

@@ -87,10 +87,12 @@ def cpu_fill(c: AnyContainer, bufs: Sequence[Sequence[torch.Tensor]], decoder: s
             views[i][kvi][:, :, k * C:k * C + n, :] = arr
 
 
-def allocate(c: AnyContainer, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Output tensors for a validated container; an allocation failure is a LimitExceededError."""
+def allocate(c: AnyContainer, device: torch.device,
+             dtype: Optional[torch.dtype] = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Output tensors for a validated container (of ``dtype``, default the container's); an
+    allocation failure is a LimitExceededError."""
     h = c.header
-    dt = TORCH_DTYPES[h.dtype]
+    dt = TORCH_DTYPES[h.dtype] if dtype is None else dtype
     out = []
     try:
         for l, t in zip(h.layers, c.tokens()):
@@ -101,9 +103,22 @@ def allocate(c: AnyContainer, device: torch.device) -> list[tuple[torch.Tensor, 
     return out
 
 
-def check_buffers(c: AnyContainer, buffers: Sequence[Sequence[torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def output_dtype(c: AnyContainer) -> torch.dtype:
+    """dtype of the decoded cache: the container's, or for a model-profile container (its
+    coefficients are float32) the original cache's, from its transform record."""
+    if has_transform(c):
+        from .format.extensions import EXT_TRANSFORM, find
+        from .profile.codec import TransformRecord
+        return TORCH_DTYPES[TransformRecord(find(c.header.extensions, EXT_TRANSFORM).payload).dtype]
+    return TORCH_DTYPES[c.header.dtype]
+
+
+def check_buffers(c: AnyContainer, buffers: Sequence[Sequence[torch.Tensor]],
+                  dtype: Optional[torch.dtype] = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Buffers checked against the container: count, shape, capacity, one device, and the
+    container's dtype (``dtype`` overrides it: a profile container's output dtype)."""
     h = c.header
-    dt = TORCH_DTYPES[h.dtype]
+    dt = TORCH_DTYPES[h.dtype] if dtype is None else dtype
     try:
         n = len(buffers)
     except TypeError:
@@ -158,7 +173,8 @@ def decode_into(c: AnyContainer, bufs: Sequence[Sequence[torch.Tensor]], decoder
         if isinstance(c, fmt2.ContainerV2):
             from .gpu.v2 import default_decoder, supports
             if supports(c):
-                default_decoder(dev).decode_into(c, bufs, verify=verify)
+                # raw decoder output: a profile container's coefficients (api.decode transforms)
+                default_decoder(dev).decode_into(c, bufs, verify=verify, coefficients=True)
                 return
             # anchor-delta v2 containers: no fused kernel; decode on the CPU and copy
             _cpu_then_copy(c, bufs, "reference", verify)

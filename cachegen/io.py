@@ -827,8 +827,8 @@ def stage(source: Union[Source, Any], device: Union[str, torch.device], *, decod
 def _payload_ok(dec: Any, c: Any) -> bool:
     """Whether a payload-taking decoder decodes this container (else cachegen.decode_into does)."""
     from .dispatch import has_transform
-    if has_transform(c):   # model-profile containers: cachegen.decode_into transforms them back
-        return False
+    if has_transform(c) and not getattr(dec, "untransforms", False):
+        return False       # model-profile containers: cachegen.decode_into transforms them back
     sup = getattr(dec, "supports", None)
     if callable(sup):
         return bool(sup(c))
@@ -872,8 +872,8 @@ def decode_staged(st: Staged, bufs: Sequence[Sequence[torch.Tensor]], *, decoder
             res.tokens = api.decode_into(c, bufs, verify=bool(verify), limits=limits, decoder=name)
         elif not isinstance(dec, str) and _payload_ok(dec, c):
             res.path = "gpu-payload"
-            from .dispatch import check_buffers
-            bufs = check_buffers(c, bufs)   # shapes, dtype, capacity: before any kernel writes
+            from .dispatch import check_buffers, output_dtype
+            bufs = check_buffers(c, bufs, dtype=output_dtype(c))   # shapes, dtype, capacity: before any kernel writes
             if dbytes is None:  # a parsed container: its bytes go up like any host bytes
                 dbytes = rd.load(c.data, dev, timing=st.timing)
             payload = dbytes.padded()

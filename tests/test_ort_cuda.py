@@ -245,3 +245,36 @@ def test_cuda_graph_steps_match_plain_steps(name):
     a, b = s0.step(two)[0, -1].clone(), sg.step(two)[0, -1].clone()
     assert int(a.argmax()) == int(b.argmax())
     assert s0.greedy([int(a.argmax())], 4) == sg.greedy([int(b.argmax())], 4)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_profile_container_restores_on_the_device(name, monkeypatch, tmp_path):
+    """A model-profile container (default-p, the shipped profile) restored through StaticKV from
+    bytes and from a path: transformed back on the GPU into the bound buffers (no KV through the
+    host), within FORMAT_V2 6.1's tolerance of the CPU reference reconstruction."""
+    from cachegen import profile as cp
+    from cachegen.ort import export_model
+
+    r = _runner(name)
+    ctx, nxt, _ = _case(name)
+    _, kv = r._run(r._ids_array(ctx), None, 0)
+    kv = [(k.cpu(), v.cpu()) for k, v in r.window_kv(kv)]
+    prof = cp.load_for_model(export_model(name, "fp16", "cuda", progress=False))
+    data = cp.encode(kv, prof, "default-p")
+    ref = cachegen.decode(data, profiles=[prof])          # CPU reference reconstruction
+    path = tmp_path / "p.cgk"
+    path.write_bytes(data)
+    for src in (data, path):
+        guard = _NoKVToHost(monkeypatch)
+        s = StaticKV(r, CONTEXT + NEW + 8)
+        T = s.restore(src)
+        assert guard.seen == [], f"KV copied to the host: {guard.seen}"
+        assert T == CONTEXT and s.last_restore.path == "gpu-payload"
+        for (bk, bv), (k, v) in zip(s.kv, ref):
+            t = k.shape[2]
+            for b, x in ((bk[:, :, T - t:T], k), (bv[:, :, T - t:T], v)):
+                g, want = b.float().cpu(), x.float()
+                assert bool(((g - want).abs() <= 2.0 ** -10 * want.abs().clamp(min=1.0)).all())
+        logits = s.step(nxt)
+        assert bool(torch.isfinite(torch.as_tensor(logits).float()).all())
+        monkeypatch.undo()

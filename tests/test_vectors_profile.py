@@ -108,3 +108,24 @@ def test_independent_reconstruction_within_tolerance():
         for i, (k, v) in enumerate(mine):
             for kv, t in (("key", k), ("value", v)):
                 assert _within(t, exp[f"layer{i}.{kv}"]), (i, kv)
+
+
+@pytest.mark.gpu
+def test_gpu_output_within_tolerance():
+    """The GPU decoder's on-device inverse transform (cachegen.gpu.untransform) meets the same
+    conformance rule, through decode and through decode_into strided views."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    data = _read(".cgk")
+    out = cachegen.decode(data, "cuda", profiles=[_profile()])
+    big = [(torch.full((k.shape[0], k.shape[1], k.shape[2] + 5, k.shape[3]), 7.0, dtype=k.dtype, device="cuda"),
+            torch.full((v.shape[0], v.shape[1], v.shape[2] + 5, v.shape[3]), 7.0, dtype=v.dtype, device="cuda"))
+           for k, v in out]
+    cachegen.decode_into(data, [(k[:, :, 5:], v[:, :, 5:]) for k, v in big], profiles=[_profile()])
+    with np.load(HERE / f"{NAME}.expected.npz") as exp:
+        for i, ((k, v), (bk, bv)) in enumerate(zip(out, big)):
+            for kv, t, b in (("key", k, bk), ("value", v, bv)):
+                assert t.device.type == "cuda" and t.dtype == torch.float16
+                assert _within(t.cpu().numpy(), exp[f"layer{i}.{kv}"]), (i, kv)
+                assert _within(b[:, :, 5:].cpu().numpy(), exp[f"layer{i}.{kv}"]), (i, kv)
+                assert bool((b[:, :, :5] == 7.0).all())

@@ -12,6 +12,6 @@ for m in ("smollm2", "gemma3"):
 PY
 echo "== build t=$(( $(date +%s)-t0 ))"
 [ -n "$NOTEST" ] && exit 0
-timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_v2.py tests/test_vectors_v2.py tests/test_gpu.py tests/test_io.py tests/test_ort_cuda.py > $OUT/pytest_gpu.log 2>&1
+timeout 240 python3 -m pytest -q -p no:cacheprovider -rs ${TESTS:-tests/test_gpu_v2.py tests/test_vectors_v2.py tests/test_gpu.py tests/test_io.py tests/test_ort_cuda.py tests/test_profile.py tests/test_vectors_profile.py} > $OUT/pytest_gpu.log 2>&1
 echo "pytest rc=$?"; grep -E "passed|failed|^FAILED|^ERROR" $OUT/pytest_gpu.log | tail -25
 echo "== t=$(( $(date +%s)-t0 ))"

@@ -209,6 +209,11 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
+def _has_transform(h: fmt2.HeaderV2) -> bool:
+    from ..format.extensions import EXT_TRANSFORM, find
+    return find(list(getattr(h, "extensions", []) or []), EXT_TRANSFORM) is not None
+
+
 def supports(c: fmt2.ContainerV2) -> bool:
     """Whether the fused kernel decodes this container (v2, lossy, no anchor-delta grouping)."""
     return isinstance(c, fmt2.ContainerV2) and c.header.mode != MODE_LOSSLESS and c.header.group_size == 1
@@ -218,6 +223,7 @@ class GpuDecoder:
     """Reusable v2 GPU decoder context for one CUDA device."""
 
     supports = staticmethod(supports)
+    untransforms = True    # model-profile containers come back transformed (io.restore's payload path)
 
     def __init__(self, device: Any = "cuda", block: Optional[int] = None, num_warps: Optional[int] = None,
                  pipeline: bool = False, kernel: str = "nested"):
@@ -250,6 +256,10 @@ class GpuDecoder:
         self._pin: Optional[torch.Tensor] = None
         self._pin_ev = None
         self.last_timing: Optional[HostTiming] = None
+        self._untransformer = None
+        # Profile objects searched (before the registry and search paths) for model-profile
+        # containers' profiles
+        self.profiles: list = []
 
     # ---------------------------------------------------------------- host checks
     def verify(self, c: fmt2.ContainerV2, words: bool = False) -> None:
@@ -402,8 +412,10 @@ class GpuDecoder:
     def decode_into(self, data: Any, bufs: Sequence[Sequence[torch.Tensor]], *, verify: Verify = True,
                     payload: Optional[torch.Tensor] = None, stream: Optional[torch.cuda.Stream] = None,
                     check: bool = True, wait: Optional[Callable[[Optional[int]], None]] = None,
-                    group_bytes: Optional[int] = None) -> Optional[torch.Tensor]:
-        """Decode into CUDA tensors bufs[i] = (k, v) [B, H, >=T, D] of the container's dtype.
+                    group_bytes: Optional[int] = None, coefficients: bool = False) -> Optional[torch.Tensor]:
+        """Decode into CUDA tensors bufs[i] = (k, v) [B, H, >=T, D] of the container's dtype
+        (of the original cache's dtype for a model-profile container: its coefficients are
+        decoded into a scratch and transformed back on the device, ``cachegen.gpu.untransform``).
 
         verify: True = header and chunk index checked by the host parse, each chunk's metadata
         CRC-32 and stream words checksum on the device (and every stream's rANS end state);
@@ -411,6 +423,8 @@ class GpuDecoder:
         only.
         payload: the container's bytes already on this device (uint8, at least as long as the
         container): no copy. check=False returns the device error flags without synchronizing.
+        coefficients: a model-profile container's coefficients as stored (fp32 buffers), without
+        the inverse transform (the CPU decoders' raw output; ``cachegen.dispatch`` uses it).
         wait: pipelining with a copy still in flight: ``wait(upto)`` must make the decode stream
         wait until payload bytes ``[0, upto)`` are on the device (``None``: all of them); the
         streams are then launched per group of chunks of about ``group_bytes`` (default: an
@@ -421,6 +435,9 @@ class GpuDecoder:
 
         c = data if isinstance(data, fmt2.ContainerV2) else fmt2.parse_container(data)
         h = c.header
+        if not coefficients and _has_transform(h):
+            return self._decode_transformed(c, bufs, verify=verify, payload=payload, stream=stream, check=check,
+                                            wait=wait, group_bytes=group_bytes)
         if h.mode == MODE_LOSSLESS:
             raise InputError("GpuDecoder decodes lossy containers (lossless ones decode on the CPU)")
         if h.group_size > 1:
@@ -540,6 +557,27 @@ class GpuDecoder:
             tm.launch_ms = (time.perf_counter() - t2) * 1e3
         tm.total_ms = (time.perf_counter() - t0) * 1e3
         self.last_timing = tm     # host-side breakdown of this call (before the error read)
+        if not check:
+            return flags
+        self.raise_for(flags, verify)
+        return None
+
+    def _decode_transformed(self, c: fmt2.ContainerV2, bufs: Sequence[Sequence[torch.Tensor]], *, verify: Verify,
+                            payload: Optional[torch.Tensor], stream: Optional[torch.cuda.Stream], check: bool,
+                            wait: Optional[Callable[[Optional[int]], None]],
+                            group_bytes: Optional[int]) -> Optional[torch.Tensor]:
+        """Model-profile container: coefficients into the untransformer's token-major scratch,
+        then its GEMM + RoPE/sinks/store kernels into ``bufs``, all queued on one stream."""
+        from .untransform import Untransformer
+        if self._untransformer is None:
+            self._untransformer = Untransformer(self.device)
+        ut = self._untransformer
+        ut.profiles = list(self.profiles)
+        prep = ut.prepare(c)
+        views, slabs = ut.scratch_views(prep, c.header.batch)
+        flags = self.decode_into(c, views, verify=verify, payload=payload, stream=stream, check=False, wait=wait,
+                                 group_bytes=group_bytes, coefficients=True)
+        ut.finish(prep, slabs, bufs, stream)
         if not check:
             return flags
         self.raise_for(flags, verify)

@@ -185,7 +185,8 @@ class StaticKV:
             tokens = c.tokens()
             if len(tokens) != len(self.kv):
                 raise InputError(f"container has {len(tokens)} layers, the model {len(self.kv)}")
-            if c.header.dtype != {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}[self.kv[0][0].dtype]:
+            from ..dispatch import output_dtype
+            if output_dtype(c) != self.kv[0][0].dtype:
                 # e.g. an fp16 container restored into an fp32 CPU graph: decode, then cast-copy
                 name = decoder if isinstance(decoder, str) else "auto"
                 return self.load(cachegen.decode(c, self.device, verify=verify, decoder=name))
