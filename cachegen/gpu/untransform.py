@@ -58,8 +58,11 @@ def output_dtype(code: int) -> torch.dtype:
 class Untransformer:
     """Per-device state: bases stacked per group on the device, RoPE tables, the scratch."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: Any):
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # tensors report cuda:N: compare like with like in finish()'s buffer check
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self._bases: dict = {}            # (profile hash, kvi, layers) -> fp32 [G, C, C] = basis^T
         self._rope: "OrderedDict[tuple, tuple]" = OrderedDict()
         self._scratch: Optional[torch.Tensor] = None
