@@ -8,6 +8,7 @@ skipped otherwise (run it on the H100 machine).
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import pytest
@@ -235,7 +236,12 @@ def test_cuda_graph_steps_match_plain_steps(name):
     for rep in range(2):               # the second restore replays the graph captured before
         sg.restore(data, defer=rep == 1)
         lg = sg.step(nxt)
-        assert torch.allclose(lg.float(), want_lg.float(), atol=2e-2, rtol=0), float((lg - want_lg).abs().max())
+        # fp16 logits from another attention kernel (a cache-wide mask): a few units in the
+        # last place of the largest logit apart (0.031 = 2 ulp at |logit| 16-32 was seen on
+        # the H200 for SmolLM2); the greedy tokens below must still be equal
+        top = float(want_lg.float().abs().max())
+        tol = 4 * 2.0 ** (math.floor(math.log2(max(top, 2.0 ** -14))) - 10)
+        assert torch.allclose(lg.float(), want_lg.float(), atol=tol, rtol=0), (float((lg - want_lg).abs().max()), tol)
         got = [int(lg[0, -1].argmax())] + sg.greedy([int(lg[0, -1].argmax())], NEW - 1)
         assert got == want, (rep, got, want)
     # a multi-token step through the uncaptured path, then graph steps again

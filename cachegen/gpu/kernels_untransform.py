@@ -10,7 +10,8 @@ from .kernels import bf16_bits
 @triton.jit
 def untransform_store_kernel(z_ptr, md_ptr, cos_ptr, sin_ptr, sink_ptr, out_ptr, B, T, C, NS,
                              H: tl.constexpr, D: tl.constexpr, CP2: tl.constexpr, BT: tl.constexpr,
-                             ROPE: tl.constexpr, SINKS: tl.constexpr, OUT_BF16: tl.constexpr):
+                             ROPE: tl.constexpr, SINKS: tl.constexpr, OUT_BF16: tl.constexpr,
+                             UNIT_D: tl.constexpr):
     """Layer g of a group, rows r = b * T + t of its transformed slab z [G, B*T, C] (fp32,
     channel c = head * D + d): RoPE re-applied (rotate-half: x*cos + rot(x)*sin, rot(x)[d] =
     -x[d + D/2] below D/2, x[d - D/2] above), the first md[g, 5] tokens replaced by the exact
@@ -47,10 +48,14 @@ def untransform_store_kernel(z_ptr, md_ptr, cos_ptr, sin_ptr, sink_ptr, out_ptr,
     sb = tl.load(row + 1)
     sh = tl.load(row + 2)
     st = tl.load(row + 3)
-    sd = tl.load(row + 4)
+    if UNIT_D:
+        sd = 1               # a compile-time unit stride lets the store vectorise
+    else:
+        sd = tl.load(row + 4)
     optr = out_ptr + obase + (b.to(tl.int64) * sb + t.to(tl.int64) * st)[:, None] \
         + (hh.to(tl.int64) * sh + d.to(tl.int64) * sd)[None, :]
     if OUT_BF16:
         tl.store(optr, bf16_bits(x), mask=m)
     else:
         tl.store(optr, x.to(optr.dtype.element_ty), mask=m)
+

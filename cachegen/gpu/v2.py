@@ -412,7 +412,8 @@ class GpuDecoder:
     def decode_into(self, data: Any, bufs: Sequence[Sequence[torch.Tensor]], *, verify: Verify = True,
                     payload: Optional[torch.Tensor] = None, stream: Optional[torch.cuda.Stream] = None,
                     check: bool = True, wait: Optional[Callable[[Optional[int]], None]] = None,
-                    group_bytes: Optional[int] = None, coefficients: bool = False) -> Optional[torch.Tensor]:
+                    group_bytes: Optional[int] = None, coefficients: bool = False,
+                    _trusted: bool = False) -> Optional[torch.Tensor]:
         """Decode into CUDA tensors bufs[i] = (k, v) [B, H, >=T, D] of the container's dtype
         (of the original cache's dtype for a model-profile container: its coefficients are
         decoded into a scratch and transformed back on the device, ``cachegen.gpu.untransform``).
@@ -429,6 +430,8 @@ class GpuDecoder:
         wait until payload bytes ``[0, upto)`` are on the device (``None``: all of them); the
         streams are then launched per group of chunks of about ``group_bytes`` (default: an
         eighth of the payload, at least 4 MiB), each after the wait for its bytes.
+        _trusted: internal (the untransformer's scratch views, shaped for its store pattern):
+        skip the buffer shape checks.
         """
         from .kernels_v2 import (v2_decode_kernel, v2_decode_nested_kernel, v2_meta_crc_fin_kernel,
                                  v2_meta_crc_seg_kernel, v2_words_sum_kernel)
@@ -460,6 +463,8 @@ class GpuDecoder:
             raise InputError("payload length must be a multiple of 4 bytes (pad it)")
         if dev.type == "cuda" and payload.data_ptr() % 16:
             raise InputError("payload must be 16-byte aligned")
+        if not _trusted:
+            _check_bufs(c, bufs, dev)
         flat = [t for pair in bufs for t in pair]
         base = flat[0]
         esz = base.element_size()
@@ -576,7 +581,7 @@ class GpuDecoder:
         prep = ut.prepare(c)
         views, slabs = ut.scratch_views(prep, c.header.batch)
         flags = self.decode_into(c, views, verify=verify, payload=payload, stream=stream, check=False, wait=wait,
-                                 group_bytes=group_bytes, coefficients=True)
+                                 group_bytes=group_bytes, coefficients=True, _trusted=True)
         ut.finish(prep, slabs, bufs, stream)
         if not check:
             return flags
@@ -595,6 +600,33 @@ class GpuDecoder:
                               "rANS stream not ending in its initial state)")
         if nsum and verify:
             raise ChecksumError(f"{nsum} chunk(s): stream words checksum mismatch")
+
+
+_DTYPES = {1: torch.float16, 2: torch.bfloat16, 3: torch.float32}
+
+
+def _check_bufs(c: fmt2.ContainerV2, bufs: Sequence[Sequence[torch.Tensor]], dev: torch.device) -> None:
+    """The kernels write through the buffers' strides: a buffer that is too small, of another
+    dtype or on another device must be refused here, not written out of bounds."""
+    h = c.header
+    dt = _DTYPES.get(int(h.dtype))
+    try:
+        n = len(bufs)
+    except TypeError:
+        raise InputError("bufs must be a sequence of (key, value) tensor pairs") from None
+    if n != len(h.layers):
+        raise InputError(f"{n} buffer pairs for {len(h.layers)} layers")
+    for i, (pair, l, t) in enumerate(zip(bufs, h.layers, c.tokens())):
+        try:
+            kb, vb = pair
+        except (TypeError, ValueError):
+            raise InputError(f"layer {i}: expected a (key, value) buffer pair") from None
+        for kvi, b in enumerate((kb, vb)):
+            heads, dim = l.heads_dim(kvi)
+            if not isinstance(b, torch.Tensor) or b.dtype != dt or b.device != dev or b.dim() != 4 \
+                    or b.shape[0] != h.batch or b.shape[1] != heads or b.shape[3] != dim or b.shape[2] < t:
+                raise InputError(f"layer {i} {'kv'[kvi]}: buffer must be a {dt} tensor [{h.batch}, {heads}, >={t}, "
+                                 f"{dim}] on {dev}")
 
 
 _DEFAULT: dict = {}
