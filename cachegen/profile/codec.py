@@ -22,7 +22,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from ..config import CodecConfig, get_config
+from ..config import _MODERN, CodecConfig, get_config  # _MODERN: the presets' stream layout, one owner
 from ..errors import ConfigError, FormatError, InputError
 from ..format.extensions import EXT_TRANSFORM, Extension, find
 from . import ops, transform as tf
@@ -34,8 +34,6 @@ _HEAD = struct.Struct("<4sBBHH16s")
 _LAYER = struct.Struct("<qH")
 _DTYPES = {"float16": 1, "bfloat16": 2, "float32": 3}
 MAX_START = 1 << 40
-
-_MODERN = dict(group_size=1, token_scaling=True, scale_sharing=1.0)
 
 ProfileArg = Union[Profile, Sequence[Profile], None]
 
