@@ -22,7 +22,6 @@ KVCache = Sequence[Sequence[Any]]            # [(key, value)] per layer, each [B
 TorchKV = list[tuple[torch.Tensor, torch.Tensor]]
 Progress = Optional[Callable[[int, int], None]]
 
-_TORCH_DTYPES = {1: torch.float16, 2: torch.bfloat16, 3: torch.float32}
 _INT_VIEW = {1: np.int16, 2: np.int16, 3: np.int32}
 _TORCH_INT = {1: torch.int16, 2: torch.int16, 3: torch.int32}
 

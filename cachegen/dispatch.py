@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .buffers import TORCH_DTYPES, check_kv_buffers
 from .errors import ConfigError, InputError, LimitExceededError, UnsupportedVersionError
 from .format import v2 as fmt2
 from .format.container import MODE_LOSSLESS, Container, DecodeLimits, parse_container
@@ -20,7 +21,6 @@ from .codec.parallel import parallel_imap, worker_count
 
 AnyContainer = Union[Container, fmt2.ContainerV2]
 
-TORCH_DTYPES = {1: torch.float16, 2: torch.bfloat16, 3: torch.float32}
 _TORCH_INT = {1: torch.int16, 2: torch.int16, 3: torch.int32}
 CPU_DECODERS = ("reference", "lockstep")
 
@@ -117,30 +117,7 @@ def check_buffers(c: AnyContainer, buffers: Sequence[Sequence[torch.Tensor]],
                   dtype: Optional[torch.dtype] = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Buffers checked against the container: count, shape, capacity, one device, and the
     container's dtype (``dtype`` overrides it: a profile container's output dtype)."""
-    h = c.header
-    dt = TORCH_DTYPES[h.dtype] if dtype is None else dtype
-    try:
-        n = len(buffers)
-    except TypeError:
-        raise InputError("buffers must be a sequence of (key, value) tensor pairs") from None
-    if n != len(h.layers):
-        raise InputError(f"{n} buffer pairs for {len(h.layers)} layers")
-    bufs = []
-    for i, (pair, l, t) in enumerate(zip(buffers, h.layers, c.tokens())):
-        try:
-            kb, vb = pair
-        except (TypeError, ValueError):
-            raise InputError(f"layer {i}: expected a (key, value) buffer pair") from None
-        for kvi, b in enumerate((kb, vb)):
-            heads, dim = l.heads_dim(kvi)
-            if not isinstance(b, torch.Tensor) or b.dtype != dt or b.dim() != 4 or b.shape[0] != h.batch \
-                    or b.shape[1] != heads or b.shape[3] != dim or b.shape[2] < t:
-                raise InputError(f"layer {i} {'kv'[kvi]}: buffer must be a {dt} tensor [{h.batch}, {heads}, >={t}, {dim}]")
-        bufs.append((kb, vb))
-    devs = {b.device for p in bufs for b in p}
-    if len(devs) != 1:
-        raise InputError(f"decode_into buffers must be on one device, got {sorted(map(str, devs))}")
-    return bufs
+    return check_kv_buffers(c.header, c.tokens(), buffers, dtype)
 
 
 def _cpu_then_copy(c: AnyContainer, bufs, decoder: str, verify: bool) -> None:

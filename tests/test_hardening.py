@@ -502,3 +502,31 @@ def test_v1_gpu_luts_of_many_referenced_tables_are_cheap():
         signal.signal(signal.SIGALRM, old)
     peak = traced_peak(symbol_luts, c.header.freqs, c.header.cdfs, 12, True)
     assert peak < 256 * MiB
+
+
+@pytest.mark.parametrize("bad", ["short", "dtype", "heads", "count", "not-a-pair"])
+def test_gpu_decoder_refuses_buffers_that_do_not_fit(bad):
+    """GpuDecoder.decode_into writes through the buffers' strides: a buffer too short, of another
+    dtype or shape, or a wrong count must raise InputError before any kernel runs (the device
+    and the interpreter are not needed: the check comes first)."""
+    pytest.importorskip("triton")
+    import torch
+    from cachegen.errors import InputError
+    from cachegen.gpu.v2 import GpuDecoder
+    from helpers import make_kv
+
+    kv = make_kv(layers=2, heads=2, dim=16, tokens=40, dtype="float16")
+    data = cachegen.encode(kv, "default")
+    bufs = [[torch.zeros(k.shape, dtype=torch.float16), torch.zeros(v.shape, dtype=torch.float16)] for k, v in kv]
+    if bad == "short":
+        bufs[1][0] = torch.zeros((1, 2, 39, 16), dtype=torch.float16)
+    elif bad == "dtype":
+        bufs[0][1] = bufs[0][1].float()
+    elif bad == "heads":
+        bufs[1][1] = torch.zeros((1, 1, 40, 16), dtype=torch.float16)
+    elif bad == "count":
+        bufs = bufs[:1]
+    else:
+        bufs[0] = bufs[0][0]
+    with pytest.raises(InputError):
+        GpuDecoder("cpu").decode_into(data, bufs)

@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from ..buffers import TORCH_DTYPES
 from ..errors import ConfigError, FormatError, InputError
 
 _ROPE_CACHE = 16     # (start, tokens, theta, dim) tables kept per device
@@ -57,7 +58,7 @@ class Prepared:
 
 
 def output_dtype(code: int) -> torch.dtype:
-    return {1: torch.float16, 2: torch.bfloat16, 3: torch.float32}[code]
+    return TORCH_DTYPES[code]
 
 
 class Untransformer:

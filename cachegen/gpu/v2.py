@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..buffers import check_kv_buffers
 from ..errors import ChecksumError, InputError, LimitExceededError, StreamError
 from ..format import v2 as fmt2
 from ..format.container import MODE_LOSSLESS
@@ -445,6 +446,8 @@ class GpuDecoder:
             raise InputError("GpuDecoder decodes lossy containers (lossless ones decode on the CPU)")
         if h.group_size > 1:
             raise InputError("GpuDecoder: anchor-delta containers (group_size > 1) decode on the CPU")
+        if not _trusted:
+            check_kv_buffers(h, c.tokens(), bufs, device=self.device)
         tm = HostTiming()
         t0 = time.perf_counter()
         if verify == "full":
@@ -463,8 +466,6 @@ class GpuDecoder:
             raise InputError("payload length must be a multiple of 4 bytes (pad it)")
         if dev.type == "cuda" and payload.data_ptr() % 16:
             raise InputError("payload must be 16-byte aligned")
-        if not _trusted:
-            _check_bufs(c, bufs, dev)
         flat = [t for pair in bufs for t in pair]
         base = flat[0]
         esz = base.element_size()
@@ -600,33 +601,6 @@ class GpuDecoder:
                               "rANS stream not ending in its initial state)")
         if nsum and verify:
             raise ChecksumError(f"{nsum} chunk(s): stream words checksum mismatch")
-
-
-_DTYPES = {1: torch.float16, 2: torch.bfloat16, 3: torch.float32}
-
-
-def _check_bufs(c: fmt2.ContainerV2, bufs: Sequence[Sequence[torch.Tensor]], dev: torch.device) -> None:
-    """The kernels write through the buffers' strides: a buffer that is too small, of another
-    dtype or on another device must be refused here, not written out of bounds."""
-    h = c.header
-    dt = _DTYPES.get(int(h.dtype))
-    try:
-        n = len(bufs)
-    except TypeError:
-        raise InputError("bufs must be a sequence of (key, value) tensor pairs") from None
-    if n != len(h.layers):
-        raise InputError(f"{n} buffer pairs for {len(h.layers)} layers")
-    for i, (pair, l, t) in enumerate(zip(bufs, h.layers, c.tokens())):
-        try:
-            kb, vb = pair
-        except (TypeError, ValueError):
-            raise InputError(f"layer {i}: expected a (key, value) buffer pair") from None
-        for kvi, b in enumerate((kb, vb)):
-            heads, dim = l.heads_dim(kvi)
-            if not isinstance(b, torch.Tensor) or b.dtype != dt or b.device != dev or b.dim() != 4 \
-                    or b.shape[0] != h.batch or b.shape[1] != heads or b.shape[3] != dim or b.shape[2] < t:
-                raise InputError(f"layer {i} {'kv'[kvi]}: buffer must be a {dt} tensor [{h.batch}, {heads}, >={t}, "
-                                 f"{dim}] on {dev}")
 
 
 _DEFAULT: dict = {}
