@@ -504,19 +504,32 @@ def test_v1_gpu_luts_of_many_referenced_tables_are_cheap():
     assert peak < 256 * MiB
 
 
-@pytest.mark.parametrize("bad", ["short", "dtype", "heads", "count", "not-a-pair"])
-def test_gpu_decoder_refuses_buffers_that_do_not_fit(bad):
+@pytest.mark.parametrize("bad", ["short", "dtype", "heads", "count", "not-a-pair", "profile-short", "profile-dtype"])
+def test_gpu_decoder_refuses_buffers_that_do_not_fit(bad, monkeypatch):
     """GpuDecoder.decode_into writes through the buffers' strides: a buffer too short, of another
-    dtype or shape, or a wrong count must raise InputError before any kernel runs (the device
-    and the interpreter are not needed: the check comes first)."""
+    dtype or shape, or a wrong count must raise InputError before any kernel runs. No GPU: the
+    decoder is built on the CPU (it accepts that under TRITON_INTERPRET=1); Triton itself stays
+    compiled-mode, so a kernel launched on these CPU tensors would fail with another error."""
     pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     import torch
     from cachegen.errors import InputError
     from cachegen.gpu.v2 import GpuDecoder
     from helpers import make_kv
 
-    kv = make_kv(layers=2, heads=2, dim=16, tokens=40, dtype="float16")
-    data = cachegen.encode(kv, "default")
+    dec = GpuDecoder("cpu")
+    if bad.startswith("profile"):
+        # a model-profile container: the buffers are of the original cache's dtype
+        from cachegen import profile as cp
+        from test_profile import D, H, L, _profile
+        prof = _profile()
+        dec.profiles = [prof]
+        kv = make_kv(layers=L, heads=H, dim=D, tokens=40, dtype="float16")
+        data = cp.encode(kv, prof, "default-p")
+        bad = bad.split("-")[1]
+    else:
+        kv = make_kv(layers=2, heads=2, dim=16, tokens=40, dtype="float16")
+        data = cachegen.encode(kv, "default")
     bufs = [[torch.zeros(k.shape, dtype=torch.float16), torch.zeros(v.shape, dtype=torch.float16)] for k, v in kv]
     if bad == "short":
         bufs[1][0] = torch.zeros((1, 2, 39, 16), dtype=torch.float16)
@@ -529,4 +542,4 @@ def test_gpu_decoder_refuses_buffers_that_do_not_fit(bad):
     else:
         bufs[0] = bufs[0][0]
     with pytest.raises(InputError):
-        GpuDecoder("cpu").decode_into(data, bufs)
+        dec.decode_into(data, bufs)

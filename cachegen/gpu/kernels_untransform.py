@@ -58,4 +58,3 @@ def untransform_store_kernel(z_ptr, md_ptr, cos_ptr, sin_ptr, sink_ptr, out_ptr,
         tl.store(optr, bf16_bits(x), mask=m)
     else:
         tl.store(optr, x.to(optr.dtype.element_ty), mask=m)
-

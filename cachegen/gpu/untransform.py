@@ -57,10 +57,6 @@ class Prepared:
     views: Optional[tuple] = None     # (scratch address, batch) -> decoder views and slabs, cached
 
 
-def output_dtype(code: int) -> torch.dtype:
-    return TORCH_DTYPES[code]
-
-
 class Untransformer:
     """Per-device state: bases stacked per group on the device, RoPE tables, the scratch."""
 
@@ -121,7 +117,7 @@ class Untransformer:
                 if g is None:
                     g = groups[key] = Group(kvi, [], toks[i], rec.starts[i], theta, key[4])
                 g.layers.append(i)
-        p = Prepared(rec, prof, list(groups.values()), output_dtype(rec.dtype), pkey, int(h.channels_per_stream))
+        p = Prepared(rec, prof, list(groups.values()), TORCH_DTYPES[rec.dtype], pkey, int(h.channels_per_stream))
         self._prep[pkey] = p
         while len(self._prep) > _PREP_CACHE:
             self._prep.popitem(last=False)
@@ -280,23 +276,20 @@ class Untransformer:
 
     def finish(self, p: Prepared, slabs: Sequence[torch.Tensor], bufs: Sequence[Sequence[torch.Tensor]],
                stream: Optional[torch.cuda.Stream] = None) -> None:
-        """Bases (IEEE fp32 bmm), RoPE, sinks, cast and store into ``bufs`` (queued on ``stream``)."""
+        """Bases (IEEE fp32 bmm), RoPE, sinks, cast and store into ``bufs`` (queued on ``stream``);
+        ``bufs`` already checked against the container (``buffers.check_kv_buffers``)."""
         from .kernels_untransform import untransform_store_kernel
 
         rec, prof = p.record, p.profile
         H, D = prof.kv_heads, prof.head_dim
         C = H * D
         B = rec.batch
-        if len(bufs) != rec.n_layers:
-            raise InputError(f"{len(bufs)} buffer pairs for {rec.n_layers} layers")
-        flat = [t for pair in bufs for t in pair]
-        base = flat[0]
+        base = bufs[0][0]
         esz = base.element_size()
-        for t in flat:
-            if t.dtype != p.out_dtype or t.device != self.device:
-                raise InputError(f"decode buffers must be {p.out_dtype} tensors on {self.device}")
-            if (t.data_ptr() - base.data_ptr()) % esz:
-                raise InputError("decode buffers must be element-aligned with each other")
+        for pair in bufs:
+            for t in pair:
+                if (t.data_ptr() - base.data_ptr()) % esz:   # offsets are counted in elements of base
+                    raise InputError("decode buffers must be element-aligned with each other")
         md_all, offs, unit, ns_max = self._metadata(p, bufs, base)
         ctx = torch.cuda.stream(stream) if stream is not None and self.device.type == "cuda" else contextlib.nullcontext()
         old_tf32 = torch.backends.cuda.matmul.allow_tf32

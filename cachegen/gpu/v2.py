@@ -580,6 +580,9 @@ class GpuDecoder:
         ut = self._untransformer
         ut.profiles = list(self.profiles)
         prep = ut.prepare(c)
+        # the caller's buffers, of the original cache's dtype: the store kernel writes through
+        # their strides, so they are checked here like a plain container's
+        check_kv_buffers(c.header, c.tokens(), bufs, dtype=prep.out_dtype, device=self.device)
         views, slabs = ut.scratch_views(prep, c.header.batch)
         flags = self.decode_into(c, views, verify=verify, payload=payload, stream=stream, check=False, wait=wait,
                                  group_bytes=group_bytes, coefficients=True, _trusted=True)
