@@ -19,12 +19,14 @@ import numpy as np
 from .errors import ConfigError
 
 BitSpec = Union[int, str, Sequence[int]]
+GainSpec = Union[float, Sequence[float]]
 
 MIN_BITS, MAX_BITS = 1, 10          # format limit: alphabets up to 2**10 levels (deltas 2**11 - 1)
 MAX_CHUNK_TOKENS = 65536
 MAX_GROUP_SIZE = 255
 MAX_CHANNELS_PER_STREAM = 255
 MAX_TABLES_PER_CLASS = 255
+MAX_STEP_GAIN = 2.0                 # a gain of 2 is about one bit less than the width says
 
 
 def _is_int(v: Any) -> bool:
@@ -73,6 +75,39 @@ def resolve_bits(spec: BitSpec, n_layers: int) -> list[int]:
     return widths
 
 
+def normalize_gains(spec: Any) -> GainSpec:
+    """Check a step-gain schedule: one number in [1, MAX_STEP_GAIN] or one per layer."""
+    def one(g: Any) -> float:
+        if isinstance(g, (bool, np.bool_)) or not isinstance(g, numbers.Real) or not np.isfinite(float(g)) \
+                or not 1.0 <= float(g) <= MAX_STEP_GAIN:
+            raise ConfigError(f"step gain must be a number in [1, {MAX_STEP_GAIN}], got {g!r}")
+        return float(g)
+    if isinstance(spec, numbers.Real) and not isinstance(spec, (bool, np.bool_)):
+        return one(spec)
+    if isinstance(spec, (str, bytes, Mapping)) or not isinstance(spec, Iterable):
+        raise ConfigError(f"bad step-gain schedule {spec!r}: expected a number or a sequence of numbers")
+    gains = tuple(one(g) for g in spec)
+    if not gains:
+        raise ConfigError("step-gain schedule is empty")
+    return gains
+
+
+def resolve_gains(spec: GainSpec, n_layers: int) -> list[float]:
+    if isinstance(spec, float):
+        return [spec] * n_layers
+    if len(spec) != n_layers:
+        raise ConfigError(f"step-gain schedule has {len(spec)} entries for {n_layers} layers")
+    return list(spec)
+
+
+def width_to_bits(width: float) -> tuple[int, float]:
+    """A fractional width ``w`` as the codec's (alphabet bits, step gain): ``ceil(w)`` bits with
+    the step of ``w`` bits, ``range / (2**w - 1)`` (``gain = (2**ceil(w) - 1) / (2**w - 1)``)."""
+    b = int(np.ceil(width - 1e-9))
+    _check_bits(b)
+    return b, float((2.0 ** b - 1) / (2.0 ** width - 1))
+
+
 @dataclass(frozen=True)
 class CodecConfig:
     """Everything the encoder needs to know; the decoder reads all it needs from the container."""
@@ -100,6 +135,11 @@ class CodecConfig:
     zstd_level: int = 3  # lossless mode only
     # Format v2: probability tables quantized to 2**table_bits (GPU direct lookup; 12 costs ~0.2%).
     table_bits: int = 12
+    # Step gains per (layer, K/V): the step the width gives, times this (1 .. 2; one number or
+    # one per layer). Fractional widths for a bit allocation (``width_to_bits``); encoder-only:
+    # the container stores the steps, every decoder reads them as they are.
+    key_step_gain: GainSpec = 1.0
+    value_step_gain: GainSpec = 1.0
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -127,14 +167,19 @@ class CodecConfig:
         # Validate the schedules early (against an arbitrary layer count for strings/ints).
         for fname in ("key_bits", "value_bits"):
             object.__setattr__(self, fname, normalize_bits(getattr(self, fname)))
+        for fname in ("key_step_gain", "value_step_gain"):
+            object.__setattr__(self, fname, normalize_gains(getattr(self, fname)))
+
+    def layer_gains(self, n_layers: int) -> tuple[list[float], list[float]]:
+        return resolve_gains(self.key_step_gain, n_layers), resolve_gains(self.value_step_gain, n_layers)
 
     def layer_bits(self, n_layers: int) -> tuple[list[int], list[int]]:
         return resolve_bits(self.key_bits, n_layers), resolve_bits(self.value_bits, n_layers)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for k in ("key_bits", "value_bits"):
-            if not isinstance(d[k], (str, int)):
+        for k in ("key_bits", "value_bits", "key_step_gain", "value_step_gain"):
+            if not isinstance(d[k], (str, int, float)):
                 d[k] = list(d[k])
         return d
 
@@ -145,7 +190,7 @@ class CodecConfig:
         if unknown:
             raise ConfigError(f"unknown config fields: {sorted(unknown)}")
         d = dict(d)
-        for k in ("key_bits", "value_bits"):
+        for k in ("key_bits", "value_bits", "key_step_gain", "value_step_gain"):
             if isinstance(d.get(k), list):
                 d[k] = tuple(d[k])
         return cls(**d)
@@ -163,7 +208,7 @@ class CodecConfig:
         unknown = set(overrides) - known
         if unknown:
             raise ConfigError(f"unknown config fields: {sorted(unknown)}")
-        for k in ("key_bits", "value_bits"):
+        for k in ("key_bits", "value_bits", "key_step_gain", "value_step_gain"):
             if isinstance(overrides.get(k), list):
                 overrides[k] = tuple(overrides[k])
         if overrides and "name" not in overrides:

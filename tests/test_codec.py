@@ -229,11 +229,32 @@ def test_non_finite_values_need_lossless():
 
 def test_bad_config_raises_config_error():
     for kw in ({"group_size": 0}, {"chunk_tokens": 0}, {"channels_per_stream": 256},
-               {"scale_sharing": 2.0}, {"key_bits": "9/x"}, {"tables_per_class": 0}):
+               {"scale_sharing": 2.0}, {"key_bits": "9/x"}, {"tables_per_class": 0},
+               {"key_step_gain": 0.5}, {"value_step_gain": 2.5}, {"key_step_gain": float("nan")},
+               {"key_step_gain": True}, {"value_step_gain": "1.5"}, {"key_step_gain": ()}):
         with pytest.raises(cachegen.ConfigError):
             CodecConfig(**kw)
     with pytest.raises(cachegen.ConfigError):
         cachegen.encode(make_kv(layers=1, tokens=4), "no-such-preset")
+
+
+def test_step_gains_widen_the_stored_step():
+    """Step gains (fractional widths) are encoder-only: the container stores the widened steps,
+    so the plain decoder's error grows with the gain and stays within the stored step."""
+    kv = make_kv(layers=2, tokens=300, dtype="float32", seed=11)
+    sizes, errs = [], []
+    for g in (1.0, 1.5, 2.0):
+        cfg = CodecConfig.from_preset("default", key_step_gain=g, value_step_gain=(g, 1.0))
+        assert CodecConfig.from_dict(cfg.to_dict()) == cfg
+        data = cachegen.encode(kv, cfg)
+        out = cachegen.decode(data)
+        sizes.append(len(data))
+        errs.append(float(np.abs(out[0][0].numpy() - kv[0][0]).mean()))
+        # layer 1's values keep gain 1: the same bytes as without gains there
+        assert np.array_equal(out[1][1].numpy(), cachegen.decode(cachegen.encode(kv, "default"))[1][1].numpy())
+    assert sizes[0] > sizes[1] > sizes[2] and errs[0] < errs[1] < errs[2]
+    with pytest.raises(cachegen.ConfigError):
+        cachegen.encode(kv, CodecConfig.from_preset("default", key_step_gain=(1.0, 1.0, 1.0)))
 
 
 def test_constant_and_tiny_inputs():

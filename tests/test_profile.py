@@ -258,3 +258,62 @@ def test_load_for_model_falls_back_to_the_shipped_profile(tmp_path):
     (tmp_path / META_FILE).write_text(json.dumps({"model": "nosuch"}))
     with pytest.raises(ConfigError):
         load_for_model(tmp_path)
+
+
+def test_fractional_widths_through_step_gains():
+    """A profile preset with per-layer step gains (half-bit widths of the allocation): stored in
+    the profile file, applied by the encoder, read back by every decoder from the container."""
+    from cachegen.config import width_to_bits
+    from cachegen.profile.fit import width_config, widths
+    assert widths(0.5)[:3] == (2.0, 2.5, 3.0) and widths(1.0) == tuple(float(b) for b in range(2, 10))
+    assert width_to_bits(5.0) == (5, 1.0)
+    b, g = width_to_bits(4.5)
+    assert b == 5 and abs(g - 31 / (2 ** 4.5 - 1)) < 1e-12
+    cfg, kb, vb, kg, vg = width_config("x", [4.5, 5.0, 6.0], [3.0, 3.0, 3.0])
+    assert kb == (5, 5, 6) and vb == (3, 3, 3) and vg is None and kg[1:] == (1.0, 1.0)
+    kv = make_kv(layers=L, heads=H, dim=D, tokens=300, dtype="float16", seed=4)
+    base = _profile()
+    errs, sizes = [], []
+    for gain in (None, (1.5,) * L):
+        p = base.with_presets({"default-p": ProfilePreset((6,) * L, (5,) * L, key_gain=gain, value_gain=gain)})
+        q = Profile.from_bytes(p.to_bytes())
+        assert q.presets == p.presets and q.hash == p.hash
+        data = encode(kv, q, "default-p")
+        out = decode(data, profiles=q)
+        sizes.append(len(data))
+        errs.append(max(float(np.abs(as_f32(o) - as_f32(x)).mean()) for pair, opair in zip(kv, out)
+                        for x, o in zip(pair, opair)))
+    assert sizes[1] < sizes[0] and errs[1] > errs[0]
+    # a profile without gains keeps the hash it had before gains existed (no new meta keys)
+    assert "key_gain" not in base.presets["default-p"].to_dict()
+    with pytest.raises(ConfigError):
+        base.with_presets({"x": ProfilePreset((6,) * L, (5,) * L, key_gain=(3.0,) * L)})
+    with pytest.raises(ConfigError):
+        base.with_presets({"x": ProfilePreset((6,) * L, (5,) * L, key_gain=(1.5,))})
+
+
+def test_retuned_profile_decodes_containers_of_its_predecessor(tmp_path, monkeypatch):
+    """A re-tune changes the presets (so the content hash) but not the transform: the new profile
+    lists the old hash as an alias, and containers written with the old one still decode."""
+    old = _profile(3)
+    kv = make_kv(layers=L, heads=H, dim=D, tokens=60, seed=5)
+    data = encode(kv, old, "default-p")
+    want = decode(data, profiles=old)
+    new = old.with_presets({"default-p": ProfilePreset((5,) * L, (4,) * L)}, aliases=[old.hash_hex])
+    assert new.hash != old.hash and new.matches(old.hash) and new.same_transform(old)
+    got = decode(data, profiles=new)
+    for a, b in zip(want, got):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    # found by alias through the search paths too, once the old file is gone
+    monkeypatch.setenv("CACHEGEN_PROFILE_DIR", str(tmp_path))
+    new.save(tmp_path / "new.npz")
+    assert len(decode(data)) == L
+    # an alias never overrides an exact match, and a malformed alias is ignored
+    odd = old.with_presets(old.presets, aliases=["zz", "00"])
+    assert odd.aliases == ()
+    other = _profile(4)
+    assert not other.matches(old.hash)
+    from cachegen.profile.profile import find_profile
+    assert find_profile(old.hash, [new, old]) is old
+    assert find_profile(old.hash, [new]) is new

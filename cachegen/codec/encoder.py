@@ -34,6 +34,7 @@ def _quantize_layer(state: tuple, i: int) -> dict:
     l = header.layers[i]
     C, g, roles, batch = header.chunk_tokens, header.group_size, header.roles, header.batch
     out = {"params": {}, "exps": {}, "symbols": {}, "hists": {}, "max_abs": 0.0}
+    gains = config.layer_gains(len(header.layers))
     for kvi in (0, 1):
         a, bf16 = hosts[i][kvi]
         x = channels_first(_to_f32(a, bf16))
@@ -67,7 +68,8 @@ def _quantize_layer(state: tuple, i: int) -> dict:
                 raise InputError(f"layer {i} {'kv'[kvi]}: values up to {m:.3g} in magnitude are beyond what "
                                  f"the quantizer parameters can hold (|x| < {quantize.FP32_SAFE:.0e}; "
                                  "use the lossless preset)")
-            lo, step = quantize.quantizer_params(xk, bits, param_dtype, float(config.scale_sharing))
+            lo, step = quantize.quantizer_params(xk, bits, param_dtype, float(config.scale_sharing),
+                                                 gains[kvi][i])
             q = quantize.quantize(xk, lo, step, bits).reshape(ch, batch, n)
             syms = grouping.split(q, g, levels)
             out["params"][kvi, k] = (lo, step)

@@ -36,11 +36,12 @@ def _round_up(x: np.ndarray, dt: np.dtype) -> np.ndarray:
 
 
 def quantizer_params(x: np.ndarray, bits: int, param_dtype: int,
-                     sharing: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+                     sharing: float = 0.0, gain: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """x: [channels, n] float32 -> (lo, step) in the parameter dtype, one per channel.
 
     The step is at least range / (2**bits - 1) so every index fits the alphabet; `sharing`
-    blends it geometrically towards the largest step among the channels (see CodecConfig).
+    blends it geometrically towards the largest step among the channels (see CodecConfig);
+    `gain` >= 1 then widens it (fewer levels used: a fractional width).
     """
     dt = PARAM_DTYPES[param_dtype]
     lo = _round_down(x.min(axis=1).astype(np.float64), dt)
@@ -50,6 +51,8 @@ def quantizer_params(x: np.ndarray, bits: int, param_dtype: int,
         top = step.max()
         if top > 0:
             step = np.maximum(step, np.maximum(step, top * 1e-12) ** (1.0 - sharing) * top ** sharing)
+    if gain != 1.0:
+        step = step * float(gain)
     return lo, _round_up(step, dt)
 
 

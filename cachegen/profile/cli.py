@@ -25,6 +25,16 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--show", action="store_true", help="print the stored profile and exit")
     ap.add_argument("--force", action="store_true", help="refit even if a profile exists")
+    ap.add_argument("--retune", action="store_true",
+                    help="re-run only the bit allocation of the stored (or shipped) profile: bases and "
+                         "sensitivities kept, the old hash recorded as an alias so existing containers still decode")
+    ap.add_argument("--margin", type=float, default=None,
+                    help="default-p's calibration KL target as a fraction of default's (default: 0.9, "
+                         "0.6 with --in-sample bases)")
+    ap.add_argument("--width-step", type=float, default=None, choices=(0.5, 1.0),
+                    help="allocation width step in bits (default 1; 0.5 = half bits through step gains, measured worse)")
+    ap.add_argument("--no-trim", action="store_true",
+                    help="skip the uniform step-gain trim after the bit allocation")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--cross-fit", action="store_true",
                    help="tune the allocation with the held-out bases, then refit the bases on the whole text")
@@ -56,9 +66,28 @@ def run(a: argparse.Namespace) -> int:
         return 0
     runner = OrtRunner(model_dir, threads=a.threads)
     text = a.text.read_text() if a.text else None
+    if a.retune:
+        from . import load_for_model
+        from .fit import DEFAULT_MARGIN, WIDTH_STEP, tune_presets
+
+        old = Profile.load(out) if out.is_file() else load_for_model(model_dir)
+        new = tune_presets(old, runner, text, log=lambda s: print(s, flush=True),
+                           margin=DEFAULT_MARGIN if a.margin is None else a.margin,
+                           width_step=WIDTH_STEP if a.width_step is None else a.width_step,
+                           trim=not a.no_trim)
+        aliases = sorted({*(x.hex() for x in old.aliases), old.hash_hex} - {new.hash_hex})
+        new = new.with_presets(new.presets, aliases=aliases, retuned_from=old.hash_hex)
+        new.save(out)
+        print(f"profile {new.hash_hex} (retuned from {old.hash_hex}) -> {out}")
+        return 0
     bases = "cross-fit" if a.cross_fit else "in-sample" if a.in_sample else "holdout"
+    kw = {} if a.margin is None else {"margin": a.margin}
+    if a.width_step is not None:
+        kw["width_step"] = a.width_step
+    if a.no_trim:
+        kw["trim"] = False
     p = fit_profile(a.model, runner, text, allocate=not a.no_allocate, bases=bases,
-                    log=lambda s: print(s, flush=True))
+                    log=lambda s: print(s, flush=True), **kw)
     p.save(out)
     print(f"profile {p.hash_hex} -> {out}")
     return 0

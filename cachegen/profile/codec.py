@@ -45,7 +45,12 @@ def preset_config(profile: Profile, preset: str) -> CodecConfig:
     except KeyError:
         raise ConfigError(f"profile {profile.model}/{profile.hash_hex[:12]} has no preset {preset!r}; "
                           f"known: {sorted(profile.presets)}") from None
-    return CodecConfig(name=preset, key_bits=tuple(p.key_bits), value_bits=tuple(p.value_bits), **_MODERN)
+    gains = {}
+    if p.key_gain is not None:
+        gains["key_step_gain"] = tuple(p.key_gain)
+    if p.value_gain is not None:
+        gains["value_step_gain"] = tuple(p.value_gain)
+    return CodecConfig(name=preset, key_bits=tuple(p.key_bits), value_bits=tuple(p.value_bits), **_MODERN, **gains)
 
 
 def _dtype_code(t: Any) -> int:
@@ -263,7 +268,7 @@ def apply_inverse(kv: Sequence[Sequence[Any]], record: Union[TransformRecord, It
         if ext is None:
             raise FormatError("no transform record among the container's extensions")
         record = TransformRecord(ext.payload)
-    if record.hash != profile.hash:
+    if not profile.matches(record.hash):
         raise ConfigError(f"container needs profile {record.hash.hex()}, got {profile.hash_hex}")
     if len(kv) != record.n_layers or len(kv) != profile.n_layers:
         raise FormatError(f"transform record for {record.n_layers} layers, cache has {len(kv)}")

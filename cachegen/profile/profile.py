@@ -44,10 +44,19 @@ class ProfilePreset:
     calib_kl: Optional[float] = None      # mean KL on the calibration windows
     calib_ratio: Optional[float] = None   # vs the fp16 cache
     target_kl: Optional[float] = None
+    # per-layer step gains (CodecConfig.key_step_gain): fractional widths; None = 1 everywhere
+    key_gain: Optional[tuple] = None
+    value_gain: Optional[tuple] = None
 
     def to_dict(self) -> dict:
-        return dict(key_bits=list(self.key_bits), value_bits=list(self.value_bits), calib_kl=self.calib_kl,
-                    calib_ratio=self.calib_ratio, target_kl=self.target_kl)
+        d = dict(key_bits=list(self.key_bits), value_bits=list(self.value_bits), calib_kl=self.calib_kl,
+                 calib_ratio=self.calib_ratio, target_kl=self.target_kl)
+        # only when set, so profiles without gains keep their content hash
+        if self.key_gain is not None:
+            d["key_gain"] = [float(g) for g in self.key_gain]
+        if self.value_gain is not None:
+            d["value_gain"] = [float(g) for g in self.value_gain]
+        return d
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,12 @@ class Profile:
         for n, p in self.presets.items():
             if len(p.key_bits) != self.n_layers or len(p.value_bits) != self.n_layers:
                 raise ConfigError(f"profile preset {n!r}: one bit width per layer needed")
+            for g in (p.key_gain, p.value_gain):
+                if g is not None:
+                    from ..config import normalize_gains
+                    if len(g) != self.n_layers:
+                        raise ConfigError(f"profile preset {n!r}: one step gain per layer needed")
+                    normalize_gains(tuple(g))
         object.__setattr__(self, "_hash", _content_hash(self))
         # one (read-only) view per layer, so device copies of a basis are made once
         object.__setattr__(self, "_views", tuple(None if b is None else tuple(b[i] for i in range(self.n_layers))
@@ -100,6 +115,34 @@ class Profile:
     @property
     def hash_hex(self) -> str:
         return self.hash.hex()
+
+    @property
+    def aliases(self) -> tuple:
+        """Hashes of earlier versions of this profile with the same transform (bases, RoPE
+        thetas, sinks) and other presets: a re-tune (``cachegen profile MODEL --retune``)
+        records its input's hash here, so containers written with the old presets still find
+        their profile (decoding needs only the transform, which a re-tune never changes)."""
+        out = []
+        for a in self.info.get("aliases") or ():
+            try:
+                b = bytes.fromhex(str(a))
+            except ValueError:
+                continue
+            if len(b) == HASH_BYTES:
+                out.append(b)
+        return tuple(out)
+
+    def matches(self, digest: bytes) -> bool:
+        """Whether a container naming ``digest`` decodes with this profile."""
+        return digest == self.hash or digest in self.aliases
+
+    def same_transform(self, other: "Profile") -> bool:
+        """Same shapes, RoPE thetas, sinks and bases (what decoding uses)."""
+        def eq(a: Optional[np.ndarray], b: Optional[np.ndarray]) -> bool:
+            return (a is None) == (b is None) and (a is None or np.array_equal(a, b))
+        return (self.model, self.n_layers, self.kv_heads, self.head_dim, tuple(self.rope_theta), self.sinks) == \
+            (other.model, other.n_layers, other.kv_heads, other.head_dim, tuple(other.rope_theta), other.sinks) \
+            and eq(self.key_basis, other.key_basis) and eq(self.value_basis, other.value_basis)
 
     def basis(self, kvi: int, layer: int) -> Optional[np.ndarray]:
         v = self._views[kvi]  # type: ignore[attr-defined]
@@ -170,8 +213,13 @@ class Profile:
                     raise FormatError(f"profile {name}: expected float32 [{n}, {C}, {C}], got {a.dtype} {a.shape}")
                 return a
 
+            def gains(p: dict, key: str) -> Optional[tuple]:
+                g = p.get(key)
+                return None if g is None else tuple(float(x) for x in g)
+
             presets = {str(k): ProfilePreset(tuple(int(b) for b in p["key_bits"]), tuple(int(b) for b in p["value_bits"]),
-                                             p.get("calib_kl"), p.get("calib_ratio"), p.get("target_kl"))
+                                             p.get("calib_kl"), p.get("calib_ratio"), p.get("target_kl"),
+                                             gains(p, "key_gain"), gains(p, "value_gain"))
                        for k, p in dict(meta.get("presets") or {}).items()}
             prof = cls(model=str(meta["model"]), n_layers=n, kv_heads=int(meta["kv_heads"]),
                        head_dim=int(meta["head_dim"]), rope_theta=tuple(float(t) for t in meta["rope_theta"]),
@@ -236,16 +284,30 @@ def search_paths() -> List[Path]:
 
 
 def find_profile(digest: bytes, extra: Sequence[Profile] = ()) -> Optional[Profile]:
-    for p in extra:
+    """A profile whose hash is ``digest``, else one that lists it among its aliases (each
+    candidate loaded once: ``extra``, this process's registry, then the search paths)."""
+    alias: Optional[Profile] = None
+
+    def check(p: Profile) -> bool:
+        nonlocal alias
         if p.hash == digest:
+            return True
+        if alias is None and p.matches(digest):
+            alias = p
+        return False
+
+    for p in extra:
+        if check(p):
             return p
     if digest in _REGISTRY:
         return _REGISTRY[digest]
+    for p in list(_REGISTRY.values()):
+        check(p)
     for path in search_paths():
         try:
             p = Profile.load(path)
         except (FormatError, ConfigError, UnsupportedVersionError):
             continue
-        if p.hash == digest:
+        if check(p):
             return register(p)
-    return None
+    return None if alias is None else register(alias)
