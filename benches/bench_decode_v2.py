@@ -131,6 +131,7 @@ def run_case(name, kv, cfg, dec_args, reps, check_ref, rows, kernels=("nested",)
             dec.decode_into(pv, outs)
             e2e.append((time.perf_counter() - t0) * 1e3)
         row = dict(case=name, tokens=int(max(k.shape[2] for k, _ in kv)), cps=cfg.channels_per_stream,
+                   chunk=cfg.chunk_tokens,
                    table_bits=cfg.table_bits, kernel=kern, block=block, warps=nw, fp16_mb=fp16 / 1e6,
                    comp_mb=len(data) / 1e6, ratio=fp16 / len(data), streams=int(dec.plan(c).n_streams),
                    kernel_ms=k_ms, kernel_gbs=fp16 / k_ms / 1e6, call_ms=call_ms, verified_gpu_ms=ver_ms, host_ms=statistics.median(host),
@@ -147,6 +148,8 @@ def main(argv=None):
     ap.add_argument("--npz", default=".gpudata/smollm2_1k.npz")
     ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 8192])
     ap.add_argument("--cps", type=int, nargs="+", default=[4])
+    ap.add_argument("--chunk", type=int, nargs="+", default=[256],
+                    help="chunk tokens; with as many values as --cps they pair up (cps[i], chunk[i]), else every combination")
     ap.add_argument("--table-bits", type=int, nargs="+", default=[12])
     ap.add_argument("--sweep", default="64x2", help="BLOCKxWARPS list, comma separated")
     ap.add_argument("--reps", type=int, default=10)
@@ -161,9 +164,12 @@ def main(argv=None):
     kernels = tuple(a.kernels.split(","))
     base = load_npz(a.npz) if os.path.exists(a.npz) else None
     for T in a.tokens:
-        for cps in a.cps:
+        pairs = (list(zip(a.cps, a.chunk)) if len(a.cps) == len(a.chunk) and len(a.cps) > 1
+                 else [(c, k) for c in a.cps for k in a.chunk])
+        for cps, chunk in pairs:
             for tb in a.table_bits:
-                cfg = cachegen.CodecConfig.from_preset("default", channels_per_stream=cps, table_bits=tb)
+                cfg = cachegen.CodecConfig.from_preset("default", channels_per_stream=cps, table_bits=tb,
+                                                       chunk_tokens=chunk)
                 if base is not None:
                     run_case("smollm2", tile(base, T), cfg, dec_args, a.reps, T <= a.check_max, rows, kernels)
                 if a.gemma and os.path.exists(a.gemma_npz):
@@ -173,10 +179,10 @@ def main(argv=None):
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=1)
-    print("\n| case | tokens | cps | tb | kernel | block x warps | ratio | streams | kernel ms | kernel GB/s | verified GPU ms | call ms | host ms (cpu) | e2e ms | e2e GB/s | exact |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| case | tokens | cps | chunk | tb | kernel | block x warps | ratio | streams | kernel ms | kernel GB/s | verified GPU ms | call ms | host ms (cpu) | e2e ms | e2e GB/s | exact |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['tokens']} | {r['cps']} | {r['table_bits']} | {r['kernel']} | {r['block']}x{r['warps']} | {r['ratio']:.2f} | "
+        print(f"| {r['case']} | {r['tokens']} | {r['cps']} | {r.get('chunk', 256)} | {r['table_bits']} | {r['kernel']} | {r['block']}x{r['warps']} | {r['ratio']:.2f} | "
               f"{r['streams']} | {r['kernel_ms']:.3f} | {r['kernel_gbs']:.0f} | {r['verified_gpu_ms']:.3f} | {r['call_ms']:.3f} | {r['host_ms']:.2f} ({r['host_cpu_ms']:.2f}) | "
               f"{r['e2e_ms']:.2f} | {r['e2e_gbs']:.1f} | {r['exact']} |")
 

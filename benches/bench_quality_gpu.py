@@ -73,8 +73,11 @@ def _order(p: str) -> int:
 
 def _config_dict(cfg) -> Optional[dict]:
     from cachegen.config import get_config
+    from cachegen.profile import PROFILE_PRESETS
 
-    return None if cfg is None else get_config(cfg).to_dict()
+    if cfg is None or (isinstance(cfg, str) and cfg in PROFILE_PRESETS):
+        return None     # a model-profile preset: its widths live in the model's profile
+    return get_config(cfg).to_dict()
 
 
 def parse_variant(spec: str):
@@ -116,6 +119,19 @@ class Model:
     def prefill(self, ids):
         _, kv = self.runner.prefill(ids)
         return kv
+
+    def encode(self, kv, cfg) -> bytes:
+        """``cachegen.encode``, or for a model-profile preset ("default-p", ...) the profile codec
+        with this model's profile (next to the export, else the shipped one)."""
+        import cachegen
+        from cachegen.profile import PROFILE_PRESETS, load_for_model
+        from cachegen.profile import codec as pcodec
+
+        if isinstance(cfg, str) and cfg in PROFILE_PRESETS:
+            if getattr(self, "profile", None) is None:
+                self.profile = load_for_model(self.dir)
+            return pcodec.encode(kv, self.profile, cfg)
+        return cachegen.encode(kv, cfg)
 
     def logits_after(self, kv_or_data, ids: Sequence[int], length: int) -> np.ndarray:
         """Restore (exact KV via load, a container via restore), then feed ``ids``; [T, V] float32."""
@@ -211,6 +227,10 @@ def run(device: str, models: Sequence[str], presets: Sequence[str], contexts: Se
         n_tok = len(m.runner.encode(probe))
         res["tokenizer"][name] = dict(chars=len(probe), tokens=n_tok, chars_per_token=len(probe) / n_tok,
                                       export=str(m.dir))
+        from cachegen.profile import PROFILE_PRESETS, load_for_model
+        if any(p in PROFILE_PRESETS for p in codec_presets):   # which profile the -p rows used
+            m.profile = load_for_model(m.dir)
+            res["tokenizer"][name]["profile"] = m.profile.hash_hex
         log(f"{name} {m.precision} {device}: tokenizer {len(probe) / n_tok:.2f} chars/token")
         for C in contexts:
             for wname, w in _windows(m, texts, C + cont, windows):
@@ -227,7 +247,7 @@ def run(device: str, models: Sequence[str], presets: Sequence[str], contexts: Se
                 fp16 = m.runner.kv_nbytes_fp16(stored)
                 for p in todo:
                     t0 = time.perf_counter()
-                    data = cachegen.encode(stored, cfg_of[p])
+                    data = m.encode(stored, cfg_of[p])
                     enc_s = time.perf_counter() - t0
                     t0 = time.perf_counter()
                     lr = m.logits_after(data, tail, C)[:-1]
@@ -258,7 +278,7 @@ def run(device: str, models: Sequence[str], presets: Sequence[str], contexts: Se
                     if p == EXACT_REPEAT:
                         data = kv                       # the same exact cache, loaded again
                     else:
-                        data = cachegen.encode(kv, cfg_of[p])
+                        data = m.encode(kv, cfg_of[p])
                         ratios.append(m.runner.kv_nbytes_fp16(kv) / len(data))
                     gen_r = m.greedy_after(data, first, greedy_tokens)
                     div = None

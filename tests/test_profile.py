@@ -317,3 +317,23 @@ def test_retuned_profile_decodes_containers_of_its_predecessor(tmp_path, monkeyp
     from cachegen.profile.profile import find_profile
     assert find_profile(old.hash, [new, old]) is old
     assert find_profile(old.hash, [new]) is new
+
+
+def test_preset_codec_fields_are_stored_and_applied():
+    """A preset may carry codec fields over the profile codec's defaults (the fit's 1,024-token
+    chunks with one channel per stream): kept in the file, applied by preset_config, checked."""
+    base = _profile()
+    p = base.with_presets({"default-p": ProfilePreset((6,) * L, (5,) * L,
+                                                      codec={"chunk_tokens": 128, "channels_per_stream": 1})})
+    q = Profile.from_bytes(p.to_bytes())
+    assert q.presets == p.presets and q.hash == p.hash != base.hash
+    cfg = pcodec.preset_config(q, "default-p")
+    assert cfg.chunk_tokens == 128 and cfg.channels_per_stream == 1 and cfg.token_scaling
+    kv = make_kv(layers=L, heads=H, dim=D, tokens=300, dtype="float16", seed=8)
+    data = encode(kv, q, "default-p")
+    info = cachegen.inspect(data)
+    assert info["chunk_tokens"] == 128 and info["channels_per_stream"] == 1 and len(info["chunks"]) == 3
+    assert len(decode(data, profiles=q)) == L
+    for bad in ({"group_size": 2}, {"chunk_tokens": 0}, {"channels_per_stream": 999}):
+        with pytest.raises(ConfigError):
+            base.with_presets({"x": ProfilePreset((6,) * L, (5,) * L, codec=bad)})

@@ -33,6 +33,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
                          "0.6 with --in-sample bases)")
     ap.add_argument("--width-step", type=float, default=None, choices=(0.5, 1.0),
                     help="allocation width step in bits (default 1; 0.5 = half bits through step gains, measured worse)")
+    ap.add_argument("--only", nargs="+", default=None, metavar="PRESET",
+                    help="--retune: re-tune only these presets (the others kept as stored)")
     ap.add_argument("--no-trim", action="store_true",
                     help="skip the uniform step-gain trim after the bit allocation")
     g = ap.add_mutually_exclusive_group()
@@ -55,7 +57,7 @@ def run(a: argparse.Namespace) -> int:
 
     model_dir = export_model(a.model, "fp32", "cpu", progress=not a.show)
     out = a.out or profile_path(model_dir)
-    if a.show or (out.is_file() and not a.force):
+    if a.show or (out.is_file() and not a.force and not a.retune):
         if not out.is_file():
             print(f"no profile at {out}", file=sys.stderr)
             return 1
@@ -71,7 +73,16 @@ def run(a: argparse.Namespace) -> int:
         from .fit import DEFAULT_MARGIN, WIDTH_STEP, tune_presets
 
         old = Profile.load(out) if out.is_file() else load_for_model(model_dir)
-        new = tune_presets(old, runner, text, log=lambda s: print(s, flush=True),
+        from .fit import PRESET_TARGETS
+
+        targets = None
+        if a.only:
+            unknown = set(a.only) - set(PRESET_TARGETS)
+            if unknown:
+                print(f"unknown presets {sorted(unknown)}; known: {sorted(PRESET_TARGETS)}", file=sys.stderr)
+                return 2
+            targets = {n: PRESET_TARGETS[n] for n in a.only}
+        new = tune_presets(old, runner, text, log=lambda s: print(s, flush=True), targets=targets,
                            margin=DEFAULT_MARGIN if a.margin is None else a.margin,
                            width_step=WIDTH_STEP if a.width_step is None else a.width_step,
                            trim=not a.no_trim)

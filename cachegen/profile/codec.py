@@ -50,7 +50,8 @@ def preset_config(profile: Profile, preset: str) -> CodecConfig:
         gains["key_step_gain"] = tuple(p.key_gain)
     if p.value_gain is not None:
         gains["value_step_gain"] = tuple(p.value_gain)
-    return CodecConfig(name=preset, key_bits=tuple(p.key_bits), value_bits=tuple(p.value_bits), **_MODERN, **gains)
+    return CodecConfig(name=preset, key_bits=tuple(p.key_bits), value_bits=tuple(p.value_bits),
+                       **{**_MODERN, **(p.codec or {})}, **gains)
 
 
 def _dtype_code(t: Any) -> int:

@@ -4,7 +4,9 @@ A profile file is an uncompressed ``.npz`` (numpy's zip of ``.npy`` arrays, read
 
 * ``meta``: UTF-8 JSON (uint8 array): ``format`` = "cachegen-profile", ``version`` = 1, model
   name and shapes, per-layer RoPE thetas, sink count, presets (per-layer key/value bits with the
-  KL/ratio measured on the calibration windows), calibration text hash;
+  KL/ratio measured on the calibration windows; optional per-layer step gains ``key_gain`` /
+  ``value_gain`` and ``codec`` fields such as ``chunk_tokens``, written only when set),
+  calibration text hash, ``aliases`` (hashes of the profiles this one was re-tuned from);
 * ``key_basis`` / ``value_basis``: float32 ``[layers, C, C]`` orthonormal bases (columns by
   decreasing calibration energy, ``C = kv_heads * head_dim``), present when the profile
   transforms keys / values.
@@ -47,6 +49,8 @@ class ProfilePreset:
     # per-layer step gains (CodecConfig.key_step_gain): fractional widths; None = 1 everywhere
     key_gain: Optional[tuple] = None
     value_gain: Optional[tuple] = None
+    # CodecConfig fields over the profile codec's defaults (e.g. chunk_tokens); None = none
+    codec: Optional[dict] = None
 
     def to_dict(self) -> dict:
         d = dict(key_bits=list(self.key_bits), value_bits=list(self.value_bits), calib_kl=self.calib_kl,
@@ -56,6 +60,8 @@ class ProfilePreset:
             d["key_gain"] = [float(g) for g in self.key_gain]
         if self.value_gain is not None:
             d["value_gain"] = [float(g) for g in self.value_gain]
+        if self.codec:
+            d["codec"] = dict(sorted(self.codec.items()))
         return d
 
 
@@ -101,6 +107,12 @@ class Profile:
                     if len(g) != self.n_layers:
                         raise ConfigError(f"profile preset {n!r}: one step gain per layer needed")
                     normalize_gains(tuple(g))
+            if p.codec is not None:
+                from ..config import CodecConfig
+                allowed = {"chunk_tokens", "channels_per_stream", "tables_per_class", "table_bits"}
+                if not isinstance(p.codec, dict) or set(p.codec) - allowed:
+                    raise ConfigError(f"profile preset {n!r}: codec fields must be among {sorted(allowed)}")
+                CodecConfig(**p.codec)   # range checks
         object.__setattr__(self, "_hash", _content_hash(self))
         # one (read-only) view per layer, so device copies of a basis are made once
         object.__setattr__(self, "_views", tuple(None if b is None else tuple(b[i] for i in range(self.n_layers))
@@ -219,7 +231,8 @@ class Profile:
 
             presets = {str(k): ProfilePreset(tuple(int(b) for b in p["key_bits"]), tuple(int(b) for b in p["value_bits"]),
                                              p.get("calib_kl"), p.get("calib_ratio"), p.get("target_kl"),
-                                             gains(p, "key_gain"), gains(p, "value_gain"))
+                                             gains(p, "key_gain"), gains(p, "value_gain"),
+                                             dict(p["codec"]) if p.get("codec") is not None else None)
                        for k, p in dict(meta.get("presets") or {}).items()}
             prof = cls(model=str(meta["model"]), n_layers=n, kv_heads=int(meta["kv_heads"]),
                        head_dim=int(meta["head_dim"]), rope_theta=tuple(float(t) for t in meta["rope_theta"]),
