@@ -426,7 +426,9 @@ def main(argv=None) -> int:
     configs = dict(parse_variant(v) for v in a.variant)
     presets = a.presets.split(",") if a.presets else [EXACT_REPEAT] + [p for p in PRESET_ORDER if p in cachegen.PRESETS] + \
         [p for p in cachegen.PRESETS if p not in PRESET_ORDER] + list(configs)
-    unknown = [p for p in presets if p != EXACT_REPEAT and p not in configs and p not in cachegen.PRESETS]
+    from cachegen.profile import PROFILE_PRESETS
+    unknown = [p for p in presets if p != EXACT_REPEAT and p not in configs and p not in cachegen.PRESETS
+               and p not in PROFILE_PRESETS]
     if unknown:
         print(f"unknown presets/variants: {unknown}", file=sys.stderr)
         return 2

@@ -85,6 +85,7 @@ def _encode(r, host) -> bytes:
     if PRESET.endswith("-p"):
         from cachegen import profile as cp
         return cp.encode(host, cp.load_for_model(r.model_dir), PRESET)
+    import cachegen
     return cachegen.encode(host, PRESET)
 
 

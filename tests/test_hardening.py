@@ -543,3 +543,13 @@ def test_gpu_decoder_refuses_buffers_that_do_not_fit(bad, monkeypatch):
         bufs[0] = bufs[0][0]
     with pytest.raises(InputError):
         dec.decode_into(data, bufs)
+
+
+def test_forked_workers_never_collect_the_parents_objects():
+    """Workers run with the collector off and the parent's heap frozen (a cycle holding a CUDA
+    tensor, freed in a forked child, aborts the child); the parent's collector is back after."""
+    import gc
+    gc_was = gc.isenabled()
+    res = parallel_map(lambda s, i: (gc.isenabled(), gc.get_freeze_count() > 0), None, range(4), 2)
+    assert all(r == (False, True) for r in res), res
+    assert gc.isenabled() == gc_was and gc.get_freeze_count() == 0

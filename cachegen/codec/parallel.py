@@ -6,6 +6,7 @@ Set CACHEGEN_WORKERS=1 to disable (e.g. where fork is unwelcome).
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import multiprocessing as mp
 import os
@@ -50,7 +51,12 @@ def parallel_imap(fn: Callable[[Any, Any], Any], state: Any, items: Iterable[Any
             yield fn(state, it)
         return
     _JOB = (fn, state)   # set before the pool forks its workers: they inherit it
-    ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"))
+    # A worker must never free the parent's objects: a garbage cycle holding a CUDA tensor,
+    # collected in a forked child, aborts it (cudaErrorInitializationError, seen on the H200
+    # when encoding next to an ORT CUDA session). Freeze the parent's heap before the forks and
+    # keep the collector off in the short-lived workers.
+    gc.freeze()
+    ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=gc.disable)
     pending: deque = deque()
     try:
         source = iter(items)
@@ -65,6 +71,7 @@ def parallel_imap(fn: Callable[[Any, Any], Any], state: Any, items: Iterable[Any
         for f in pending:
             f.cancel()
         ex.shutdown(wait=True, cancel_futures=True)
+        gc.unfreeze()
         _JOB = None
 
 
