@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 MIN_PARALLEL_BYTES = 4 << 20   # below this, process start-up costs more than it saves
 
 _JOB: tuple[Callable[[Any, Any], Any], Any] | None = None
+_IN_WORKER = False   # set in forked workers: a job that itself calls parallel_map stays in-process
 
 
 def worker_count(work_bytes: int, items: int) -> int:
@@ -32,6 +33,10 @@ def worker_count(work_bytes: int, items: int) -> int:
 
 
 def _run(item: Any) -> Any:
+    global _IN_WORKER
+    _IN_WORKER = True
+    if gc.isenabled():   # also here: the initializer alone left it on under Python 3.12 (H200)
+        gc.disable()
     fn, state = _JOB  # type: ignore[misc]
     return fn(state, item)
 
@@ -46,15 +51,16 @@ def parallel_imap(fn: Callable[[Any, Any], Any], state: Any, items: Iterable[Any
     global _JOB
     # _JOB is one per process, and a fork from a helper thread (e.g. the store's background
     # writer) would race the main thread's jobs: off the main thread, work stays in-process.
-    if workers <= 1 or threading.current_thread() is not threading.main_thread():
+    # Nor inside a worker: a nested pool would reset the worker's own _JOB when it finishes.
+    if workers <= 1 or _IN_WORKER or threading.current_thread() is not threading.main_thread():
         for it in items:
             yield fn(state, it)
         return
     _JOB = (fn, state)   # set before the pool forks its workers: they inherit it
-    # A worker must never free the parent's objects: a garbage cycle holding a CUDA tensor,
-    # collected in a forked child, aborts it (cudaErrorInitializationError, seen on the H200
-    # when encoding next to an ORT CUDA session). Freeze the parent's heap before the forks and
-    # keep the collector off in the short-lived workers.
+    # A worker should never free the parent's objects (e.g. a garbage cycle holding a CUDA
+    # tensor: a CUDA call in a forked child fails; an encode next to an ORT CUDA session lost a
+    # worker to cudaErrorInitializationError on the H200, cause not pinned down). Freeze the
+    # parent's heap before the forks and keep the collector off in the short-lived workers.
     gc.freeze()
     ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=gc.disable)
     pending: deque = deque()

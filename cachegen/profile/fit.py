@@ -54,12 +54,14 @@ BITS = tuple(range(2, 10))
 # that puts whole bits at ~x8.26 for 0.0200): the finer choice exploits the errors of the
 # additive per-tensor KL model. So whole bits, then a uniform trim (TRIM_GAINS).
 WIDTH_STEP = 1.0
-# Codec settings of the profile presets over config._MODERN. 1,024-token chunks: quantizer
-# parameters (a lo per channel) and the shared step cover 4x the tokens, which on the calibration
-# windows gives +9-13 % ratio at +15-40 % KL before re-tuning (SmolLM2 default-p x5.07 -> x5.65,
-# Gemma-3 tiny-p x7.99 -> x8.97); one channel per stream keeps the streams as many and as long as
-# 256-token chunks of 4 channels (the GPU decoder's parallelism), for 1.7 % of that gain.
-PROFILE_CODEC = {"chunk_tokens": 1024, "channels_per_stream": 1}
+# Codec settings of the profile presets over config._MODERN (stored per preset when set).
+# Measured and left off (2026-12-03): 1,024-token chunks with one channel per stream (as many
+# streams of the same length for the GPU decoder, whose kernel was even faster: 0.48 vs 0.59 ms
+# at 8K SmolLM2 on the H200) gave +9-13 % ratio on the calibration windows but did not hold on
+# held-out text: the shared step of 1,024 tokens follows the block's outliers, so KL rose
+# 1.9x from calibration to held-out (0.9x with 256) -- SmolLM2 default-p x5.01 at KL 0.0026,
+# Gemma-3 default-p x5.53 at 0.0093 / tiny-p x7.58 at 0.0151 (benches/rd_profile_notes.md).
+PROFILE_CODEC: dict = {}
 # After the lambda search: one step gain for every tensor, the largest of these whose measured
 # KL still meets the target (a move along the real curve, not the per-tensor model).
 TRIM_GAINS = (1.04, 1.08, 1.12, 1.17, 1.22, 1.28, 1.35)
@@ -323,13 +325,13 @@ def tune_presets(profile: Profile, runner: Any, text: Optional[str] = None, *,
             if kl <= target:
                 lo = mid
                 if best is None or ratio > best.calib_ratio:
-                    best = ProfilePreset(kbits, vbits, kl, ratio, target, kg, vg, dict(PROFILE_CODEC))
+                    best = ProfilePreset(kbits, vbits, kl, ratio, target, kg, vg, (dict(PROFILE_CODEC) or None))
             else:
                 hi = mid
         if best is None:   # nothing met the target: the most precise allocation tried
             cfg, kbits, vbits, kg, vg = width_config(name, *allocation(sens, rate, mse, math.exp(lo), fp16, ws))
             kl, ratio = measure(cfg)
-            best = ProfilePreset(kbits, vbits, kl, ratio, target, kg, vg, dict(PROFILE_CODEC))
+            best = ProfilePreset(kbits, vbits, kl, ratio, target, kg, vg, (dict(PROFILE_CODEC) or None))
         elif trim and best.key_gain is None and best.value_gain is None:
             L = len(best.key_bits)
             for g in TRIM_GAINS:   # KL grows with the gain: stop at the first miss
@@ -342,7 +344,7 @@ def tune_presets(profile: Profile, runner: Any, text: Optional[str] = None, *,
                     break
                 if ratio > best.calib_ratio:
                     best = ProfilePreset(best.key_bits, best.value_bits, kl, ratio, target, (g,) * L, (g,) * L,
-                                         dict(PROFILE_CODEC))
+                                         (dict(PROFILE_CODEC) or None))
         presets[name] = best
         _log(log, f"  {name}: K{list(best.key_bits)} V{list(best.value_bits)} x{best.calib_ratio:.2f} "
                   f"KL {best.calib_kl:.4f}" + ("" if best.key_gain is None and best.value_gain is None
