@@ -63,7 +63,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 MODELS = ("smollm2", "gemma3")
-PRESET_ORDER = ("exact-repeat", "tiny", "small", "default", "cachegen-paper", "high", "lossless")
+PRESET_ORDER = ("exact-repeat", "tiny", "small", "default", "cachegen-paper", "fine", "high", "lossless")
 EXACT_REPEAT = "exact-repeat"     # greedy-only pseudo preset: the exact cache's generation run twice
 
 

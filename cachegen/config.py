@@ -226,7 +226,12 @@ class CodecConfig:
 _MODERN = dict(group_size=1, token_scaling=True, scale_sharing=1.0, channels_per_stream=4)
 PRESETS: dict[str, CodecConfig] = {
     "default": CodecConfig(name="default", key_bits=7, value_bits=5, **_MODERN),
-    "high": CodecConfig(name="high", key_bits=8, value_bits=7, **_MODERN),
+    # `high`: near-lossless, for identical greedy output (issue 12): the format's widest
+    # alphabets and per-channel steps; 64-token greedy continuations identical in 31/32
+    # (SmolLM2, 98.3 %) and 30/32 (Gemma-3, 95.8 %) windows on the CPU at x1.62 / x1.64
+    # (benches/greedy_notes.md). `fine` is the former `high` (x2.57 / x2.94, 79 % / 51 %).
+    "high": CodecConfig(name="high", key_bits=10, value_bits=10, **{**_MODERN, "scale_sharing": 0.0}),
+    "fine": CodecConfig(name="fine", key_bits=8, value_bits=7, **_MODERN),
     "small": CodecConfig(name="small", key_bits=6, value_bits=4, **_MODERN),
     "tiny": CodecConfig(name="tiny", key_bits=5, value_bits=3, **_MODERN),
     # The CacheGen paper's layout (8/6/4 bits by layer thirds, anchor-delta groups of 10,

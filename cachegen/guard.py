@@ -5,7 +5,7 @@ cache, rebuilds the values a decoder will return and scores a short *probe* with
 with the decoded cache on the caller's model: KL divergence of the next-token distributions
 (exact || decoded), mean and max over the probe's positions, and top-1 agreement. While the mean
 KL is over the budget (``max_kl``) it steps up to the next preset of the ladder (``default`` ->
-``high`` -> ``lossless`` by default; lossless is bit-exact, so it always meets it). The figures
+``fine`` -> ``high`` -> ``lossless`` by default; lossless is bit-exact, so it always meets it). The figures
 go into the container as an ``EXT_QUALITY`` record (format v2 JSON extension;
 ``cachegen.inspect(data)["extensions"]`` shows it), so a reader can see what was measured, on
 what, and why this preset.
@@ -64,7 +64,7 @@ from .errors import ConfigError, InputError
 __all__ = ["Guard", "GuardResult", "GuardStep", "encode_guarded", "with_extensions", "quality_record",
            "release_buffers", "DEFAULT_LADDER"]
 
-DEFAULT_LADDER = ("default", "high", "lossless")
+DEFAULT_LADDER = ("default", "fine", "high", "lossless")
 QUALITY_SCHEMA = "cachegen.guard/1"
 
 

@@ -23,7 +23,7 @@ from .errors import InputError
 
 __all__ = ["RDPoint", "RDResult", "sweep", "format_table", "plot", "DEFAULT_PRESETS"]
 
-DEFAULT_PRESETS = ("high", "default", "small", "tiny", "cachegen-paper", "lossless")
+DEFAULT_PRESETS = ("high", "fine", "default", "small", "tiny", "cachegen-paper", "lossless")
 
 
 @dataclass

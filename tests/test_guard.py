@@ -75,37 +75,37 @@ def setup():
     kv = make_kv()
     m = TinyAttention(3, 2, 16)
     probe = list(range(5, 37))
-    kls = {p: kl_of(m, kv, cachegen.decode(cachegen.encode(kv, p)), probe) for p in ("tiny", "small", "default", "high")}
+    kls = {p: kl_of(m, kv, cachegen.decode(cachegen.encode(kv, p)), probe) for p in ("tiny", "small", "default", "fine")}
     return kv, m, probe, kls
 
 
 def test_presets_order_on_the_tiny_model(setup):
     _, _, _, kls = setup
-    assert kls["tiny"] > kls["small"] > kls["default"] > kls["high"] > 0, kls
+    assert kls["tiny"] > kls["small"] > kls["default"] > kls["fine"] > 0, kls
 
 
 def test_steps_up_until_the_budget_holds(setup):
     kv, m, probe, kls = setup
-    budget = math.sqrt(kls["default"] * kls["high"])          # default fails, high passes
+    budget = math.sqrt(kls["default"] * kls["fine"])          # default fails, high passes
     res = encode_guarded(kv, Guard(m, probe, max_kl=budget), config="default")
-    assert res.config == "high" and res.met and res.stepped_up == 1
-    assert [s.config for s in res.steps] == ["default", "high"]
+    assert res.config == "fine" and res.met and res.stepped_up == 1
+    assert [s.config for s in res.steps] == ["default", "fine"]
     assert not res.steps[0].passed and res.steps[1].passed
     # the figures are those of the real decoder: same as encode -> decode -> model
     # (float32 log-probabilities: ~1e-8 absolute)
     assert res.steps[0].kl_mean == pytest.approx(kls["default"], rel=1e-4)
-    assert res.steps[0].bytes is None and res.steps[1].bytes == len(cachegen.encode(kv, "high"))
-    assert res.kl_mean == pytest.approx(kls["high"], rel=1e-4) and res.kl_mean <= budget
-    # the container is the "high" cache, with the record
+    assert res.steps[0].bytes is None and res.steps[1].bytes == len(cachegen.encode(kv, "fine"))
+    assert res.kl_mean == pytest.approx(kls["fine"], rel=1e-4) and res.kl_mean <= budget
+    # the container is the "fine" cache, with the record
     dec = cachegen.decode(res.data)
-    ref = cachegen.decode(cachegen.encode(kv, "high"))
+    ref = cachegen.decode(cachegen.encode(kv, "fine"))
     assert all(torch.equal(a, b) for p, q in zip(dec, ref) for a, b in zip(p, q))
     ext = [e for e in cachegen.inspect(res.data)["extensions"] if e["kind"] == EXT_QUALITY]
     assert len(ext) == 1
     rec = ext[0]["value"]
-    assert rec["config"] == "high" and rec["met"] and rec["max_kl"] == budget
+    assert rec["config"] == "fine" and rec["met"] and rec["max_kl"] == budget
     assert rec["kl_mean"] == pytest.approx(res.kl_mean, rel=1e-5)
-    assert [s["config"] for s in rec["steps"]] == ["default", "high"]
+    assert [s["config"] for s in rec["steps"]] == ["default", "fine"]
     assert rec["probe"] == {"kind": "continuation", "tokens": 32, "sha1": Guard(m, probe).probe_digest()}
 
 
@@ -121,7 +121,7 @@ def test_start_below_the_ladder_and_loose_budget(setup):
 def test_zero_budget_stores_lossless(setup):
     kv, m, probe, _ = setup
     res = Guard(m, probe, max_kl=0.0).encode(kv)
-    assert [s.config for s in res.steps] == ["default", "high", "lossless"]
+    assert [s.config for s in res.steps] == ["default", "fine", "high", "lossless"]
     assert res.config == "lossless" and res.met and res.kl_mean == 0.0 and not res.steps[-1].measured
     dec = cachegen.decode(res.data)
     assert all(np.array_equal(d.numpy(), o) for p, q in zip(dec, kv) for d, o in zip(p, q))
@@ -136,13 +136,13 @@ def test_ladder_without_lossless_can_fail(setup):
 
 def test_fast_check_equals_full_decode(setup):
     kv, m, probe, kls = setup
-    budget = math.sqrt(kls["default"] * kls["high"])
+    budget = math.sqrt(kls["default"] * kls["fine"])
     a = Guard(m, probe, max_kl=budget).encode(kv)
     b = Guard(m, probe, max_kl=budget, check="decode").encode(kv)
-    assert with_extensions(a.data, []) == with_extensions(b.data, []) == cachegen.encode(kv, "high")
+    assert with_extensions(a.data, []) == with_extensions(b.data, []) == cachegen.encode(kv, "fine")
     # "fast" never entropy-codes the preset it steps past; "decode" did
-    assert [s.bytes for s in a.steps] == [None, len(cachegen.encode(kv, "high"))]
-    assert [s.bytes for s in b.steps] == [len(cachegen.encode(kv, "default")), len(cachegen.encode(kv, "high"))]
+    assert [s.bytes for s in a.steps] == [None, len(cachegen.encode(kv, "fine"))]
+    assert [s.bytes for s in b.steps] == [len(cachegen.encode(kv, "default")), len(cachegen.encode(kv, "fine"))]
     assert [(s.config, s.kl_mean, s.kl_max, s.top1) for s in a.steps] == \
            [(s.config, s.kl_mean, s.kl_max, s.top1) for s in b.steps]
 
@@ -151,10 +151,10 @@ def test_overlap_gives_the_same_result(setup):
     """The model runs on a helper thread (default) or in turn (overlap=False): same steps,
     figures and container; wait_s / exposed_s account for what the encode stood waiting."""
     kv, m, probe, kls = setup
-    budget = math.sqrt(kls["default"] * kls["high"])       # default fails (its table fit is stopped)
+    budget = math.sqrt(kls["default"] * kls["fine"])       # default fails (its table fit is stopped)
     a = Guard(m, probe, max_kl=budget).encode(kv)
     b = Guard(m, probe, max_kl=budget, overlap=False).encode(kv)
-    assert a.data == b.data and a.config == b.config == "high"
+    assert a.data == b.data and a.config == b.config == "fine"
     assert [(s.config, s.bytes, s.kl_mean, s.kl_max, s.top1, s.passed) for s in a.steps] == \
            [(s.config, s.bytes, s.kl_mean, s.kl_max, s.top1, s.passed) for s in b.steps]
     for r in (a, b):
@@ -243,12 +243,12 @@ def test_keeps_other_extensions_and_with_extensions(setup):
 
 def test_save_with_guard(tmp_path, setup):
     kv, m, probe, kls = setup
-    budget = math.sqrt(kls["default"] * kls["high"])
+    budget = math.sqrt(kls["default"] * kls["fine"])
     n = cachegen.save(tmp_path / "c.cgk", kv, "default", guard=Guard(m, probe, max_kl=budget))
     data = (tmp_path / "c.cgk").read_bytes()
     assert n == len(data)
     rec = cachegen.inspect(data)["extensions"][0]["value"]
-    assert rec["config"] == "high" and rec["kl_mean"] <= budget
+    assert rec["config"] == "fine" and rec["kl_mean"] <= budget
     assert len(cachegen.load(tmp_path / "c.cgk")) == 3
 
 
@@ -271,7 +271,7 @@ def test_runner_without_protocol_is_refused():
 
 def test_store_put_with_guard(setup):
     kv, m, probe, kls = setup
-    budget = math.sqrt(kls["default"] * kls["high"])
+    budget = math.sqrt(kls["default"] * kls["fine"])
     tokens = list(np.random.default_rng(2).integers(0, 97, 600))
     fp = fingerprint_from_kv(kv, "tiny-attn", chunk_tokens=256)
     store = KVStore(MemoryBackend(), fp, levels=("default",), guard=GuardPolicy(m, max_kl=budget))

@@ -43,7 +43,7 @@ TEXT = "text"
 
 #: Utility of a chunk restored at each level (1.0 = exact). Only the order and the rough gaps
 #: matter to the planner; pass measured values (e.g. 1 - normalized KL) to calibrate.
-DEFAULT_QUALITY: dict[str, float] = {TEXT: 0.9, "raw": 0.999, "lossless": 0.999, "high": 0.995,
+DEFAULT_QUALITY: dict[str, float] = {TEXT: 0.9, "raw": 0.999, "lossless": 0.999, "high": 0.998, "fine": 0.995,
                                      "default": 0.99, "cachegen-paper": 0.99, "small": 0.97}
 _UNKNOWN_QUALITY = 0.95
 
