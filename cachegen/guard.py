@@ -5,8 +5,8 @@ cache, rebuilds the values a decoder will return and scores a short *probe* with
 with the decoded cache on the caller's model: KL divergence of the next-token distributions
 (exact || decoded), mean and max over the probe's positions, and top-1 agreement. While the mean
 KL is over the budget (``max_kl``) it steps up to the next preset of the ladder (``default`` ->
-``fine`` -> ``high`` -> ``lossless`` by default; lossless is bit-exact, so it always meets it). The figures
-go into the container as an ``EXT_QUALITY`` record (format v2 JSON extension;
+``fine`` -> ``high`` -> ``lossless`` by default; lossless is bit-exact, so it always meets
+it). The figures go into the container as an ``EXT_QUALITY`` record (format v2 JSON extension;
 ``cachegen.inspect(data)["extensions"]`` shows it), so a reader can see what was measured, on
 what, and why this preset.
 
@@ -506,8 +506,9 @@ class Guard:
         logits there (``logits``: the prefill's [1, T, V] or [T, V], or only its last rows). The
         exact side costs nothing, and 16 tokens judge as well as 32 here (verdict = the
         continuation's in 9/9 SmolLM2 windows at 16; cost 21 % of a 4K encode warm, vs 42-44 %
-        for the 32-token context probe: benches/guard_notes.md), hence the default; the model reads ``T - probe_tokens`` decoded positions (the
-        last ones are recomputed from them, as after a real reload). Full-attention caches only:
+        for the 32-token context probe: benches/guard_notes.md), hence the default. The model
+        reads ``T - probe_tokens`` decoded positions (the last ones are recomputed from them,
+        as after a real reload). Full-attention caches only:
         a sliding-window layer trimmed to its window lacks the positions the early probe tokens
         see (use :meth:`from_context`)."""
         ids = [int(t) for t in np.asarray(context_ids).reshape(-1)]

@@ -35,7 +35,7 @@ def worker_count(work_bytes: int, items: int) -> int:
 def _run(item: Any) -> Any:
     global _IN_WORKER
     _IN_WORKER = True
-    if gc.isenabled():   # also here: the initializer alone left it on under Python 3.12 (H200)
+    if gc.isenabled():   # per job: an initializer=gc.disable alone left it on under Python 3.12 (H200)
         gc.disable()
     fn, state = _JOB  # type: ignore[misc]
     return fn(state, item)
@@ -60,9 +60,9 @@ def parallel_imap(fn: Callable[[Any, Any], Any], state: Any, items: Iterable[Any
     # A worker should never free the parent's objects (e.g. a garbage cycle holding a CUDA
     # tensor: a CUDA call in a forked child fails; an encode next to an ORT CUDA session lost a
     # worker to cudaErrorInitializationError on the H200, cause not pinned down). Freeze the
-    # parent's heap before the forks and keep the collector off in the short-lived workers.
+    # parent's heap before the forks; the workers keep their collector off (_run).
     gc.freeze()
-    ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=gc.disable)
+    ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"))
     pending: deque = deque()
     try:
         source = iter(items)

@@ -70,11 +70,9 @@ def run(a: argparse.Namespace) -> int:
     text = a.text.read_text() if a.text else None
     if a.retune:
         from . import load_for_model
-        from .fit import DEFAULT_MARGIN, WIDTH_STEP, tune_presets
+        from .fit import DEFAULT_MARGIN, PRESET_TARGETS, WIDTH_STEP, tune_presets
 
         old = Profile.load(out) if out.is_file() else load_for_model(model_dir)
-        from .fit import PRESET_TARGETS
-
         targets = None
         if a.only:
             unknown = set(a.only) - set(PRESET_TARGETS)
@@ -86,6 +84,10 @@ def run(a: argparse.Namespace) -> int:
                            margin=DEFAULT_MARGIN if a.margin is None else a.margin,
                            width_step=WIDTH_STEP if a.width_step is None else a.width_step,
                            trim=not a.no_trim)
+        # the old containers decode with the new profile only if the transform is unchanged
+        # (tune_presets never touches it; checked, since an alias is a promise)
+        if not new.same_transform(old):
+            raise RuntimeError("re-tune changed the profile's transform")
         aliases = sorted({*(x.hex() for x in old.aliases), old.hash_hex} - {new.hash_hex})
         new = new.with_presets(new.presets, aliases=aliases, retuned_from=old.hash_hex)
         new.save(out)

@@ -26,7 +26,7 @@ from ..config import _MODERN, CodecConfig, get_config  # _MODERN: the presets' s
 from ..errors import ConfigError, FormatError, InputError
 from ..format.extensions import EXT_TRANSFORM, Extension, find
 from . import ops, transform as tf
-from .profile import Profile, find_profile
+from .profile import Profile, ProfilePreset, find_profile
 
 MAGIC = b"CGTF"
 PAYLOAD_VERSION = 1
@@ -45,12 +45,17 @@ def preset_config(profile: Profile, preset: str) -> CodecConfig:
     except KeyError:
         raise ConfigError(f"profile {profile.model}/{profile.hash_hex[:12]} has no preset {preset!r}; "
                           f"known: {sorted(profile.presets)}") from None
+    return config_of(preset, p)
+
+
+def config_of(name: str, p: ProfilePreset) -> CodecConfig:
+    """The CodecConfig of a ProfilePreset: its widths, step gains and codec fields over _MODERN."""
     gains = {}
     if p.key_gain is not None:
         gains["key_step_gain"] = tuple(p.key_gain)
     if p.value_gain is not None:
         gains["value_step_gain"] = tuple(p.value_gain)
-    return CodecConfig(name=preset, key_bits=tuple(p.key_bits), value_bits=tuple(p.value_bits),
+    return CodecConfig(name=name, key_bits=tuple(p.key_bits), value_bits=tuple(p.value_bits),
                        **{**_MODERN, **(p.codec or {})}, **gains)
 
 

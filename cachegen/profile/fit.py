@@ -62,6 +62,11 @@ WIDTH_STEP = 1.0
 # 1.9x from calibration to held-out (0.9x with 256) -- SmolLM2 default-p x5.01 at KL 0.0026,
 # Gemma-3 default-p x5.53 at 0.0093 / tiny-p x7.58 at 0.0151 (benches/rd_profile_notes.md).
 PROFILE_CODEC: dict = {}
+
+
+def _codec_fields() -> Optional[dict]:
+    """PROFILE_CODEC as a preset stores it (None when empty: older profiles keep their hash)."""
+    return dict(PROFILE_CODEC) or None
 # After the lambda search: one step gain for every tensor, the largest of these whose measured
 # KL still meets the target (a move along the real curve, not the per-tensor model).
 TRIM_GAINS = (1.04, 1.08, 1.12, 1.17, 1.22, 1.28, 1.35)
@@ -72,7 +77,7 @@ def widths(step: float = WIDTH_STEP) -> tuple:
     return tuple(min(BITS) + i * step for i in range(n))
 
 
-def width_config(name: str, kw: Sequence[float], vw: Sequence[float], codec: Optional[dict] = None):
+def width_config(name: str, kw: Sequence[float], vw: Sequence[float]):
     """CodecConfig of per-layer (fractional) widths, plus the (bits, gains) it stores."""
     import cachegen
     from ..config import width_to_bits
@@ -85,7 +90,7 @@ def width_config(name: str, kw: Sequence[float], vw: Sequence[float], codec: Opt
     if any(g != 1.0 for g in vg):
         gains["value_step_gain"] = vg
     cfg = cachegen.CodecConfig(name=name, key_bits=kb, value_bits=vb,
-                               **{**pcodec._MODERN, **(PROFILE_CODEC if codec is None else codec)}, **gains)
+                               **{**pcodec._MODERN, **PROFILE_CODEC}, **gains)
     return cfg, kb, vb, (kg if "key_step_gain" in gains else None), (vg if "value_step_gain" in gains else None)
 
 Log = Optional[Callable[[str], None]]
@@ -325,26 +330,23 @@ def tune_presets(profile: Profile, runner: Any, text: Optional[str] = None, *,
             if kl <= target:
                 lo = mid
                 if best is None or ratio > best.calib_ratio:
-                    best = ProfilePreset(kbits, vbits, kl, ratio, target, kg, vg, (dict(PROFILE_CODEC) or None))
+                    best = ProfilePreset(kbits, vbits, kl, ratio, target, kg, vg, _codec_fields())
             else:
                 hi = mid
         if best is None:   # nothing met the target: the most precise allocation tried
             cfg, kbits, vbits, kg, vg = width_config(name, *allocation(sens, rate, mse, math.exp(lo), fp16, ws))
             kl, ratio = measure(cfg)
-            best = ProfilePreset(kbits, vbits, kl, ratio, target, kg, vg, (dict(PROFILE_CODEC) or None))
+            best = ProfilePreset(kbits, vbits, kl, ratio, target, kg, vg, _codec_fields())
         elif trim and best.key_gain is None and best.value_gain is None:
             L = len(best.key_bits)
             for g in TRIM_GAINS:   # KL grows with the gain: stop at the first miss
-                cfg = cachegen.CodecConfig(name=name, key_bits=best.key_bits, value_bits=best.value_bits,
-                                           key_step_gain=(g,) * L, value_step_gain=(g,) * L,
-                                           **{**pcodec._MODERN, **PROFILE_CODEC})
-                kl, ratio = measure(cfg)
+                trial = replace(best, key_gain=(g,) * L, value_gain=(g,) * L)
+                kl, ratio = measure(pcodec.config_of(name, trial))
                 _log(log, f"  {name}: trim gain {g:.2f} -> x{ratio:.2f} KL {kl:.4f}")
                 if kl > target:
                     break
                 if ratio > best.calib_ratio:
-                    best = ProfilePreset(best.key_bits, best.value_bits, kl, ratio, target, (g,) * L, (g,) * L,
-                                         (dict(PROFILE_CODEC) or None))
+                    best = replace(trial, calib_kl=kl, calib_ratio=ratio)
         presets[name] = best
         _log(log, f"  {name}: K{list(best.key_bits)} V{list(best.value_bits)} x{best.calib_ratio:.2f} "
                   f"KL {best.calib_kl:.4f}" + ("" if best.key_gain is None and best.value_gain is None

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..config import CodecConfig, normalize_gains
 from ..errors import ConfigError, FormatError, UnsupportedVersionError
 
 FORMAT_NAME = "cachegen-profile"
@@ -103,12 +104,10 @@ class Profile:
                 raise ConfigError(f"profile preset {n!r}: one bit width per layer needed")
             for g in (p.key_gain, p.value_gain):
                 if g is not None:
-                    from ..config import normalize_gains
                     if len(g) != self.n_layers:
                         raise ConfigError(f"profile preset {n!r}: one step gain per layer needed")
                     normalize_gains(tuple(g))
             if p.codec is not None:
-                from ..config import CodecConfig
                 allowed = {"chunk_tokens", "channels_per_stream", "tables_per_class", "table_bits"}
                 if not isinstance(p.codec, dict) or set(p.codec) - allowed:
                     raise ConfigError(f"profile preset {n!r}: codec fields must be among {sorted(allowed)}")
