@@ -63,8 +63,30 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 MODELS = ("smollm2", "gemma3")
-PRESET_ORDER = ("exact-repeat", "tiny", "small", "default", "cachegen-paper", "fine", "high", "lossless")
+PRESET_ORDER = ("exact-repeat", "ulp-noise", "tiny", "small", "default", "cachegen-paper", "fine", "high", "lossless")
 EXACT_REPEAT = "exact-repeat"     # greedy-only pseudo preset: the exact cache's generation run twice
+# greedy-only pseudo preset: every element of the exact cache moved one ulp of its own dtype
+# (random sign): the floor for any lossy cache on these graphs, since fp16 near-ties flip on it
+ULP_NOISE = "ulp-noise"
+FLOORS = (EXACT_REPEAT, ULP_NOISE)
+
+
+def ulp_noise(kv, seed: int = 0) -> list:
+    """The cache with each element one ulp up or down (seeded; signs independent per element)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for pair in kv:
+        moved = []
+        for t in pair:
+            a = t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)   # torch (CUDA) or numpy
+            to = np.where(rng.random(a.shape) < 0.5, -np.inf, np.inf).astype(a.dtype)
+            b = np.nextafter(a, to)
+            if hasattr(t, "detach"):
+                import torch
+                b = torch.from_numpy(b).to(t.device)
+            moved.append(b)
+        out.append(tuple(moved))
+    return out
 
 
 def _order(p: str) -> int:
@@ -187,9 +209,9 @@ def run(device: str, models: Sequence[str], presets: Sequence[str], contexts: Se
     from cachegen.quality import eval_texts, greedy_stats
 
     configs = dict(configs or {})
-    cfg_of = {p: (None if p == EXACT_REPEAT else configs.get(p, p)) for p in presets}
+    cfg_of = {p: (None if p in FLOORS else configs.get(p, p)) for p in presets}
     cfg_dict = {p: _config_dict(c) for p, c in cfg_of.items()}
-    codec_presets = [p for p in presets if p != EXACT_REPEAT]
+    codec_presets = [p for p in presets if p not in FLOORS]
 
     texts = eval_texts()
     res = json.loads(out.read_text()) if out.is_file() else {}
@@ -272,11 +294,13 @@ def run(device: str, models: Sequence[str], presets: Sequence[str], contexts: Se
                 wins.append((kv, first, m.greedy_after(kv, first, greedy_tokens)))
             log(f"{name}: {len(wins)} exact greedy runs of {greedy_tokens} tokens")
             # the noise floor, then `high` and `default` first: the targets are about them
-            for p in sorted(todo, key=lambda q: (q != EXACT_REPEAT, q != "high", q != "default")):
+            for p in sorted(todo, key=lambda q: (q not in FLOORS, q != "high", q != "default")):
                 pairs, ratios = [], []
                 for kv, first, gen_o in wins:
                     if p == EXACT_REPEAT:
                         data = kv                       # the same exact cache, loaded again
+                    elif p == ULP_NOISE:
+                        data = ulp_noise(kv, seed=len(pairs))
                     else:
                         data = m.encode(kv, cfg_of[p])
                         ratios.append(m.runner.kv_nbytes_fp16(kv) / len(data))
@@ -337,7 +361,8 @@ def report(res: dict) -> str:
     if g:
         lines += ["", "Greedy agreement: prefix = mean fraction of the tokens generated identically before the "
                   "first difference; position-wise = mean fraction of positions holding the same token; "
-                  "exact-repeat = the exact cache's generation run twice (the noise floor).", "",
+                  "exact-repeat = the exact cache's generation run twice (the noise floor); "
+                  "ulp-noise = the exact cache with every element moved one ulp (the floor for any lossy cache).", "",
                   "| model | preset | ratio | greedy agreement (prefix) | position-wise | identical "
                   "| divergences at near-ties (margin < 0.1) |", "|---|---|---|---|---|---|---|"]
         for r in sorted(g, key=lambda r: (r["model"], _order(r["preset"]), r["preset"])):
@@ -380,9 +405,10 @@ def targets(res: dict) -> List[str]:
             extra = []
             if r.get("token_agreement") is not None:
                 extra.append(f"position-wise {100 * r['token_agreement']:.1f} %")
-            floor = [q for q in g if q["model"] == r["model"] and q["preset"] == EXACT_REPEAT]
-            if floor:
-                extra.append(f"noise floor (exact-repeat) {100 * floor[-1]['agreement']:.1f} %")
+            for fl in FLOORS:
+                floor = [q for q in g if q["model"] == r["model"] and q["preset"] == fl]
+                if floor:
+                    extra.append(f"floor {fl} {100 * floor[-1]['agreement']:.1f} %")
             out.append(s + (f" ({', '.join(extra)})" if extra else ""))
     return out
 
@@ -395,7 +421,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--presets", default=None,
                     help="comma list (default: exact-repeat, then every preset, then every --variant); "
-                         "exact-repeat = the greedy noise floor")
+                         "exact-repeat and ulp-noise = the greedy floors (see the module doc)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                     help="a codec variant: CodecConfig fields over a base preset (key \"preset\", default "
                          "high), e.g. 'k9v8={\"key_bits\": 9, \"value_bits\": 8}'; repeatable")
@@ -427,7 +453,7 @@ def main(argv=None) -> int:
     presets = a.presets.split(",") if a.presets else [EXACT_REPEAT] + [p for p in PRESET_ORDER if p in cachegen.PRESETS] + \
         [p for p in cachegen.PRESETS if p not in PRESET_ORDER] + list(configs)
     from cachegen.profile import PROFILE_PRESETS
-    unknown = [p for p in presets if p != EXACT_REPEAT and p not in configs and p not in cachegen.PRESETS
+    unknown = [p for p in presets if p not in FLOORS and p not in configs and p not in cachegen.PRESETS
                and p not in PROFILE_PRESETS]
     if unknown:
         print(f"unknown presets/variants: {unknown}", file=sys.stderr)
