@@ -78,13 +78,14 @@ def run(models, context: int, windows: int, starts, max_kl: float, probe_tokens:
             prefill_s = time.perf_counter() - t0
             tail = logits[0, -probe_tokens:].copy()
             del logits
+            full = kv                          # the prefill probe takes the positions before a window from it
             kv = runner.window_kv(kv)          # Gemma-3: sliding layers keep their 512-token window
             for start in starts:
                 if (model, context, wname, start) in done:
                     continue
                 # the guarded encode first, as a caller runs it right after the prefill (the plain
                 # encodes fork workers; the first writes to memory after a fork pay page faults)
-                g = (Guard.from_prefill(runner, ctx, tail, probe_tokens, max_kl=max_kl) if probe == "prefill"
+                g = (Guard.from_prefill(runner, ctx, tail, probe_tokens, kv=full, max_kl=max_kl) if probe == "prefill"
                      else Guard.from_context(runner, ctx, probe_tokens, max_kl=max_kl))
                 t0 = time.perf_counter()
                 gr = g.encode(kv, start)
@@ -104,7 +105,7 @@ def run(models, context: int, windows: int, starts, max_kl: float, probe_tokens:
                                         kl_on(runner, kv, cachegen.decode(plain), cont) if cont_tokens >= 2 else None)
                     sweep[str(probe_tokens)] = gr.steps[0].kl_mean
                     for n in sweep_tokens:
-                        sg = (Guard.from_prefill(runner, ctx, tail[-n:], n, max_kl=1e9, presets=())
+                        sg = (Guard.from_prefill(runner, ctx, tail[-n:], n, kv=full, max_kl=1e9, presets=())
                               if probe == "prefill" else Guard.from_context(runner, ctx, n, max_kl=1e9, presets=()))
                         sr = sg.encode(kv, start)
                         sweep[str(n)] = sr.kl_mean
@@ -331,7 +332,8 @@ def main(argv=None) -> int:
     ap.add_argument("--probe", choices=("context", "prefill"), default="context",
                     help="context: the context's last tokens fed again after the cache (Guard.from_context); "
                          "prefill: the cache without its last tokens + those tokens, against the prefill's logits "
-                         "(Guard.from_prefill; full-attention caches only: not Gemma-3's trimmed sliding layers)")
+                         "(Guard.from_prefill with the untrimmed cache: Gemma-3's trimmed sliding layers take the "
+                         "positions before their window from it)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--ab", metavar="REV", help="side by side in one process: the guard of git revision REV "

@@ -34,8 +34,9 @@ Probes (token ids the model reads after the cache):
   models, this probe's KL tracks the continuation's (benches/RESULTS.md, "Quality guard");
 * or the prefill's own predictions (:meth:`Guard.from_prefill`): the decoded cache without its
   last tokens, then those tokens, against the logits the prefill already gave there, so there is
-  no exact probe to run. Full-attention caches only (a sliding layer trimmed to its window lacks
-  positions the earlier probe tokens see).
+  no exact probe to run. A sliding layer trimmed to its window lacks positions the earlier probe
+  tokens see: pass the untrimmed prefill cache too (``kv=``) and the probe takes those few
+  positions from it, exact (Gemma-3).
 
 ``runner``: anything with ``continue_from(kv, ids) -> (logits [1, T, V], kv)`` (``OrtRunner``, the
 store's runner protocol); logits may be numpy or torch.
@@ -474,6 +475,10 @@ class Guard:
     #: the probe is then the cache's last ``len(probe_ids)`` tokens, fed again after the rest
     reference: Any = None
     context_len: Optional[int] = None       # with ``reference``: the context's length (every layer's)
+    #: with ``reference``: the untrimmed exact cache (the prefill's), from which a probe of a cache
+    #: whose sliding layers are trimmed takes the positions just before their window (kept by
+    #: reference, not copied)
+    exact_kv: Any = None
     #: ``check="fast"``: run the model on a helper thread while the encoder quantizes and fits
     #: its tables (the exact probe during pass 1, the decoded one during the table fit); False:
     #: everything in turn on the calling thread
@@ -500,7 +505,7 @@ class Guard:
 
     @classmethod
     def from_prefill(cls, runner: Any, context_ids: Sequence[int], logits: Any, probe_tokens: int = 16,
-                     **kw: Any) -> "Guard":
+                     kv: Any = None, **kw: Any) -> "Guard":
         """Probe with the prefill's own predictions: the decoded cache without its last
         ``probe_tokens`` positions, then those tokens fed again, scored against the prefill's
         logits there (``logits``: the prefill's [1, T, V] or [T, V], or only its last rows). The
@@ -508,9 +513,11 @@ class Guard:
         continuation's in 9/9 SmolLM2 windows at 16; cost 21 % of a 4K encode warm, vs 42-44 %
         for the 32-token context probe: benches/guard_notes.md), hence the default. The model
         reads ``T - probe_tokens`` decoded positions (the last ones are recomputed from them,
-        as after a real reload). Full-attention caches only:
-        a sliding-window layer trimmed to its window lacks the positions the early probe tokens
-        see (use :meth:`from_context`)."""
+        as after a real reload). ``kv``: the prefill's untrimmed cache, needed when the cache to
+        encode has sliding-window layers trimmed to their window (Gemma-3): those lack the
+        ``probe_tokens - 1`` positions before the window that the early probe tokens see, and the
+        probe takes them from ``kv``, exact (a reader never needs them: every position after the
+        context sees only the stored window)."""
         ids = [int(t) for t in np.asarray(context_ids).reshape(-1)]
         n = min(int(probe_tokens), len(ids) - 1)
         if n < 1:
@@ -518,7 +525,8 @@ class Guard:
         lg = _logits_t(logits)
         if lg.shape[0] < n:
             raise InputError(f"{lg.shape[0]} rows of prefill logits, the probe needs the last {n}")
-        return cls(runner, ids[-n:], probe_kind="prefill_tail", reference=lg[-n:], context_len=len(ids), **kw)
+        return cls(runner, ids[-n:], probe_kind="prefill_tail", reference=lg[-n:], context_len=len(ids),
+                   exact_kv=kv, **kw)
 
     @classmethod
     def from_context(cls, runner: Any, context_ids: Sequence[int], probe_tokens: int = 32, **kw: Any) -> "Guard":
@@ -544,6 +552,11 @@ class _RunnerProbe:
 
     def __init__(self, runner: Any, ids: Sequence[int], kv: Any = None, cut: int = 0):
         self.runner, self.ids, self._targets, self._kv, self.cut = runner, list(ids), None, kv, cut
+        self.lead: list = []
+
+    def set_lead(self, lead: list) -> None:
+        """Exact positions to put before each layer's cut cache (:func:`_lead_of`)."""
+        self.lead = lead
 
     def score_exact(self, kv: Any):
         self._kv = kv
@@ -561,7 +574,8 @@ class _RunnerProbe:
     def score_targets(self):
         kv = self.targets()
         if self.cut:
-            kv = [(k[:, :, :k.shape[2] - self.cut], v[:, :, :v.shape[2] - self.cut]) for k, v in kv]
+            kv = _with_lead([(k[:, :, :k.shape[2] - self.cut], v[:, :, :v.shape[2] - self.cut]) for k, v in kv],
+                            self.lead)
         return self.runner.continue_from(kv, self.ids)[0]
 
 
@@ -639,6 +653,22 @@ def _shared_probe_class():
             self.load(kv)
             return _log_probs(self.score_targets())
 
+        def set_lead(self, lead: list) -> None:
+            """Exact positions just before each trimmed layer's window, written into the buffer's
+            front there; ``None`` for a layer puts the zeros back (a reused probe)."""
+            import torch
+
+            for pair, t, ld in zip(self.kv, self.tokens, lead or [None] * len(self.tokens)):
+                if t >= self.T:
+                    continue
+                for b, x in zip(pair, ld or (None, None)):
+                    n = self.cut if x is None else x.shape[2]
+                    dst = b[:, :, max(0, self.T - t - n):self.T - t]
+                    if x is None:
+                        dst.zero_()
+                    else:
+                        dst.copy_(torch.from_numpy(np.ascontiguousarray(x)).to(dst.dtype))
+
         def targets(self) -> list:
             # StaticKV's views run to the buffer's end: a layer of t tokens is [T - t, T)
             return [(k[:, :, :t].numpy(), v[:, :, :t].numpy()) for (k, v), t in zip(self._views(self.tokens), self.tokens)]
@@ -700,12 +730,57 @@ def _reference_probe(guard: "Guard", kv: Any, fast: bool):
     n = len(guard.probe_ids)
     tokens = [int(k.shape[2]) for k, _ in kv]
     T = guard.context_len or max(tokens)
-    if any(t != T for t in tokens):
-        raise InputError(f"a prefill-tail probe needs every layer to hold the whole context ({T} tokens), got "
-                         f"{sorted(set(tokens))}: sliding-window layers trimmed to their window lack positions "
-                         "the probe reads (use Guard.from_context)")
+    lead = _lead_of(guard, tokens, T, n)
     probe = _make_probe(guard.runner, kv, guard.probe_ids, fast, cut=n)
+    probe.set_lead(lead)
     return probe, _Reference(guard.reference), n
+
+
+def _lead_of(guard: "Guard", tokens: Sequence[int], T: int, n: int) -> list:
+    """Per layer, None or the exact (key, value) positions ``[T - t - m, T - t)`` of a layer
+    holding its last ``t < T`` tokens (``m = min(n, T - t)``), from ``guard.exact_kv``: a probe
+    that re-reads the last ``n`` positions sees up to ``n - 1`` positions before a trimmed
+    sliding layer's window, and the cut cache keeps the layer at its window length."""
+    if max(tokens) > T:
+        raise InputError(f"the cache holds {max(tokens)} tokens, the prefill-tail probe's context {T}")
+    if all(t == T for t in tokens):
+        return [None] * len(tokens)
+    full = guard.exact_kv
+    if full is None:
+        raise InputError(f"a prefill-tail probe needs every layer to hold the whole context ({T} tokens), got "
+                         f"{sorted(set(tokens))}: pass the untrimmed prefill cache (Guard.from_prefill(..., kv=)) "
+                         "for sliding-window layers trimmed to their window, or use Guard.from_context")
+    if len(full) != len(tokens):
+        raise InputError(f"the untrimmed cache has {len(full)} layers, the cache to encode {len(tokens)}")
+    from .codec.encoder import _to_f32
+    from .codec.layout import host_array
+
+    out: list = []
+    for i, ((fk, fv), t) in enumerate(zip(full, tokens)):
+        if t == T:
+            out.append(None)
+            continue
+        if fk.shape[2] != T or fv.shape[2] != T:
+            raise InputError(f"layer {i} of the untrimmed cache has {fk.shape[2]} tokens, the context {T}")
+        m = min(n, T - t)
+        out.append(tuple(np.array(_to_f32(*host_array(x[:, :, T - t - m:T - t])), dtype=np.float32) for x in (fk, fv)))
+    return out
+
+
+def _with_lead(kv: list, lead: list) -> list:
+    """``kv`` (a cut cache) with each layer's exact lead positions put in front (numpy)."""
+    if not lead or all(ld is None for ld in lead):
+        return kv
+    from .codec.encoder import _to_f32
+    from .codec.layout import host_array
+
+    out = []
+    for (k, v), ld in zip(kv, lead):
+        if ld is not None:
+            k, v = (np.concatenate([ld[j], np.asarray(_to_f32(*host_array(x)), np.float32)], axis=2)
+                    for j, x in ((0, k), (1, v)))
+        out.append((k, v))
+    return out
 
 
 def _probe_compare(probe: Any, ref: "_Reference") -> tuple[float, float, float]:
@@ -815,7 +890,8 @@ def encode_guarded(kv: Any, guard: Guard, config: Union[str, CodecConfig, None] 
                 t0 = time.perf_counter()
                 dec = cachegen.decode(data, "cpu")
                 if cut:
-                    dec = [(k[:, :, :k.shape[2] - cut], v[:, :, :v.shape[2] - cut]) for k, v in dec]
+                    dec = _with_lead([(k[:, :, :k.shape[2] - cut], v[:, :, :v.shape[2] - cut]) for k, v in dec],
+                                     probe.lead)
                 lg, _ = guard.runner.continue_from(dec, guard.probe_ids)
                 klm, klx, top1 = _compare(lp_ref, lg)
                 check_s = time.perf_counter() - t0
@@ -865,24 +941,35 @@ def result_dict(res: GuardResult) -> dict:
 @dataclass
 class GuardPolicy:
     """A guard without its probe, for callers that have the context's tokens at hand (the store):
-    :meth:`for_context` makes the :class:`Guard` with the context's last ``probe_tokens``."""
+    :meth:`for_context` makes the :class:`Guard` with the context's last ``probe_tokens``;
+    :meth:`for_prefill`, when the caller also has the prefill's logits, the cheaper prefill-tail
+    probe of ``prefill_tokens`` (no exact probe run: benches/guard_notes.md)."""
     runner: Any
     max_kl: float = 0.01
     presets: Sequence[Union[str, CodecConfig]] = DEFAULT_LADDER
     probe_tokens: int = 32
     check: str = "fast"
+    prefill_tokens: int = 16
 
     def for_context(self, context_ids: Sequence[int]) -> Guard:
         return Guard.from_context(self.runner, context_ids, self.probe_tokens, max_kl=self.max_kl,
                                   presets=self.presets, check=self.check)
 
+    def for_prefill(self, context_ids: Sequence[int], logits: Any, kv: Any = None) -> Guard:
+        return Guard.from_prefill(self.runner, context_ids, logits, self.prefill_tokens, kv=kv, max_kl=self.max_kl,
+                                  presets=self.presets, check=self.check)
+
 
 def guard_chunks(policy: GuardPolicy, tokens: Sequence[int], kv: Any, chunk_tokens: int, start_chunk: int,
-                 n_chunks: int, level: str) -> tuple[str, dict[int, bytes], GuardResult]:
+                 n_chunks: int, level: str, logits: Any = None) -> tuple[str, dict[int, bytes], GuardResult]:
     """The store's guarded write: chunks ``start_chunk..n_chunks-1`` of ``kv`` are encoded one by
     one (one container each) at ``level``, then the next preset of the ladder, until the whole
     prefix cache (chunks before ``start_chunk`` as given, the new ones as a reader will decode
     them) keeps the probe (the prefix's last tokens, fed again) within the budget.
+
+    ``logits``: the prefill's logits over ``tokens`` (row j = the prediction after token j), at
+    least for the prefix's last ``policy.prefill_tokens``: the probe is then the prefix's last
+    tokens fed again after the rest of it, scored against those rows (no exact probe run).
 
     Returns ``(level stored, {chunk: container with its EXT_QUALITY record}, result)``."""
     import cachegen
@@ -891,16 +978,29 @@ def guard_chunks(policy: GuardPolicy, tokens: Sequence[int], kv: Any, chunk_toke
     C = int(chunk_tokens)
     end = n_chunks * C
     ids = [int(t) for t in np.asarray(tokens).reshape(-1)[:end]]
-    g = policy.for_context(ids)
 
     def cut(x, a, b):
         return x[:, :, a:b]
 
     prefix = [(cut(k, 0, end), cut(v, 0, end)) for k, v in kv]
-    fast = g.check == "fast"
     t0 = time.perf_counter()
-    probe = _make_probe(g.runner, prefix, g.probe_ids, fast)
-    lp_ref = probe.score_exact(prefix)
+    if logits is None:
+        g = policy.for_context(ids)
+        probe = _make_probe(g.runner, prefix, g.probe_ids, g.check == "fast")
+        lp_ref = probe.score_exact(prefix)
+    else:
+        lg = _logits_t(logits)
+        # rows are the prompt's last ones (all of them, usually): row r = position first + r
+        first = len(np.asarray(tokens).reshape(-1)) - lg.shape[0]
+        n = min(int(policy.prefill_tokens), end - 1)
+        if first < 0 or first > end - n:
+            raise InputError(f"{lg.shape[0]} rows of prefill logits for {first + lg.shape[0]} tokens do not cover "
+                             f"positions {end - n}..{end - 1}, the stored prefix's last {n}")
+        g = policy.for_prefill(ids, lg[:end - first])
+        probe, lp_ref, _ = _reference_probe(g, prefix, g.check == "fast")
+        if hasattr(probe, "load"):             # the shared buffers hold the exact prefix before the rebuild
+            probe.load(prefix)
+    fast = g.check == "fast"
     reference_s = time.perf_counter() - t0
     steps: list[GuardStep] = []
     payloads: dict[int, bytes] = {}
@@ -958,7 +1058,7 @@ def guard_chunks(policy: GuardPolicy, tokens: Sequence[int], kv: Any, chunk_toke
     last_step = steps[-1]
     res = GuardResult(data=b"", config=last_step.config, met=last_step.passed, kl_mean=last_step.kl_mean,
                       kl_max=last_step.kl_max, top1=last_step.top1, probe_tokens=len(g.probe_ids),
-                      probe_kind="context_tail", max_kl=float(g.max_kl), steps=steps, reference_s=reference_s)
+                      probe_kind=g.probe_kind, max_kl=float(g.max_kl), steps=steps, reference_s=reference_s)
     rec = quality_record(res)
     rec["probe"]["sha1"] = g.probe_digest()
     rec["scope"] = {"chunks": [start_chunk, n_chunks], "chunk_tokens": C}

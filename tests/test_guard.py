@@ -291,6 +291,41 @@ def test_store_put_with_guard(setup):
     assert counts["n"] == 1 and counts["stored"] == {res.config: 1}
 
 
+@pytest.mark.parametrize("check", ["fast", "decode"])
+def test_store_put_with_prefill_logits(setup, check):
+    """put(..., logits=): the guard probes with the prefill's own predictions at the stored
+    prefix's end (one model run per preset, none for the exact side)."""
+    kv, m, probe, kls = setup
+    tokens = [int(t) for t in np.random.default_rng(2).integers(0, 97, 600)]
+    end, n = 512, 16                                        # 2 full chunks of 256 are stored
+    exact = m.continue_from([(k[:, :, :end - n], v[:, :, :end - n]) for k, v in kv], tokens[end - n:end])[0]
+    logits = np.zeros((1, 600, 97), np.float32)
+    logits[0, end - n:end] = exact[0]
+    fp = fingerprint_from_kv(kv, "tiny-attn", chunk_tokens=256)
+    store = KVStore(MemoryBackend(), fp, levels=("small",),
+                    guard=GuardPolicy(m, max_kl=1e9, prefill_tokens=n, check=check))
+    calls = m.calls
+    assert store.put(tokens, kv, logits=logits) == 2
+    res = store.last_guard["small"]
+    assert res.probe_kind == "prefill_tail" and res.probe_tokens == n and res.config == "small"
+    assert m.calls == calls + 1                             # only the decoded cache's run
+    match = store.lookup(tokens)
+    got, _ = store.load(match, level=["small"])
+    dec = [(k[:, :, :end - n], v[:, :, :end - n]) for k, v in got]
+    cut = [(k[:, :, :end - n], v[:, :, :end - n]) for k, v in kv]
+    assert res.kl_mean == pytest.approx(kl_of(m, cut, dec, tokens[end - n:end]), rel=1e-4)
+    rec = cachegen.inspect(bytes(store.fetch(match.chunks[1], "small")))["extensions"][0]["value"]
+    assert rec["probe"]["kind"] == "prefill_tail"
+    # only the last rows given: enough when they reach back to the probe's first position
+    s2 = KVStore(MemoryBackend(), fp, levels=("small",), guard=GuardPolicy(m, max_kl=1e9, prefill_tokens=n))
+    s2.put(tokens, kv, logits=logits[0, -(600 - end + n):])
+    assert s2.last_guard["small"].kl_mean == pytest.approx(res.kl_mean, rel=1e-6)
+    s3 = KVStore(MemoryBackend(), fp, levels=("small",), guard=GuardPolicy(m, max_kl=1e9, prefill_tokens=n))
+    with pytest.raises(InputError, match="rows of prefill logits"):
+        s3.put(tokens, kv, logits=logits[0, -(600 - end):])
+    assert s3.lookup(tokens).tokens == 0                   # refused before anything was written
+
+
 def test_with_extensions_refuses_a_corrupt_header(setup):
     from cachegen.errors import ChecksumError
 
@@ -378,22 +413,31 @@ def test_prefill_tail_probe_on_ort(name):
 
     r = get_runner(name)
     ids = list(text_ids(name))[:700]
-    lg, kv = r.prefill(ids)
-    if name == "gemma3":                             # trimmed sliding layers: refused, not mis-measured
-        with pytest.raises(InputError, match="from_context"):
-            Guard.from_prefill(r, ids, lg, 16).encode(r.window_kv(kv), "default")
-        return
-    a = Guard.from_prefill(r, ids, lg, 16, max_kl=0.0, presets=("tiny", "default")).encode(kv)
+    lg, full = r.prefill(ids)
+    kv = r.window_kv(full)                           # Gemma-3: sliding layers keep their 512 positions
+    extra = {}
+    if name == "gemma3":
+        # trimmed sliding layers without the untrimmed cache: refused, not mis-measured
+        with pytest.raises(InputError, match="untrimmed"):
+            Guard.from_prefill(r, ids, lg, 16).encode(kv, "default")
+        extra = dict(kv=full)                        # the probe takes the 15 positions before the window from it
+    a = Guard.from_prefill(r, ids, lg, 16, max_kl=0.0, presets=("tiny", "default"), **extra).encode(kv)
     b = Guard.from_prefill(_PlainRunner(r), ids, lg, 16, max_kl=0.0, presets=("tiny", "default"),
-                           check="decode").encode(kv)
+                           check="decode", **extra).encode(kv)
     assert [s.config for s in a.steps] == [s.config for s in b.steps] == ["tiny", "default"]
     for s, t in zip(a.steps, b.steps):
         assert s.kl_mean == pytest.approx(t.kl_mean, rel=1e-6, abs=1e-9) and s.top1 == t.top1
     assert a.steps[0].kl_mean > a.kl_mean > 0
-    # the reference is the exact cache's own prediction there: lossless scores ~0
-    ll = Guard.from_prefill(r, ids, lg, 16, max_kl=0.0, presets=()).encode(kv, "lossless")
-    assert ll.kl_mean == 0.0
-    cut = [(k[:, :, :-16], v[:, :, :-16]) for k, v in kv]
-    from cachegen.guard import _Reference, _compare
+    assert with_extensions(a.data, []) == cachegen.encode(kv, "default")
+    # the reference is the exact cache's own prediction there: the exact cut cache (with the lead
+    # positions) scores ~0, so what the probe measures is the codec's error alone
+    from cachegen.guard import _Reference, _compare, _lead_of, _with_lead
+    g = Guard.from_prefill(r, ids, lg, 16, **extra)
+    lead = _lead_of(g, [int(k.shape[2]) for k, _ in kv], len(ids), 16)
+    assert (name == "gemma3") == any(ld is not None for ld in lead)
+    cut = _with_lead([(k[:, :, :k.shape[2] - 16], v[:, :, :v.shape[2] - 16]) for k, v in kv], lead)
     klm, _, top1 = _compare(_Reference(lg[0, -16:]), r.continue_from(cut, ids[-16:])[0])
     assert klm < 1e-5 and top1 == 1.0
+    # the fast probe reused for a second guarded encode (buffers kept by the runner) measures the same
+    c = Guard.from_prefill(r, ids, lg, 16, max_kl=0.0, presets=("tiny", "default"), **extra).encode(kv)
+    assert [(s.kl_mean, s.top1) for s in c.steps] == [(s.kl_mean, s.top1) for s in a.steps]

@@ -167,10 +167,14 @@ class KVStore:
 
     # ---------------------------------------------------------------- write
     def put(self, tokens: Any, kv: Sequence[Sequence[Any]], levels: Optional[Sequence[str]] = None,
-            start_chunk: int = 0, skip_existing: bool = True) -> int:
+            start_chunk: int = 0, skip_existing: bool = True, logits: Any = None) -> int:
         """Store the full chunks of ``tokens`` covered by ``kv`` (``kv`` holds at least those tokens,
         position 0 first). Chunks before ``start_chunk`` are left alone (already stored). Returns
-        the number of chunks written."""
+        the number of chunks written.
+
+        ``logits``: with a guard, the prefill's logits for ``tokens`` (``[1, T, V]`` or ``[T, V]``,
+        or only the last rows): the guard then probes with them (``Guard.from_prefill``: one
+        model run per preset tried, no exact probe), else with the context's last tokens."""
         levels = tuple(levels or self.levels)
         C = self.chunk_tokens
         kv_len = min(int(k.shape[2]) for k, _ in kv)
@@ -191,7 +195,7 @@ class KVStore:
 
             for lv in levels:
                 if lv != "raw" and any(not e or lv not in e["levels"] for e in existing[start_chunk:]):
-                    guarded[lv] = guard_chunks(self.guard, tokens, kv, C, start_chunk, len(hashes), lv)
+                    guarded[lv] = guard_chunks(self.guard, tokens, kv, C, start_chunk, len(hashes), lv, logits)
                     self.last_guard[lv] = guarded[lv][2]
         written = 0
         for k in range(start_chunk, len(hashes)):
