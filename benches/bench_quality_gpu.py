@@ -127,13 +127,12 @@ def _np(x) -> np.ndarray:
 class Model:
     """One exported model on one device, with a StaticKV sized for the longest run."""
 
-    def __init__(self, name: str, device: str, capacity: int, threads: Optional[int] = None,
-                 precision: Optional[str] = None):
+    def __init__(self, name: str, device: str, capacity: int, threads: Optional[int] = None):
         from cachegen.ort import OrtRunner, export_model
         from cachegen.ort.cuda import StaticKV
 
         self.name, self.device = name, device
-        self.precision = precision or ("fp16" if device == "cuda" else "fp32")
+        self.precision = "fp16" if device == "cuda" else "fp32"
         self.dir = export_model(name, self.precision, device)
         self.runner = OrtRunner(self.dir, provider=device, threads=threads)
         self.skv = StaticKV(self.runner, capacity)
@@ -203,8 +202,7 @@ def _windows(m: Model, texts: Dict[str, Any], length: int, count: int) -> List[t
 
 def run(device: str, models: Sequence[str], presets: Sequence[str], contexts: Sequence[int], windows: int,
         cont: int, greedy_windows: int, greedy_tokens: int, greedy_context: int, out: Path,
-        threads: Optional[int] = None, configs: Optional[Dict[str, Any]] = None,
-        precision: Optional[str] = None) -> dict:
+        threads: Optional[int] = None, configs: Optional[Dict[str, Any]] = None) -> dict:
     """``presets``: preset names, names of ``configs`` (name -> CodecConfig) and/or
     ``"exact-repeat"`` (greedy only: the noise floor)."""
     import cachegen
@@ -246,7 +244,7 @@ def run(device: str, models: Sequence[str], presets: Sequence[str], contexts: Se
 
     for name in models:
         m = Model(name, device, capacity=max(list(contexts) + [greedy_context]) + max(cont, greedy_tokens + 1) + 8,
-                  threads=threads, precision=precision)
+                  threads=threads)
         probe = texts.get("pydocs-a", next(iter(texts.values())))[0][:20000]
         n_tok = len(m.runner.encode(probe))
         res["tokenizer"][name] = dict(chars=len(probe), tokens=n_tok, chars_per_token=len(probe) / n_tok,
@@ -434,9 +432,6 @@ def main(argv=None) -> int:
     ap.add_argument("--greedy-tokens", type=int, default=64)
     ap.add_argument("--greedy-context", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--precision", choices=("fp16", "fp32"), default=None,
-                    help="graph precision (default: fp16 on cuda, fp32 on cpu; fp16 on cpu = a proxy for the "
-                         "serving graphs' fp16 rounding, use its own --out: rows do not record it in their key)")
     ap.add_argument("--quick", action="store_true",
                     help="small sizes to check the script end to end (context 256, 2 windows, 32-token "
                          "continuation, 4 x 16 greedy, presets exact-repeat/default/high/lossless)")
@@ -469,8 +464,7 @@ def main(argv=None) -> int:
         contexts, windows, cont, gw, gt, gc = [256], 2, 32, 4, 16, 256
         if not a.presets:
             presets = [EXACT_REPEAT, "default", "high", "lossless"] + list(configs)
-    res = run(a.device, a.models.split(","), presets, contexts, windows, cont, gw, gt, gc, out, a.threads, configs,
-              a.precision)
+    res = run(a.device, a.models.split(","), presets, contexts, windows, cont, gw, gt, gc, out, a.threads, configs)
     print(report(res))
     return 0
 
