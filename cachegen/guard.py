@@ -545,6 +545,24 @@ class Guard:
         return encode_guarded(kv, self, config=config, extensions=extensions, progress=progress)
 
 
+def _host_f32(x: Any) -> np.ndarray:
+    """A float32 numpy copy of a K/V array (numpy or torch, any device, bf16 included)."""
+    from .codec.encoder import _to_f32
+    from .codec.layout import host_array
+
+    return np.array(_to_f32(*host_array(x)), dtype=np.float32)
+
+
+def _cut(kv: list, cut: int, lead: list) -> list:
+    """``kv`` without its last ``cut`` positions, with each layer's exact lead positions
+    (:func:`_lead_of`) put in front: what a prefill-tail probe reads."""
+    kv = [(k[:, :, :k.shape[2] - cut], v[:, :, :v.shape[2] - cut]) for k, v in kv]
+    if not lead or all(ld is None for ld in lead):
+        return kv
+    return [(k, v) if ld is None else tuple(np.concatenate([ld[j], _host_f32(x)], axis=2) for j, x in ((0, k), (1, v)))
+            for (k, v), ld in zip(kv, lead)]
+
+
 class _RunnerProbe:
     """Scores the probe after caches of one shape with ``runner.continue_from`` (any runner).
     :meth:`targets`: arrays holding the exact cache, to overwrite with decoded values. ``cut``:
@@ -564,18 +582,13 @@ class _RunnerProbe:
 
     def targets(self) -> list:
         if self._targets is None:
-            from .codec.layout import host_array
-            from .codec.encoder import _to_f32
-
-            self._targets = [tuple(np.array(_to_f32(*host_array(t)), dtype=np.float32) for t in pair)
-                             for pair in self._kv]
+            self._targets = [tuple(_host_f32(t) for t in pair) for pair in self._kv]
         return self._targets
 
     def score_targets(self):
         kv = self.targets()
         if self.cut:
-            kv = _with_lead([(k[:, :, :k.shape[2] - self.cut], v[:, :, :v.shape[2] - self.cut]) for k, v in kv],
-                            self.lead)
+            kv = _cut(kv, self.cut, self.lead)
         return self.runner.continue_from(kv, self.ids)[0]
 
 
@@ -752,9 +765,6 @@ def _lead_of(guard: "Guard", tokens: Sequence[int], T: int, n: int) -> list:
                          "for sliding-window layers trimmed to their window, or use Guard.from_context")
     if len(full) != len(tokens):
         raise InputError(f"the untrimmed cache has {len(full)} layers, the cache to encode {len(tokens)}")
-    from .codec.encoder import _to_f32
-    from .codec.layout import host_array
-
     out: list = []
     for i, ((fk, fv), t) in enumerate(zip(full, tokens)):
         if t == T:
@@ -763,23 +773,7 @@ def _lead_of(guard: "Guard", tokens: Sequence[int], T: int, n: int) -> list:
         if fk.shape[2] != T or fv.shape[2] != T:
             raise InputError(f"layer {i} of the untrimmed cache has {fk.shape[2]} tokens, the context {T}")
         m = min(n, T - t)
-        out.append(tuple(np.array(_to_f32(*host_array(x[:, :, T - t - m:T - t])), dtype=np.float32) for x in (fk, fv)))
-    return out
-
-
-def _with_lead(kv: list, lead: list) -> list:
-    """``kv`` (a cut cache) with each layer's exact lead positions put in front (numpy)."""
-    if not lead or all(ld is None for ld in lead):
-        return kv
-    from .codec.encoder import _to_f32
-    from .codec.layout import host_array
-
-    out = []
-    for (k, v), ld in zip(kv, lead):
-        if ld is not None:
-            k, v = (np.concatenate([ld[j], np.asarray(_to_f32(*host_array(x)), np.float32)], axis=2)
-                    for j, x in ((0, k), (1, v)))
-        out.append((k, v))
+        out.append(tuple(_host_f32(x[:, :, T - t - m:T - t]) for x in (fk, fv)))
     return out
 
 
@@ -890,8 +884,7 @@ def encode_guarded(kv: Any, guard: Guard, config: Union[str, CodecConfig, None] 
                 t0 = time.perf_counter()
                 dec = cachegen.decode(data, "cpu")
                 if cut:
-                    dec = _with_lead([(k[:, :, :k.shape[2] - cut], v[:, :, :v.shape[2] - cut]) for k, v in dec],
-                                     probe.lead)
+                    dec = _cut(dec, cut, probe.lead)
                 lg, _ = guard.runner.continue_from(dec, guard.probe_ids)
                 klm, klx, top1 = _compare(lp_ref, lg)
                 check_s = time.perf_counter() - t0

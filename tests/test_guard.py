@@ -431,11 +431,11 @@ def test_prefill_tail_probe_on_ort(name):
     assert with_extensions(a.data, []) == cachegen.encode(kv, "default")
     # the reference is the exact cache's own prediction there: the exact cut cache (with the lead
     # positions) scores ~0, so what the probe measures is the codec's error alone
-    from cachegen.guard import _Reference, _compare, _lead_of, _with_lead
+    from cachegen.guard import _Reference, _compare, _cut, _lead_of
     g = Guard.from_prefill(r, ids, lg, 16, **extra)
     lead = _lead_of(g, [int(k.shape[2]) for k, _ in kv], len(ids), 16)
     assert (name == "gemma3") == any(ld is not None for ld in lead)
-    cut = _with_lead([(k[:, :, :k.shape[2] - 16], v[:, :, :v.shape[2] - 16]) for k, v in kv], lead)
+    cut = _cut(kv, 16, lead)
     klm, _, top1 = _compare(_Reference(lg[0, -16:]), r.continue_from(cut, ids[-16:])[0])
     assert klm < 1e-5 and top1 == 1.0
     # the fast probe reused for a second guarded encode (buffers kept by the runner) measures the same
