@@ -82,13 +82,18 @@ def _med(xs):
 def _encode(r, host) -> bytes:
     """The cache to store, with PRESET: a model-profile preset ("...-p") codes it with the
     model's profile (next to its export, else the shipped one), the others plainly."""
+    import dataclasses
+    layout = {} if LAYOUT is None else dict(channels_per_stream=LAYOUT[0], tables_per_class=LAYOUT[1])
     if PRESET.endswith("-p"):
         from cachegen import profile as cp
-        return cp.encode(host, cp.load_for_model(r.model_dir), PRESET)
+        from cachegen.profile import codec as pc
+        prof = cp.load_for_model(r.model_dir)
+        return cp.encode(host, prof, dataclasses.replace(pc.preset_config(prof, PRESET), **layout))
     import cachegen
-    return cachegen.encode(host, PRESET)
+    return cachegen.encode(host, dataclasses.replace(cachegen.get_config(PRESET), **layout))
 
 
+LAYOUT = None        # --layout CPS/TABLES: channels per stream and tables per class (A/B)
 GRAPH = True          # restores step through OrtRunner(cuda_graph=True) (--no-graph: plain steps)
 
 
@@ -152,7 +157,7 @@ def measure_row(r, model: str, T: int, ids: list[int], reps: int, dry: bool, rs_
         f.flush()
         os.fsync(f.fileno())
     row = dict(model=model, tokens=T, comp_bytes=len(data), fp16_bytes=fp16_bytes, ratio=fp16_bytes / len(data),
-               encode_s=enc_s, format_version=data[4], preset=PRESET)
+               encode_s=enc_s, format_version=data[4], preset=PRESET, layout=LAYOUT)
 
     # recompute
     def recompute():
@@ -382,14 +387,18 @@ def main(argv=None) -> int:
                     help="GpuDecoder(pipeline=True): a launch per chunk group as its bytes arrive (slower "
                          "on the H200, 2026-12-02; the default decodes after the whole copy in one launch)")
     ap.add_argument("--preset", default="default", help="preset of the stored caches (a '-p' one codes with the model's profile)")
+    ap.add_argument("--layout", default=None, metavar="CPS/TABLES",
+                    help="override the preset's stream layout (channels per stream / tables per class), e.g. 32/32")
     ap.add_argument("--kernel", default=None, help="GpuDecoder kernel (nested, nested-wide, flat) for an A/B")
     ap.add_argument("--out", default=str(ROOT / "benches" / "restore_results.json"),
                     help="JSON path; the markdown table goes next to it (.md)")
     a = ap.parse_args(argv)
     import torch
     dry = a.dry
-    global DEFER, GRAPH, PRESET
+    global DEFER, GRAPH, PRESET, LAYOUT
     PRESET = a.preset
+    if a.layout:
+        LAYOUT = tuple(int(x) for x in a.layout.split("/"))
     DEFER = not a.no_defer
     GRAPH = not a.no_graph
     if a.kernel and not dry:
