@@ -107,6 +107,22 @@ def test_bad_kv_rejected(smollm2):
         smollm2.continue_from(bad, [5])
 
 
+def test_bad_ids_and_text_rejected(smollm2):
+    """Ragged, non-integer or empty ids and non-str text get our InputError, not numpy's or the
+    tokenizer's (a tuple or list would be tokenized as a batch)."""
+    from cachegen.errors import InputError
+
+    for bad in ([[1, 2], [3]], [1.5, 2.0], [], [[]], ["a", "b"]):
+        with pytest.raises(InputError):
+            smollm2.prefill(bad)
+    _, kv = smollm2.prefill([1, 2, 3])
+    with pytest.raises(InputError):
+        smollm2.continue_from(kv, [[4, 5], [6]])
+    for bad in (("some", "text"), ["text"], b"bytes", None):
+        with pytest.raises(InputError):
+            smollm2.encode(bad)
+
+
 # ------------------------------------------------------------------------------ Gemma-3
 def test_gemma3_layout_and_bos(gemma3):
     r = gemma3

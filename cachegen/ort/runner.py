@@ -258,6 +258,8 @@ class OrtRunner:
         """Tokenize text the way the model expects (BOS first for Gemma-3)."""
         from .export import encode_text
 
+        if not isinstance(text, str):      # a tokenizer would take a list or tuple as a batch
+            raise InputError(f"text must be a str, got {type(text).__name__}")
         return encode_text(self.tokenizer, text, add_bos=self.add_bos)
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -275,11 +277,16 @@ class OrtRunner:
     def _ids_array(self, ids) -> np.ndarray:
         if _is_torch(ids):
             ids = ids.detach().cpu().numpy()
-        a = np.asarray(ids)
+        try:
+            a = np.asarray(ids)
+        except (ValueError, TypeError) as e:      # ragged rows, mixed types
+            raise InputError(f"input_ids must be [T] or [B, T] token ids: {e}") from None
         if a.ndim == 1:
             a = a[None, :]
         if a.ndim != 2 or a.shape[1] == 0:
             raise InputError(f"input_ids must be [T] or [B, T] with T >= 1, got shape {a.shape}")
+        if a.dtype.kind not in "iu":
+            raise InputError(f"input_ids must be integer token ids, got dtype {a.dtype}")
         return np.ascontiguousarray(a, dtype=self._ids_dtype)
 
     def _device_is_cuda(self) -> bool:
