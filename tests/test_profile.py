@@ -337,3 +337,32 @@ def test_preset_codec_fields_are_stored_and_applied():
     for bad in ({"group_size": 2}, {"chunk_tokens": 0}, {"channels_per_stream": 999}):
         with pytest.raises(ConfigError):
             base.with_presets({"x": ProfilePreset((6,) * L, (5,) * L, codec=bad)})
+
+
+@pytest.mark.parametrize("given", [[], ["--margin", "0.5", "--trim"]])
+def test_retune_cli_reuses_the_stored_tuning(tmp_path, monkeypatch, given):
+    """`cachegen profile M --retune` re-tunes with the margin and trim the stored profile was
+    tuned with (recorded in its info), unless given on the command line; the result aliases the
+    old hash and records what it used."""
+    import cachegen.ort as cort
+    from cachegen.profile import cli as pcli
+    from cachegen.profile import fit
+
+    old = _profile(2).with_presets(_profile(2).presets, margin=0.7, trim=False)
+    out = tmp_path / "p.npz"
+    old.save(out)
+    seen = {}
+
+    def fake_tune(profile, runner, text, *, margin, width_step, trim, targets=None, log=None, **kw):
+        seen.update(margin=margin, trim=trim, width_step=width_step, targets=targets)
+        return profile.with_presets({"default-p": ProfilePreset((5,) * L, (4,) * L)}, margin=margin, trim=trim)
+
+    monkeypatch.setattr(cort, "export_model", lambda *a, **k: tmp_path)
+    monkeypatch.setattr(cort, "OrtRunner", lambda *a, **k: object())
+    monkeypatch.setattr(fit, "tune_presets", fake_tune)
+    assert pcli.main(["smollm2", "--retune", "--only", "default-p", "--out", str(out), *given]) == 0
+    want = (0.7, False) if not given else (0.5, True)
+    assert (seen["margin"], seen["trim"]) == want and seen["targets"] == {"default-p": None}
+    new = Profile.load(out)
+    assert new.matches(old.hash) and new.hash != old.hash
+    assert (new.info["margin"], new.info["trim"]) == want

@@ -30,13 +30,14 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
                          "sensitivities kept, the old hash recorded as an alias so existing containers still decode")
     ap.add_argument("--margin", type=float, default=None,
                     help="default-p's calibration KL target as a fraction of default's (default: 0.9, "
-                         "0.6 with --in-sample bases)")
+                         "0.6 with --in-sample bases; --retune: the stored profile's)")
     ap.add_argument("--width-step", type=float, default=None, choices=(0.5, 1.0),
                     help="allocation width step in bits (default 1; 0.5 = half bits through step gains, measured worse)")
     ap.add_argument("--only", nargs="+", default=None, metavar="PRESET",
                     help="--retune: re-tune only these presets (the others kept as stored)")
-    ap.add_argument("--no-trim", action="store_true",
-                    help="skip the uniform step-gain trim after the bit allocation")
+    ap.add_argument("--trim", action=argparse.BooleanOptionalAction, default=None,
+                    help="the uniform step-gain trim after the bit allocation (default: on; --retune: "
+                         "as the stored profile was tuned)")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--cross-fit", action="store_true",
                    help="tune the allocation with the held-out bases, then refit the bases on the whole text")
@@ -80,10 +81,15 @@ def run(a: argparse.Namespace) -> int:
                 print(f"unknown presets {sorted(unknown)}; known: {sorted(PRESET_TARGETS)}", file=sys.stderr)
                 return 2
             targets = {n: PRESET_TARGETS[n] for n in a.only}
+        # what the stored profile was tuned with, unless given: a plain --retune re-tunes the
+        # same way (recorded since 2026-12-03; older profiles fall back to the fit's defaults)
+        margin = a.margin if a.margin is not None else float(old.info.get("margin", DEFAULT_MARGIN))
+        width_step = a.width_step if a.width_step is not None else float(old.info.get("width_step", WIDTH_STEP))
+        trim = a.trim if a.trim is not None else bool(old.info.get("trim", True))
+        print(f"[profile {a.model}] re-tuning {old.hash_hex[:12]}: margin {margin}, width step {width_step}, "
+              f"trim {'on' if trim else 'off'}", flush=True)
         new = tune_presets(old, runner, text, log=lambda s: print(s, flush=True), targets=targets,
-                           margin=DEFAULT_MARGIN if a.margin is None else a.margin,
-                           width_step=WIDTH_STEP if a.width_step is None else a.width_step,
-                           trim=not a.no_trim)
+                           margin=margin, width_step=width_step, trim=trim)
         # the old containers decode with the new profile only if the transform is unchanged
         # (tune_presets never touches it; checked, since an alias is a promise)
         if not new.same_transform(old):
@@ -97,8 +103,8 @@ def run(a: argparse.Namespace) -> int:
     kw = {} if a.margin is None else {"margin": a.margin}
     if a.width_step is not None:
         kw["width_step"] = a.width_step
-    if a.no_trim:
-        kw["trim"] = False
+    if a.trim is not None:
+        kw["trim"] = a.trim
     p = fit_profile(a.model, runner, text, allocate=not a.no_allocate, bases=bases,
                     log=lambda s: print(s, flush=True), **kw)
     p.save(out)

@@ -352,7 +352,7 @@ def tune_presets(profile: Profile, runner: Any, text: Optional[str] = None, *,
                   f"KL {best.calib_kl:.4f}" + ("" if best.key_gain is None and best.value_gain is None
                                                else " (fractional widths)"))
     return base.with_presets(presets, fit_seconds=round(time.time() - t_start, 1), allocated=True,
-                             width_step=width_step, trim=trim, codec=dict(PROFILE_CODEC),
+                             width_step=width_step, trim=trim, margin=margin, codec=dict(PROFILE_CODEC),
                              allocation_targets={**dict(profile.info.get("allocation_targets") or {}),
                                                  **(targets or PRESET_TARGETS)},
                              sensitivity_k=[float(x) for x in sens[:, 0]],
