@@ -254,23 +254,12 @@ def _pass2(h: Any, outs: list, tables: tuple, progress: Any = None) -> bytes:
     """Pass 2 (rANS streams, forked workers) + container with :func:`_tables`' tables."""
     from .api import _check_decodable
     from .codec import encoder as E
-    from .codec.parallel import parallel_map, worker_count
     from .format import v2 as fmt2
 
-    table_bits = h.table_bits
     units, h.table_ids = tables
     h.alphabets = np.array([u.size for u in units], dtype=np.int64)
     h.units = np.concatenate(units).astype(np.uint16)
-    freqs = [u.astype(np.int64) << (24 - table_bits) for u in units]
-    n2 = worker_count(h.decoded_bytes(), h.n_chunks)
-    chunks: list = []
-    step = max(n2, 1) * 2
-    for start in range(0, h.n_chunks, step):
-        ks = range(start, min(start + step, h.n_chunks))
-        chunks.extend(parallel_map(E._code_chunk_v2, (h, outs, freqs), ks, min(n2, len(ks))))
-        if progress:
-            progress(len(chunks), h.n_chunks)
-    return _check_decodable(fmt2.build_container(h, chunks))
+    return _check_decodable(fmt2.build_container(h, E.code_chunks_v2(h, outs, units, progress)))
 
 
 def _code(h: Any, outs: list, cfg: CodecConfig, progress: Any = None) -> bytes:
@@ -600,6 +589,9 @@ def _presents_from_gqa(runner: Any) -> bool:
     node: those read the past from, and append to, one buffer bound as both (buffer sharing)."""
     path = Path(runner.model_dir) / "model.onnx"
     key = str(path)
+    ops = (getattr(runner, "_meta", None) or {}).get("present_ops")
+    if isinstance(ops, list) and ops:       # recorded by export_model: no onnx import (1.5 s)
+        return ops == ["GroupQueryAttention"]
     if key not in _GQA_GRAPHS:
         try:
             import onnx

@@ -358,6 +358,8 @@ def test_shared_buffer_probe_equals_continue_from(name):
     _, kv = r.prefill(ids)
     kv = r.window_kv(kv)                            # Gemma-3: sliding layers keep 512 tokens
     assert _shared_buffers_fit(r, kv) and not _shared_buffers_fit(_PlainRunner(r), kv)
+    # the export records which ops make the presents, so the check needs no onnx import
+    assert r._meta.get("present_ops") in (["GroupQueryAttention"], None)
     g_fast = Guard.from_context(r, ids, 16, max_kl=0.0, presets=("tiny", "default"))
     g_plain = Guard.from_context(_PlainRunner(r), ids, 16, max_kl=0.0, presets=("tiny", "default"), check="decode")
     a, b = g_fast.encode(kv), g_plain.encode(kv)
@@ -441,3 +443,26 @@ def test_prefill_tail_probe_on_ort(name):
     # the fast probe reused for a second guarded encode (buffers kept by the runner) measures the same
     c = Guard.from_prefill(r, ids, lg, 16, max_kl=0.0, presets=("tiny", "default"), **extra).encode(kv)
     assert [(s.kl_mean, s.top1) for s in c.steps] == [(s.kl_mean, s.top1) for s in a.steps]
+
+
+def test_gqa_check_reads_the_export_record(monkeypatch):
+    """Whether a graph's presents come from GroupQueryAttention: from the export's record when it
+    has one (importing onnx costs ~1.5 s, once per process: it was most of a first guarded
+    encode), else from the graph itself; a graph that cannot be read means the plain path."""
+    import sys
+
+    from cachegen import guard as gmod
+
+    class R:
+        model_dir = "/nonexistent"
+        layout = None
+
+    for ops, want in ((["GroupQueryAttention"], True), (["Concat"], False), (["Concat", "GroupQueryAttention"], False)):
+        r = R()
+        r._meta = {"present_ops": ops}
+        monkeypatch.setitem(sys.modules, "onnx", None)      # any import of onnx would fail
+        assert gmod._presents_from_gqa(r) is want
+    r = R()
+    r._meta = {}
+    monkeypatch.setattr(gmod, "_GQA_GRAPHS", {})
+    assert gmod._presents_from_gqa(r) is False              # no record, no readable graph

@@ -405,6 +405,7 @@ def export_model(name: str = "smollm2", precision: str = "fp32", provider: str =
             "add_bos": name == "gemma3",
             "tokenizer": {"built_by": "cachegen.ort.tokenizer", "versions": _tok.tokenizer_versions(),
                           "check_sentence_tokens": len(_tok.EXPECTED_IDS[name])},
+            "present_ops": _present_ops(out / "model.onnx"),
             "build_seconds": round(time.time() - t_start, 1),
         }
         (out / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -423,6 +424,20 @@ def export_model(name: str = "smollm2", precision: str = "fp32", provider: str =
         return final
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _present_ops(model_path: Path) -> Optional[list]:
+    """The op types that produce the graph's ``present*`` outputs (the guard's shared-buffer probe
+    needs them all GroupQueryAttention): recorded at export, so a reader need not import onnx
+    (1.5 s) to learn it. None where the graph cannot be read here."""
+    try:
+        import onnx
+
+        g = onnx.load(str(model_path), load_external_data=False).graph
+    except Exception:
+        return None
+    made = {o: n.op_type for n in g.node for o in n.output}
+    return sorted({made.get(o.name, "") for o in g.output if o.name.startswith("present")})
 
 
 def read_export_meta(model_dir: os.PathLike | str) -> dict:
