@@ -250,8 +250,10 @@ def _tables(h: Any, outs: list, cfg: CodecConfig, stop: Any = None) -> tuple:
     return E._build_tables(h, outs, fit)
 
 
-def _pass2(h: Any, outs: list, tables: tuple, progress: Any = None) -> bytes:
-    """Pass 2 (rANS streams, forked workers) + container with :func:`_tables`' tables."""
+def _pass2(h: Any, outs: list, tables: tuple, progress: Any = None, workers: Optional[int] = None,
+           stop: Any = None) -> Optional[bytes]:
+    """Pass 2 (rANS streams, forked workers) + container with :func:`_tables`' tables; None
+    when ``stop()`` said so between chunks (``workers``, ``stop``: as ``code_chunks_v2``)."""
     from .api import _check_decodable
     from .codec import encoder as E
     from .format import v2 as fmt2
@@ -259,7 +261,8 @@ def _pass2(h: Any, outs: list, tables: tuple, progress: Any = None) -> bytes:
     units, h.table_ids = tables
     h.alphabets = np.array([u.size for u in units], dtype=np.int64)
     h.units = np.concatenate(units).astype(np.uint16)
-    return _check_decodable(fmt2.build_container(h, E.code_chunks_v2(h, outs, units, progress)))
+    chunks = E.code_chunks_v2(h, outs, units, progress, workers=workers, stop=stop)
+    return None if chunks is None else _check_decodable(fmt2.build_container(h, chunks))
 
 
 def _code(h: Any, outs: list, cfg: CodecConfig, progress: Any = None) -> bytes:
@@ -846,6 +849,14 @@ def encode_guarded(kv: Any, guard: Guard, config: Union[str, CodecConfig, None] 
                     tables = _tables(h, outs, cfg, stop=None if last else lambda: _check_failed(check, guard.max_kl))
                 except _Stopped:
                     pass
+                # the probe still running: code the streams meanwhile, in this process (ORT runs
+                # the probe without the GIL; a fork next to a running model is avoided), given up
+                # as soon as the probe fails; kept when it passes (the common case: the probe's
+                # time then hides behind pass 2 instead of adding to it)
+                spec = None
+                if tables is not None and not check.done():
+                    spec = _pass2(h, outs, tables, progress if last else None, workers=1,
+                                  stop=None if last else lambda: _check_failed(check, guard.max_kl))
                 enc_s += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 klm, klx, top1 = check.result()
@@ -854,9 +865,14 @@ def encode_guarded(kv: Any, guard: Guard, config: Union[str, CodecConfig, None] 
                 passed = klm <= guard.max_kl
                 if passed or last:
                     t0 = time.perf_counter()
-                    if tables is None:
-                        tables = _tables(h, outs, cfg)
-                    data = _pass2(h, outs, tables, progress)
+                    if spec is not None:
+                        data = spec
+                        if progress and not last:
+                            progress(h.n_chunks, h.n_chunks)
+                    else:
+                        if tables is None:
+                            tables = _tables(h, outs, cfg)
+                        data = _pass2(h, outs, tables, progress)
                     enc_s += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     _spot_check(data, probe.targets(), upto=max(int(k.shape[2]) for k, _ in kv) - cut if cut else None)

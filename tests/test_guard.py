@@ -163,6 +163,79 @@ def test_overlap_gives_the_same_result(setup):
     assert b.exposed_s >= b.reference_s + b.steps[0].check_s - 1e-3
 
 
+class _SlowRunner(TinyAttention):
+    """A model whose decoded-cache runs take ``delay`` s (the exact one is quick), so the
+    encoder's pass 2 runs while the probe does (on an LLM the probe outlasts the table fit)."""
+
+    def __init__(self, delay: float):
+        super().__init__(3, 2, 16)
+        self.delay = delay
+
+    def continue_from(self, kv, ids):
+        if self.calls >= 1:
+            import time
+
+            time.sleep(self.delay)
+        return super().continue_from(kv, ids)
+
+
+def test_streams_coded_while_the_probe_runs(setup, monkeypatch):
+    """With the probe still running after the table fit, pass 2 runs meanwhile in this process:
+    kept when the probe passes (same bytes as a plain encode), abandoned between chunks when it
+    fails (the next preset's container is then the one stored, same steps as overlap=False)."""
+    from cachegen.codec import encoder as E
+
+    kv, _, probe, kls = setup
+    calls = []
+    real = E.code_chunks_v2
+
+    def spy(h, outs, units, progress=None, workers=None, stop=None):
+        res = real(h, outs, units, progress, workers=workers, stop=stop)
+        calls.append((workers, stop is not None, res is None))
+        return res
+
+    monkeypatch.setattr(E, "code_chunks_v2", spy)
+    r = Guard(_SlowRunner(0.3), probe, max_kl=1e9).encode(kv, "default")
+    assert calls == [(1, True, False)] and r.config == "default" and r.met
+    assert with_extensions(r.data, []) == cachegen.encode(kv, "default")
+    calls.clear()
+    budget = math.sqrt(kls["default"] * kls["fine"])       # default fails, fine passes
+    real_chunk = E._code_chunk_v2
+    coded = []
+
+    def slow_chunk(state, k):                              # pass 2 outlasts the failing probe
+        import time
+
+        time.sleep(0.15)
+        coded.append(k)
+        return real_chunk(state, k)
+
+    monkeypatch.setattr(E, "_code_chunk_v2", slow_chunk)
+    a = Guard(_SlowRunner(0.05), probe, max_kl=budget).encode(kv, "default")
+    n_chunks = -(-600 // get_config("default").chunk_tokens)
+    assert len(coded) < 2 * n_chunks                      # default's pass stopped early
+    b = Guard(TinyAttention(3, 2, 16), probe, max_kl=budget, overlap=False).encode(kv, "default")
+    assert a.config == b.config == "fine" and a.data == b.data
+    assert [(s.config, s.bytes, s.kl_mean, s.passed) for s in a.steps] == [(s.config, s.bytes, s.kl_mean, s.passed) for s in b.steps]
+    assert calls[0] == (1, True, True) and calls[-1][2] is False      # default's pass given up, fine's kept
+
+
+def test_code_chunks_stop_and_workers():
+    """Pass 2 of the encoder: the same chunks on 1 or 2 workers; ``stop`` abandons it."""
+    from cachegen.codec import encoder as E
+    from cachegen.guard import _quantize, _tables
+
+    kv = make_kv(tokens=1100)
+    cfg = get_config("default")
+    h, outs = _quantize(kv, cfg)
+    units, h.table_ids = _tables(h, outs, cfg)
+    a = E.code_chunks_v2(h, outs, units, workers=1)
+    assert E.code_chunks_v2(h, outs, units, workers=2) == a and len(a) == h.n_chunks > 2
+    seen = []
+    assert E.code_chunks_v2(h, outs, units, workers=1, stop=lambda: seen.append(1) or len(seen) == 2) is None
+    assert len(seen) == 2
+
+
 class _FailingRunner(TinyAttention):
     def __init__(self, fail_at: int):
         super().__init__(3, 2, 16)
