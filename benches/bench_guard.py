@@ -138,24 +138,35 @@ def cpu_s() -> float:
 
 def load_guard_at(rev: str):
     """cachegen/guard.py as of git revision ``rev``, imported as a module of the package (for
-    side-by-side runs against the working tree's guard in one process)."""
+    side-by-side runs against the working tree's guard in one process), with that revision's
+    encoder when it differs from the working tree's (the guard calls into its pass 2)."""
     import importlib.util
     import subprocess
     import tempfile
 
-    src = subprocess.run(["git", "show", f"{rev}:cachegen/guard.py"], cwd=HERE.parent, check=True,
-                         capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "guard_ab.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("cachegen._guard_ab", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    def show(path: str) -> str:
+        return subprocess.run(["git", "show", f"{rev}:{path}"], cwd=HERE.parent, check=True,
+                              capture_output=True, text=True).stdout
+
+    def load(name: str, src: str):
+        path = Path(tempfile.mkdtemp()) / (name.rsplit(".", 1)[1] + ".py")
+        path.write_text(src)
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+        return mod
+
+    src = show("cachegen/guard.py")
+    enc = show("cachegen/codec/encoder.py")
+    if enc != (HERE.parent / "cachegen/codec/encoder.py").read_text():
+        load("cachegen.codec._encoder_ab", enc)
+        src = src.replace("from .codec import encoder as E", "from .codec import _encoder_ab as E")
+    return load("cachegen._guard_ab", src)
 
 
 def run_ab(models, context: int, windows: int, starts, max_kl: float, probe_tokens: int, threads: int,
-           out: Path, rev: str, reps: int, variants) -> dict:
+           out: Path, rev: str, reps: int, variants, probe: str = "context") -> dict:
     """Side by side in one process: the guard at ``rev`` ("old"), the working tree's ("new", and
     "new-seq" = overlap=False, "new-cold" = without the probe buffers kept from the runner's last
     guarded encode) and plain encodes, alternating, ``reps`` rounds per window and start.
@@ -182,11 +193,19 @@ def run_ab(models, context: int, windows: int, starts, max_kl: float, probe_toke
                 if j < len(by_text[name])][:windows]
         for wname, ctx in wins:
             logits, kv = runner.prefill(ctx)
+            tail = logits[0, -probe_tokens:].copy()
             del logits
+            full = kv
             kv = runner.window_kv(kv)
+
+            def make(mod):
+                if probe == "prefill":
+                    return mod.Guard.from_prefill(runner, ctx, tail, probe_tokens, kv=full, max_kl=max_kl)
+                return mod.Guard.from_context(runner, ctx, probe_tokens, max_kl=max_kl)
+
             for start in starts:
-                makers = {"old": lambda: old.Guard.from_context(runner, ctx, probe_tokens, max_kl=max_kl),
-                          "new": lambda: G.Guard.from_context(runner, ctx, probe_tokens, max_kl=max_kl),
+                makers = {"old": lambda: make(old),
+                          "new": lambda: make(G),
                           "new-seq": lambda: G.Guard.from_context(runner, ctx, probe_tokens, max_kl=max_kl,
                                                                   overlap=False),
                           # no probe buffers kept from the runner's last guarded encode
@@ -214,7 +233,7 @@ def run_ab(models, context: int, windows: int, starts, max_kl: float, probe_toke
                         plain.append(dict(config=gr.config, s=time.perf_counter() - t0, cpu_s=cpu_s() - c0,
                                           load_avg=os.getloadavg()[0]))
                 row = dict(model=model, context=context, window=wname, start=start, max_kl=max_kl,
-                           probe_tokens=probe_tokens, reps=reps, runs=runs, plain=plain,
+                           probe=probe, probe_tokens=probe_tokens, reps=reps, runs=runs, plain=plain,
                            date=time.strftime("%Y-%m-%d %H:%M"))
                 for v in variants:
                     costs, cpu = [], []
@@ -344,7 +363,7 @@ def main(argv=None) -> int:
     out = Path(a.out)
     if a.ab and not a.report:
         run_ab(a.models.split(","), a.context, a.windows, a.starts.split(","), a.max_kl, a.probe_tokens,
-               a.threads, out, a.ab, a.reps, a.variants.split(","))
+               a.threads, out, a.ab, a.reps, a.variants.split(","), a.probe)
         print(report_ab(json.loads(out.read_text())))
         return 0
     if not a.report:

@@ -48,6 +48,7 @@ store's runner protocol); logits may be numpy or torch.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import threading
@@ -55,7 +56,7 @@ import time
 import weakref
 from pathlib import Path
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -250,19 +251,38 @@ def _tables(h: Any, outs: list, cfg: CodecConfig, stop: Any = None) -> tuple:
     return E._build_tables(h, outs, fit)
 
 
-def _pass2(h: Any, outs: list, tables: tuple, progress: Any = None, workers: Optional[int] = None,
-           stop: Any = None) -> Optional[bytes]:
-    """Pass 2 (rANS streams, forked workers) + container with :func:`_tables`' tables; None
-    when ``stop()`` said so between chunks (``workers``, ``stop``: as ``code_chunks_v2``)."""
+def _use_tables(h: Any, tables: tuple) -> list:
+    """Put :func:`_tables`' tables into the header; their units (pass 2's input)."""
+    units, h.table_ids = tables
+    h.alphabets = np.array([u.size for u in units], dtype=np.int64)
+    h.units = np.concatenate(units).astype(np.uint16)
+    return units
+
+
+# Forking the workers next to a loaded model costs ~0.2-0.3 s (page tables) and halves what is
+# left of pass 2 on 2 cores: it pays only when more than this much serial work remains (SmolLM2
+# 4K: pass 2 ~1.6 s serial, so yes; Gemma-3 4K: ~0.4 s, so no -- a pool made its guard slower).
+_FORK_PAYS_S = 0.6
+
+
+def _pass2(h: Any, outs: list, tables: tuple, progress: Any = None, done: Sequence[Any] = (),
+           done_s: float = 0.0) -> bytes:
+    """Pass 2 (rANS streams, forked workers) + container with :func:`_tables`' tables; ``done``:
+    the first chunks, already coded in ``done_s`` seconds in this process (:func:`encode_guarded`
+    codes some while its probe runs); the rest stay here when forking would not pay."""
     from .api import _check_decodable
     from .codec import encoder as E
     from .format import v2 as fmt2
 
-    units, h.table_ids = tables
-    h.alphabets = np.array([u.size for u in units], dtype=np.int64)
-    h.units = np.concatenate(units).astype(np.uint16)
-    chunks = E.code_chunks_v2(h, outs, units, progress, workers=workers, stop=stop)
-    return None if chunks is None else _check_decodable(fmt2.build_container(h, chunks))
+    units = _use_tables(h, tables)
+    chunks = list(done)
+    left = h.n_chunks - len(chunks)
+    if left > 0:
+        workers = None
+        if chunks and done_s / len(chunks) * left < _FORK_PAYS_S:
+            workers = 1
+        chunks += E.code_chunks_v2(h, outs, units, progress, workers=workers, start=len(chunks))
+    return _check_decodable(fmt2.build_container(h, chunks))
 
 
 def _code(h: Any, outs: list, cfg: CodecConfig, progress: Any = None) -> bytes:
@@ -797,6 +817,28 @@ def encode_guarded(kv: Any, guard: Guard, config: Union[str, CodecConfig, None] 
     ``check="fast"``: a preset is measured from its quantized values (pass 1) rebuilt as the
     decoder would; only the preset kept is entropy-coded, and one block set of the container is
     then decoded for real and compared. The exact cache's probe runs once."""
+    with _one_blas_thread():
+        return _encode_guarded(kv, guard, config, extensions, progress)
+
+
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """numpy's BLAS (OpenBLAS: 2 threads on 2 cores, spinning after each call) on one thread
+    while the guard runs: its table fit runs next to the probe's ORT run, and the two thread pools
+    fought for the cores (4K Gemma-3, 2 cores: table fit 0.07 s alone, 0.26-0.34 s next to the
+    probe, 0.14 s with one BLAS thread; the probe 0.30 -> 0.25 s). Without threadpoolctl (declared,
+    but a performance aid only) nothing is limited."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def _encode_guarded(kv: Any, guard: Guard, config: Union[str, CodecConfig, None],
+                    extensions: Sequence[Any], progress: Any) -> GuardResult:
     import cachegen
     from .format.extensions import EXT_QUALITY, Extension
 
@@ -849,14 +891,19 @@ def encode_guarded(kv: Any, guard: Guard, config: Union[str, CodecConfig, None] 
                     tables = _tables(h, outs, cfg, stop=None if last else lambda: _check_failed(check, guard.max_kl))
                 except _Stopped:
                     pass
-                # the probe still running: code the streams meanwhile, in this process (ORT runs
-                # the probe without the GIL; a fork next to a running model is avoided), given up
-                # as soon as the probe fails; kept when it passes (the common case: the probe's
-                # time then hides behind pass 2 instead of adding to it)
-                spec = None
+                # the probe still running: code the first chunks meanwhile, in this process (ORT
+                # runs the probe without the GIL, and a fork next to a running model is avoided),
+                # until the probe is done; kept if it passed (the rest then here or on workers: _FORK_PAYS_S), dropped
+                # if not. The probe's time hides behind pass 2 instead of adding to it.
+                done: list = []
+                done_s = 0.0
                 if tables is not None and not check.done():
-                    spec = _pass2(h, outs, tables, progress if last else None, workers=1,
-                                  stop=None if last else lambda: _check_failed(check, guard.max_kl))
+                    from .codec import encoder as E
+
+                    t1 = time.perf_counter()
+                    done = E.code_chunks_v2(h, outs, _use_tables(h, tables), progress if last else None,
+                                            workers=1, stop=check.done)
+                    done_s = time.perf_counter() - t1
                 enc_s += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 klm, klx, top1 = check.result()
@@ -865,14 +912,9 @@ def encode_guarded(kv: Any, guard: Guard, config: Union[str, CodecConfig, None] 
                 passed = klm <= guard.max_kl
                 if passed or last:
                     t0 = time.perf_counter()
-                    if spec is not None:
-                        data = spec
-                        if progress and not last:
-                            progress(h.n_chunks, h.n_chunks)
-                    else:
-                        if tables is None:
-                            tables = _tables(h, outs, cfg)
-                        data = _pass2(h, outs, tables, progress)
+                    if tables is None:
+                        tables = _tables(h, outs, cfg)
+                    data = _pass2(h, outs, tables, progress, done=done, done_s=done_s)
                     enc_s += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     _spot_check(data, probe.targets(), upto=max(int(k.shape[2]) for k, _ in kv) - cut if cut else None)

@@ -180,44 +180,58 @@ class _SlowRunner(TinyAttention):
 
 
 def test_streams_coded_while_the_probe_runs(setup, monkeypatch):
-    """With the probe still running after the table fit, pass 2 runs meanwhile in this process:
-    kept when the probe passes (same bytes as a plain encode), abandoned between chunks when it
-    fails (the next preset's container is then the one stored, same steps as overlap=False)."""
+    """With the probe still running after the table fit, pass 2 codes chunks meanwhile in this
+    process until the probe is done: kept when it passes (the rest on the workers, or here when
+    little is left; same bytes as a plain encode), dropped when it fails (then the next preset's container is stored, with the
+    same steps as overlap=False)."""
+    import time
+
     from cachegen.codec import encoder as E
 
     kv, _, probe, kls = setup
+    n_chunks = -(-600 // get_config("default").chunk_tokens)
     calls = []
     real = E.code_chunks_v2
 
-    def spy(h, outs, units, progress=None, workers=None, stop=None):
-        res = real(h, outs, units, progress, workers=workers, stop=stop)
-        calls.append((workers, stop is not None, res is None))
+    def spy(h, outs, units, progress=None, workers=None, stop=None, start=0):
+        res = real(h, outs, units, progress, workers=workers, stop=stop, start=start)
+        calls.append((workers, stop is not None, start, len(res)))
         return res
 
-    monkeypatch.setattr(E, "code_chunks_v2", spy)
-    r = Guard(_SlowRunner(0.3), probe, max_kl=1e9).encode(kv, "default")
-    assert calls == [(1, True, False)] and r.config == "default" and r.met
-    assert with_extensions(r.data, []) == cachegen.encode(kv, "default")
-    calls.clear()
-    budget = math.sqrt(kls["default"] * kls["fine"])       # default fails, fine passes
     real_chunk = E._code_chunk_v2
-    coded = []
 
-    def slow_chunk(state, k):                              # pass 2 outlasts the failing probe
-        import time
-
-        time.sleep(0.15)
-        coded.append(k)
+    def slow_chunk(state, k):                 # each chunk outlasts the probe's delay below
+        time.sleep(0.3)
         return real_chunk(state, k)
 
+    monkeypatch.setattr(E, "code_chunks_v2", spy)
     monkeypatch.setattr(E, "_code_chunk_v2", slow_chunk)
+    # a quick probe (0.05 s): one chunk coded meanwhile, the rest after it passed
+    r = Guard(_SlowRunner(0.05), probe, max_kl=1e9).encode(kv, "default")
+    assert r.config == "default" and r.met
+    assert calls == [(1, True, 0, 1), (None, False, 1, n_chunks - 1)]
+    assert with_extensions(r.data, []) == cachegen.encode(kv, "default")
+    # little left (est. serial time of the rest under _FORK_PAYS_S): the rest stays in this process
+    import cachegen.guard as G
+
+    monkeypatch.setattr(G, "_FORK_PAYS_S", 100.0)
+    calls.clear()
+    r = Guard(_SlowRunner(0.05), probe, max_kl=1e9).encode(kv, "default")
+    assert calls == [(1, True, 0, 1), (1, False, 1, n_chunks - 1)]
+    assert with_extensions(r.data, []) == cachegen.encode(kv, "default")
+    monkeypatch.setattr(G, "_FORK_PAYS_S", 0.0)
+    # a slow probe: every chunk coded meanwhile
+    calls.clear()
+    r = Guard(_SlowRunner(2.5), probe, max_kl=1e9).encode(kv, "default")
+    assert calls == [(1, True, 0, n_chunks)] and with_extensions(r.data, []) == cachegen.encode(kv, "default")
+    # default fails, fine passes: default's chunks dropped
+    calls.clear()
+    budget = math.sqrt(kls["default"] * kls["fine"])
     a = Guard(_SlowRunner(0.05), probe, max_kl=budget).encode(kv, "default")
-    n_chunks = -(-600 // get_config("default").chunk_tokens)
-    assert len(coded) < 2 * n_chunks                      # default's pass stopped early
+    assert calls[0] == (1, True, 0, 1) and sum(c[3] for c in calls[1:]) == n_chunks
     b = Guard(TinyAttention(3, 2, 16), probe, max_kl=budget, overlap=False).encode(kv, "default")
     assert a.config == b.config == "fine" and a.data == b.data
     assert [(s.config, s.bytes, s.kl_mean, s.passed) for s in a.steps] == [(s.config, s.bytes, s.kl_mean, s.passed) for s in b.steps]
-    assert calls[0] == (1, True, True) and calls[-1][2] is False      # default's pass given up, fine's kept
 
 
 def test_code_chunks_stop_and_workers():
@@ -232,8 +246,41 @@ def test_code_chunks_stop_and_workers():
     a = E.code_chunks_v2(h, outs, units, workers=1)
     assert E.code_chunks_v2(h, outs, units, workers=2) == a and len(a) == h.n_chunks > 2
     seen = []
-    assert E.code_chunks_v2(h, outs, units, workers=1, stop=lambda: seen.append(1) or len(seen) == 2) is None
-    assert len(seen) == 2
+    part = E.code_chunks_v2(h, outs, units, workers=1, stop=lambda: seen.append(1) or len(seen) == 2)
+    assert part == a[:2] and E.code_chunks_v2(h, outs, units, start=2) == a[2:]
+
+
+def test_blas_on_one_thread_while_guarding(setup, monkeypatch):
+    """numpy's BLAS pool is held to one thread while the guard fits tables next to its probe (the
+    two thread pools fought for the cores), and given back afterwards -- also after an error."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from cachegen import guard as G
+
+    def blas_threads():
+        return [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+
+    before = blas_threads()
+    if not before:
+        pytest.skip("numpy without a BLAS threadpoolctl knows")
+    kv, m, probe, _ = setup
+    seen = []
+    real = G._tables
+
+    def spy(*a, **k):
+        seen.append(blas_threads())
+        return real(*a, **k)
+
+    monkeypatch.setattr(G, "_tables", spy)
+    encode_guarded(kv, Guard(m, probe, max_kl=1.0), config="default")
+    assert seen and all(t == [1] * len(before) for t in seen) and blas_threads() == before
+
+    def broken(*a, **k):
+        raise RuntimeError("fit broke")
+
+    monkeypatch.setattr(G, "_tables", broken)
+    with pytest.raises(RuntimeError, match="fit broke"):
+        encode_guarded(kv, Guard(m, probe, max_kl=1.0), config="default")
+    assert blas_threads() == before
 
 
 class _FailingRunner(TinyAttention):

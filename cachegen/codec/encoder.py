@@ -269,26 +269,27 @@ def encode_lossy_v2(kv: Sequence[Sequence[Any]], config: CodecConfig, progress: 
 
 
 def code_chunks_v2(header: Any, layers_out: list, units: list, progress: Progress = None,
-                   workers: Optional[int] = None, stop: Optional[Callable[[], bool]] = None) -> Optional[list]:
-    """Pass 2: every chunk's rANS streams, on one pool of forked workers for the whole cache.
-    A pool per few chunks (before) forked 4x as often, and a fork of a process holding a model
-    is slow: a 4K Gemma-3 encode next to its ORT session (2.7 GB) took 1.57 s that way, 0.79 s
-    with one pool, 0.68 s serial (2 cores; benches/ab_encode_fork.py).
+                   workers: Optional[int] = None, stop: Optional[Callable[[], bool]] = None,
+                   start: int = 0) -> list:
+    """Pass 2: the rANS streams of chunks ``start ..`` on one pool of forked workers. A pool per
+    few chunks (before) forked 4x as often, and a fork of a process holding a model is slow: a
+    4K Gemma-3 encode next to its ORT session (2.7 GB) took 1.57 s that way, 0.79 s with one
+    pool, 0.68 s serial (2 cores; benches/ab_encode_fork.py).
 
     ``workers``: at most this many (1: in this process, e.g. next to a model run on another
-    thread, which ORT runs without the GIL). ``stop``: asked after each chunk; True abandons the
-    pass (returns None)."""
+    thread, which ORT runs without the GIL). ``stop``: asked after each chunk; True ends the
+    pass there (the chunks coded so far are returned: a caller may go on from ``start + len``)."""
     freqs = [u.astype(np.int64) << (24 - header.table_bits) for u in units]
-    n2 = worker_count(header.decoded_bytes(), header.n_chunks)
+    n2 = worker_count(header.decoded_bytes(), header.n_chunks - start)
     if workers is not None:
         n2 = max(1, min(n2, int(workers)))
     chunks: list = []
-    for c in parallel_imap(_code_chunk_v2, (header, layers_out, freqs), range(header.n_chunks), n2):
+    for c in parallel_imap(_code_chunk_v2, (header, layers_out, freqs), range(start, header.n_chunks), n2):
         chunks.append(c)
         if progress:
-            progress(len(chunks), header.n_chunks)
+            progress(start + len(chunks), header.n_chunks)
         if stop is not None and stop():
-            return None
+            break
     return chunks
 
 
