@@ -35,6 +35,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
                     help="allocation width step in bits (default 1; 0.5 = half bits through step gains, measured worse)")
     ap.add_argument("--only", nargs="+", default=None, metavar="PRESET",
                     help="--retune: re-tune only these presets (the others kept as stored)")
+    ap.add_argument("--target", action="append", default=[], metavar="PRESET=KL",
+                    help="--retune: a preset's calibration KL target (default: small-p 0.006, tiny-p 0.02; "
+                         "default-p follows --margin); implies --only for the presets named")
     ap.add_argument("--trim", action=argparse.BooleanOptionalAction, default=None,
                     help="the uniform step-gain trim after the bit allocation (default: on; --retune: "
                          "as the stored profile was tuned)")
@@ -75,12 +78,24 @@ def run(a: argparse.Namespace) -> int:
 
         old = Profile.load(out) if out.is_file() else load_for_model(model_dir)
         targets = None
-        if a.only:
-            unknown = set(a.only) - set(PRESET_TARGETS)
+        given = {}
+        for t in a.target:
+            name, _, val = t.partition("=")
+            try:
+                kl = float(val)
+            except ValueError:
+                kl = float("nan")
+            if not kl > 0 or name == "default-p":
+                print(f"--target wants PRESET=KL with KL > 0 for small-p or tiny-p, got {t!r}", file=sys.stderr)
+                return 2
+            given[name] = kl
+        only = list(dict.fromkeys((a.only or []) + list(given)))
+        if only:
+            unknown = set(only) - set(PRESET_TARGETS)
             if unknown:
                 print(f"unknown presets {sorted(unknown)}; known: {sorted(PRESET_TARGETS)}", file=sys.stderr)
                 return 2
-            targets = {n: PRESET_TARGETS[n] for n in a.only}
+            targets = {n: given.get(n, PRESET_TARGETS[n]) for n in only}
         # what the stored profile was tuned with, unless given: a plain --retune re-tunes the
         # same way (recorded since 2026-12-03; older profiles fall back to the fit's defaults)
         margin = a.margin if a.margin is not None else float(old.info.get("margin", DEFAULT_MARGIN))
