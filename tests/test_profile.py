@@ -366,3 +366,33 @@ def test_retune_cli_reuses_the_stored_tuning(tmp_path, monkeypatch, given):
     new = Profile.load(out)
     assert new.matches(old.hash) and new.hash != old.hash
     assert (new.info["margin"], new.info["trim"]) == want
+
+
+def test_retune_cli_target(tmp_path, monkeypatch, capsys):
+    """`--target PRESET=KL` sets that preset's calibration target (and re-tunes only the presets
+    named); a malformed one, or one without --retune, is refused before any model is exported."""
+    import cachegen.ort as cort
+    from cachegen.profile import cli as pcli
+    from cachegen.profile import fit
+
+    out = tmp_path / "p.npz"
+    _profile(2).save(out)
+    seen = {}
+
+    def fake_tune(profile, runner, text, *, targets=None, **kw):
+        seen["targets"] = targets
+        return profile.with_presets(dict(profile.presets))
+
+    exported = []
+    monkeypatch.setattr(cort, "export_model", lambda *a, **k: exported.append(1) or tmp_path)
+    monkeypatch.setattr(cort, "OrtRunner", lambda *a, **k: object())
+    monkeypatch.setattr(fit, "tune_presets", fake_tune)
+    assert pcli.main(["smollm2", "--retune", "--target", "tiny-p=0.023", "--only", "small-p", "--out", str(out)]) == 0
+    assert seen["targets"] == {"small-p": fit.PRESET_TARGETS["small-p"], "tiny-p": 0.023}
+    exported.clear()
+    for bad in (["--retune", "--target", "tiny-p=x"], ["--retune", "--target", "tiny-p=-1"],
+                ["--retune", "--target", "default-p=0.01"], ["--retune", "--target", "huge-p=0.1"],
+                ["--target", "tiny-p=0.02"]):
+        assert pcli.main(["smollm2", *bad, "--out", str(out)]) == 2
+        assert "--target" in capsys.readouterr().err
+    assert not exported

@@ -54,11 +54,33 @@ def main(argv: Optional[list] = None) -> int:
     return run(build_parser().parse_args(argv))
 
 
+def _targets(items: list) -> Optional[dict]:
+    """--target PRESET=KL items as {preset: KL}; None (after a message) when one is malformed."""
+    given = {}
+    for t in items:
+        name, _, val = t.partition("=")
+        try:
+            kl = float(val)
+        except ValueError:
+            kl = float("nan")
+        if not kl > 0 or name not in ("small-p", "tiny-p"):
+            print(f"--target wants PRESET=KL with KL > 0 for small-p or tiny-p, got {t!r}", file=sys.stderr)
+            return None
+        given[name] = kl
+    return given
+
+
 def run(a: argparse.Namespace) -> int:
     from ..ort import OrtRunner, export_model
     from . import fit_profile, profile_path
     from .profile import Profile
 
+    targets_arg = _targets(a.target)
+    if targets_arg is None:
+        return 2
+    if targets_arg and not a.retune:
+        print("--target goes with --retune", file=sys.stderr)
+        return 2
     model_dir = export_model(a.model, "fp32", "cpu", progress=not a.show)
     out = a.out or profile_path(model_dir)
     if a.show or (out.is_file() and not a.force and not a.retune):
@@ -78,17 +100,7 @@ def run(a: argparse.Namespace) -> int:
 
         old = Profile.load(out) if out.is_file() else load_for_model(model_dir)
         targets = None
-        given = {}
-        for t in a.target:
-            name, _, val = t.partition("=")
-            try:
-                kl = float(val)
-            except ValueError:
-                kl = float("nan")
-            if not kl > 0 or name == "default-p":
-                print(f"--target wants PRESET=KL with KL > 0 for small-p or tiny-p, got {t!r}", file=sys.stderr)
-                return 2
-            given[name] = kl
+        given = targets_arg
         only = list(dict.fromkeys((a.only or []) + list(given)))
         if only:
             unknown = set(only) - set(PRESET_TARGETS)
