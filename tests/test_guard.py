@@ -283,6 +283,16 @@ def test_blas_on_one_thread_while_guarding(setup, monkeypatch):
     assert blas_threads() == before
 
 
+def test_guard_runs_without_threadpoolctl(setup, monkeypatch):
+    """threadpoolctl is a performance aid: without it (an import that fails) the guard still works."""
+    import sys
+
+    kv, m, probe, _ = setup
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)
+    res = encode_guarded(kv, Guard(m, probe, max_kl=1.0), config="default")
+    assert res.config == "default" and res.met
+
+
 class _FailingRunner(TinyAttention):
     def __init__(self, fail_at: int):
         super().__init__(3, 2, 16)
