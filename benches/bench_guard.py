@@ -193,15 +193,16 @@ def run_ab(models, context: int, windows: int, starts, max_kl: float, probe_toke
                 if j < len(by_text[name])][:windows]
         for wname, ctx in wins:
             logits, kv = runner.prefill(ctx)
-            tail = logits[0, -probe_tokens:].copy()
+            most = max([probe_tokens] + [int(v.split("@")[1]) for v in variants if "@" in v])
+            tail = logits[0, -most:].copy()
             del logits
             full = kv
             kv = runner.window_kv(kv)
 
-            def make(mod):
+            def make(mod, n=probe_tokens):
                 if probe == "prefill":
-                    return mod.Guard.from_prefill(runner, ctx, tail, probe_tokens, kv=full, max_kl=max_kl)
-                return mod.Guard.from_context(runner, ctx, probe_tokens, max_kl=max_kl)
+                    return mod.Guard.from_prefill(runner, ctx, tail[-n:], n, kv=full, max_kl=max_kl)
+                return mod.Guard.from_context(runner, ctx, n, max_kl=max_kl)
 
             for start in starts:
                 makers = {"old": lambda: make(old),
@@ -211,6 +212,9 @@ def run_ab(models, context: int, windows: int, starts, max_kl: float, probe_toke
                           # no probe buffers kept from the runner's last guarded encode
                           "new-cold": lambda: (G.release_buffers(),
                                                G.Guard.from_context(runner, ctx, probe_tokens, max_kl=max_kl))[1]}
+                for v in variants:     # "new@N": the working tree's guard with an N-token probe
+                    if "@" in v:
+                        makers[v] = (lambda n: lambda: make(G, n))(int(v.split("@")[1]))
                 runs: dict = {v: [] for v in variants}
                 plain: list = []
                 for rep in range(reps):
@@ -358,7 +362,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ab", metavar="REV", help="side by side in one process: the guard of git revision REV "
                     "(old) against the working tree's (new, new-seq = overlap=False) and plain encodes")
     ap.add_argument("--reps", type=int, default=3, help="--ab: rounds per window and start")
-    ap.add_argument("--variants", default="old,new,new-seq", help="--ab: which guards to run")
+    ap.add_argument("--variants", default="old,new,new-seq", help="--ab: which guards to run (new@N: the "
+                    "working tree's with an N-token probe)")
     a = ap.parse_args(argv)
     out = Path(a.out)
     if a.ab and not a.report:
