@@ -826,8 +826,9 @@ def _one_blas_thread() -> Iterator[None]:
     """numpy's BLAS (OpenBLAS: 2 threads on 2 cores, spinning after each call) on one thread
     while the guard runs: its table fit runs next to the probe's ORT run, and the two thread pools
     fought for the cores (4K Gemma-3, 2 cores: table fit 0.07 s alone, 0.26-0.34 s next to the
-    probe, 0.14 s with one BLAS thread; the probe 0.30 -> 0.25 s). Without threadpoolctl (declared,
-    but a performance aid only) nothing is limited."""
+    probe, 0.14 s with one BLAS thread; the probe 0.30 -> 0.25 s). The limit is process-wide (one
+    BLAS pool): other threads' numpy products also run on one thread meanwhile. Without
+    threadpoolctl (declared, but a performance aid only) nothing is limited."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
