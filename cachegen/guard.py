@@ -894,8 +894,8 @@ def _encode_guarded(kv: Any, guard: Guard, config: Union[str, CodecConfig, None]
                     pass
                 # the probe still running: code the first chunks meanwhile, in this process (ORT
                 # runs the probe without the GIL, and a fork next to a running model is avoided),
-                # until the probe is done; kept if it passed (the rest then here or on workers: _FORK_PAYS_S), dropped
-                # if not. The probe's time hides behind pass 2 instead of adding to it.
+                # until the probe is done; kept if it passed (_pass2 codes the rest), dropped if
+                # not. The probe's time hides behind pass 2 instead of adding to it.
                 done: list = []
                 done_s = 0.0
                 if tables is not None and not check.done():

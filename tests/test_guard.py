@@ -182,8 +182,8 @@ class _SlowRunner(TinyAttention):
 def test_streams_coded_while_the_probe_runs(setup, monkeypatch):
     """With the probe still running after the table fit, pass 2 codes chunks meanwhile in this
     process until the probe is done: kept when it passes (the rest on the workers, or here when
-    little is left; same bytes as a plain encode), dropped when it fails (then the next preset's container is stored, with the
-    same steps as overlap=False)."""
+    little is left; same bytes as a plain encode), dropped when it fails (then the next
+    preset's container is stored, with the same steps as overlap=False)."""
     import time
 
     from cachegen.codec import encoder as E
@@ -253,15 +253,15 @@ def test_code_chunks_stop_and_workers():
 def test_blas_on_one_thread_while_guarding(setup, monkeypatch):
     """numpy's BLAS pool is held to one thread while the guard fits tables next to its probe (the
     two thread pools fought for the cores), and given back afterwards -- also after an error."""
-    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import threadpoolctl   # a declared dependency
+
     from cachegen import guard as G
 
     def blas_threads():
         return [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
 
     before = blas_threads()
-    if not before:
-        pytest.skip("numpy without a BLAS threadpoolctl knows")
+    assert before, "numpy's BLAS not seen by threadpoolctl: the limit would be a no-op"
     kv, m, probe, _ = setup
     seen = []
     real = G._tables

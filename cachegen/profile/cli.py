@@ -55,7 +55,11 @@ def main(argv: Optional[list] = None) -> int:
 
 
 def _targets(items: list) -> Optional[dict]:
-    """--target PRESET=KL items as {preset: KL}; None (after a message) when one is malformed."""
+    """--target PRESET=KL items as {preset: KL}; None (after a message) when one is malformed.
+    Only presets with a fixed calibration target take one (default-p follows --margin)."""
+    from .fit import PRESET_TARGETS
+
+    fixed = [n for n, t in PRESET_TARGETS.items() if t is not None]
     given = {}
     for t in items:
         name, _, val = t.partition("=")
@@ -63,8 +67,8 @@ def _targets(items: list) -> Optional[dict]:
             kl = float(val)
         except ValueError:
             kl = float("nan")
-        if not kl > 0 or name not in ("small-p", "tiny-p"):
-            print(f"--target wants PRESET=KL with KL > 0 for small-p or tiny-p, got {t!r}", file=sys.stderr)
+        if not kl > 0 or name not in fixed:
+            print(f"--target wants PRESET=KL with KL > 0 for {' or '.join(fixed)}, got {t!r}", file=sys.stderr)
             return None
         given[name] = kl
     return given
@@ -75,10 +79,10 @@ def run(a: argparse.Namespace) -> int:
     from . import fit_profile, profile_path
     from .profile import Profile
 
-    targets_arg = _targets(a.target)
-    if targets_arg is None:
+    given = _targets(a.target)
+    if given is None:
         return 2
-    if targets_arg and not a.retune:
+    if given and not a.retune:
         print("--target goes with --retune", file=sys.stderr)
         return 2
     model_dir = export_model(a.model, "fp32", "cpu", progress=not a.show)
@@ -100,7 +104,6 @@ def run(a: argparse.Namespace) -> int:
 
         old = Profile.load(out) if out.is_file() else load_for_model(model_dir)
         targets = None
-        given = targets_arg
         only = list(dict.fromkeys((a.only or []) + list(given)))
         if only:
             unknown = set(only) - set(PRESET_TARGETS)
