@@ -188,14 +188,22 @@ def inspect(data: Any, limits: Optional[DecodeLimits] = None, verify: bool = Fal
         pbytes = 2 if h.param_dtype == 1 else 4
         for k in range(c.n_chunks):
             blocks = dispatch.block_params(c, k, verify=False)
+            packed = False
             if v2:
                 lay = h.layout(k)
-                parts["padding"] += lay.dir_at - (lay.tok_at + lay.total_tok)
+                packed = lay.packed
+                if packed:   # lo offsets and token codes live in one parameter stream per block
+                    parts["padding"] += lay.dir_at - (lay.step_at + pbytes * lay.total_steps)
+                    n_words = (int(c.index["size"][k]) - lay.meta_size) // 4
+                    data_words = sum(bp.stream_words for bp in blocks)
+                    parts["param_streams"] = parts.get("param_streams", 0) + 4 * (n_words - data_words + lay.nb)
+                else:
+                    parts["padding"] += lay.dir_at - (lay.tok_at + lay.total_tok)
             for bp in blocks:
-                ch_n = bp.lo.size
+                ch_n = 0 if packed else bp.lo.size
                 # v1 stores a step-mode byte per block; v2 one mode for the whole file
                 params = (0 if v2 else 1) + pbytes * (ch_n + bp.stored_steps)
-                scales = 0 if bp.token_exp is None else bp.token_exp.size
+                scales = 0 if bp.token_exp is None or packed else bp.token_exp.size
                 words = 4 * bp.stream_words
                 layer_bytes[bp.layer] += params + scales + words + 4 * bp.streams
                 parts["streams"] += words

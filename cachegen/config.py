@@ -140,6 +140,11 @@ class CodecConfig:
     # the container stores the steps, every decoder reads them as they are.
     key_step_gain: GainSpec = 1.0
     value_step_gain: GainSpec = 1.0
+    # Format v2: each channel's lo as an integer multiple of the block's step and the token-scale
+    # codes rANS-coded in one parameter stream per block (extension EXT_PACKED) instead of
+    # stored as 2 + 1 bytes per channel and token. Needs one step per block (scale_sharing 1);
+    # a cache that cannot be packed (an offset beyond +-1023 steps) is written unpacked.
+    packed_params: bool = False
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -153,7 +158,7 @@ class CodecConfig:
             if not _is_int(v) or not lo <= int(v) <= hi:
                 bad(f"{fname} must be an int in [{lo}, {hi}], got {v!r}")
             object.__setattr__(self, fname, int(v))   # numpy ints become plain ints (JSON, hashing)
-        for fname in ("lossless", "token_scaling"):   # a truthy string must not switch a mode on
+        for fname in ("lossless", "token_scaling", "packed_params"):   # a truthy string must not switch a mode on
             v = getattr(self, fname)
             if not isinstance(v, (bool, np.bool_)):
                 bad(f"{fname} must be a bool, got {v!r}")
@@ -164,6 +169,8 @@ class CodecConfig:
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or not 0.0 <= float(v) <= 1.0:
             bad(f"scale_sharing must be a number in [0, 1], got {v!r}")
         object.__setattr__(self, "scale_sharing", float(v) if isinstance(v, np.floating) else (int(v) if _is_int(v) else v))
+        if self.packed_params and not self.lossless and float(self.scale_sharing) != 1.0:
+            bad("packed_params needs one step per block (scale_sharing=1)")
         # Validate the schedules early (against an arbitrary layer count for strings/ints).
         for fname in ("key_bits", "value_bits"):
             object.__setattr__(self, fname, normalize_bits(getattr(self, fname)))

@@ -194,16 +194,18 @@ def block_params(c: AnyContainer, k: int, verify: bool = True) -> list[BlockPara
     h = c.header
     out = []
     if isinstance(c, fmt2.ContainerV2):
+        from .codec.params import chunk_params
         v = fmt2.chunk_view(c, k, verify)
         lay = v.layout
-        lo, st = v.lo.astype(np.float32), v.step.astype(np.float32)
+        lo, tok = chunk_params(c, v, c.cache.setdefault("models", {}))
+        st = v.step.astype(np.float32)
         ends = v.ends.astype(np.int64)
         for j, (i, kv, n) in enumerate(lay.blocks):
             ch = int(lay.nch[j])
             a = int(lay.ch_off[j])
             s0 = int(lay.step_off[j])
             step = np.repeat(st[s0:s0 + 1], ch) if h.step_mode == 1 else st[s0:s0 + ch]
-            e = v.tok[int(lay.tok_off[j]):int(lay.tok_off[j]) + h.batch * n] if v.tok is not None else None
+            e = tok[int(lay.tok_off[j]):int(lay.tok_off[j]) + h.batch * n] if tok is not None else None
             f0, f1 = int(lay.first_stream[j]), int(lay.first_stream[j + 1])
             w = int(ends[f1 - 1] - (ends[f0 - 1] if f0 else 0)) if f1 > f0 else 0
             out.append(BlockParams(i, kv, n, lo[a:a + ch], step, e, w, f1 - f0, 1 if h.step_mode == 1 else ch))

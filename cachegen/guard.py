@@ -204,31 +204,8 @@ def _quantize(kv: Any, cfg: CodecConfig) -> tuple[Any, list]:
     ``codec.encoder.encode_lossy_v2``; :func:`_code` finishes the container. The guard measures a
     preset from this alone (:func:`_reconstruct`) and entropy-codes only the preset it keeps."""
     from .codec import encoder as E
-    from .codec.layout import describe, host_array
-    from .codec.parallel import parallel_map
-    from .format import v2 as fmt2
-    from .format.container import MODE_LOSSY, LayerInfo
 
-    infos, batch, dtype = describe(kv)
-    kbits, vbits = cfg.layer_bits(len(infos))
-    infos = [LayerInfo(l.tokens, l.k_heads, l.k_dim, l.v_heads, l.v_dim, kb, vb)
-             for l, kb, vb in zip(infos, kbits, vbits)]
-    table_bits = int(getattr(cfg, "table_bits", 12))
-    h = fmt2.HeaderV2(mode=MODE_LOSSY, dtype=dtype, batch=batch, chunk_tokens=cfg.chunk_tokens, layers=infos,
-                      group_size=cfg.group_size, channels_per_stream=cfg.channels_per_stream,
-                      token_scaling=int(bool(cfg.token_scaling)), table_bits=table_bits)
-    need = max(max(kbits), max(vbits)) + (1 if cfg.group_size > 1 else 0)
-    if need > table_bits:
-        raise InputError(f"{need}-bit alphabets need table_bits >= {need} (config has {table_bits})")
-    hosts = [tuple(host_array(t) for t in pair) for pair in kv]
-    h.param_dtype = 1
-    outs = parallel_map(E._quantize_layer, (hosts, h, cfg, 1), range(len(infos)), 1)
-    if max(r["max_abs"] for r in outs) >= E.quantize.FP16_SAFE:
-        h.param_dtype = 2
-        outs = parallel_map(E._quantize_layer, (hosts, h, cfg, 2), range(len(infos)), 1)
-    shared = all(p[1].size == 0 or bool(np.all(p[1] == p[1][0])) for r in outs for p in r["params"].values())
-    h.step_mode = 1 if shared else 0
-    return h, outs
+    return E.quantize_v2(kv, cfg)
 
 
 class _Stopped(Exception):
@@ -248,15 +225,14 @@ def _tables(h: Any, outs: list, cfg: CodecConfig, stop: Any = None) -> tuple:
             raise _Stopped()
         return E._fit_tables_v2(H, cfg.tables_per_class, table_bits)
 
-    return E._build_tables(h, outs, fit)
+    return E.build_tables_v2(h, outs, fit)
 
 
 def _use_tables(h: Any, tables: tuple) -> list:
     """Put :func:`_tables`' tables into the header; their units (pass 2's input)."""
-    units, h.table_ids = tables
-    h.alphabets = np.array([u.size for u in units], dtype=np.int64)
-    h.units = np.concatenate(units).astype(np.uint16)
-    return units
+    from .codec import encoder as E
+
+    return E.set_tables(h, tables)
 
 
 # Forking the workers next to a loaded model costs ~0.2-0.3 s (page tables) and halves what is
@@ -445,6 +421,11 @@ def with_extensions(data: bytes, extensions: Sequence[Any]) -> bytes:
     old_size = fixed[15]                           # ext_count, ext_size: fields 14 and 15
     if old_size > hsize - fmt2._FIXED.size:
         raise InputError("container header: extension section larger than the header")
+    # The packed-parameters record belongs to the coded chunks, not to the caller: kept (last,
+    # where the encoder puts it).
+    from .format.extensions import EXT_PACKED
+    old = fmt2._parse_extensions(body[hsize - old_size:hsize], fixed[14])
+    extensions = [e for e in extensions if e.kind != EXT_PACKED] + [e for e in old if e.kind == EXT_PACKED]
     exts = fmt2.pack_extensions(list(extensions))
     fixed[14], fixed[15] = len(extensions), len(exts)
     new_body = fmt2._FIXED.pack(*fixed) + bytes(body[fmt2._FIXED.size:hsize - old_size]) + exts

@@ -212,6 +212,18 @@ def v_v2_extensions():
         "v2 preset default with three extension records: quality (JSON), user (JSON) and an unknown non-critical kind 0x0123 that a decoder must skip"
 
 
+V2_PACKED_CONFIG = CodecConfig(name="v2-packed", key_bits=6, value_bits=4, token_scaling=True, scale_sharing=1.0,
+                               group_size=1, chunk_tokens=32, channels_per_stream=4, packed_params=True)
+
+
+def v_v2_packed_params():
+    rng = np.random.default_rng(2003)
+    kv = [layer_pair(rng, 2, 2, t, 8) for t in (70, 37)]
+    return to_torch(kv, torch.float16), V2_PACKED_CONFIG, {}, \
+        "v2 packed parameters (extension 0x8002, FORMAT_V2.md 6.2): K6/V4, token scaling, chunk 32, 4 channels/stream, " \
+        "fp16, batch 2, 2 layers x 2 heads x 8 of 70 and 37 tokens (chunks with 2 and 4 blocks, a partial last one)"
+
+
 VECTORS = {
     "default_fp16": v_default_fp16,
     "paper_fp16": v_paper_fp16,
@@ -225,7 +237,8 @@ VECTORS = {
 }
 
 # Format v2 vectors (codec_spec/vectors/v2/): the v1 inputs re-encoded as v2, plus v2-only ones.
-VECTORS_V2 = {**VECTORS, "cps1_tb8": v_v2_cps1_tb8, "extensions": v_v2_extensions}
+VECTORS_V2 = {**VECTORS, "cps1_tb8": v_v2_cps1_tb8, "extensions": v_v2_extensions,
+              "packed_params": v_v2_packed_params}
 
 
 # ----------------------------------------------------------------------------- output

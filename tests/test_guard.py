@@ -237,12 +237,12 @@ def test_streams_coded_while_the_probe_runs(setup, monkeypatch):
 def test_code_chunks_stop_and_workers():
     """Pass 2 of the encoder: the same chunks on 1 or 2 workers; ``stop`` abandons it."""
     from cachegen.codec import encoder as E
-    from cachegen.guard import _quantize, _tables
+    from cachegen.guard import _quantize, _tables, _use_tables
 
     kv = make_kv(tokens=1100)
     cfg = get_config("default")
     h, outs = _quantize(kv, cfg)
-    units, h.table_ids = _tables(h, outs, cfg)
+    units = _use_tables(h, _tables(h, outs, cfg))
     a = E.code_chunks_v2(h, outs, units, workers=1)
     assert E.code_chunks_v2(h, outs, units, workers=2) == a and len(a) == h.n_chunks > 2
     seen = []

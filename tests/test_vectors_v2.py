@@ -47,7 +47,7 @@ def _check(decoded, name: str) -> None:
 
 def test_manifest_complete():
     assert MANIFEST["format_version"] == 2
-    assert len(ENTRIES) >= 11
+    assert len(ENTRIES) >= 12
     listed = {e["file"] for e in ENTRIES.values()} | {e["expected"] for e in ENTRIES.values()}
     on_disk = {p.name for p in VECTORS.iterdir() if p.suffix in (".cgk", ".npz")}
     assert on_disk == listed
@@ -120,3 +120,12 @@ def test_gpu_decode_bit_exact(name):
     e = ENTRIES[name]
     data = (VECTORS / e["file"]).read_bytes()   # anchor-delta vectors take dispatch's CPU fallback
     _check(cachegen.decode(data, device="cuda", partial=e["decode"]["partial"]), name)
+
+
+def test_packed_params_vector_carries_its_critical_record():
+    data = (VECTORS / ENTRIES["packed_params"]["file"]).read_bytes()
+    info = cachegen.inspect(data)
+    assert [(x["kind"], x["critical"]) for x in info["extensions"]] == [(0x8002, True)]
+    assert info["breakdown"]["param_streams"] > 0 and info["breakdown"]["token_scales"] == 0
+    c = fmt2.parse_container(data)
+    assert c.header.packed.frac_bits == 3 and c.n_chunks == 3

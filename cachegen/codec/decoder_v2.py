@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import StreamError
 from ..format.tables import TOKEN_SCALES
 from ..format.v2 import ContainerV2, chunk_view
-from . import entropy, grouping
+from . import entropy, grouping, params
 
 Block = tuple[int, int, int, int, np.ndarray]  # (layer, kv, chunk, n, x float32 [B, H, n, D])
 
@@ -35,7 +35,7 @@ def decode_chunk(c: ContainerV2, k: int, verify: bool = True) -> Iterator[Block]
     v = chunk_view(c, k, verify)
     lay = v.layout
     R = h.roles
-    lo_all = v.lo.astype(np.float32)
+    lo_all, tok_all = params.chunk_params(c, v, _models(c))
     st_all = v.step.astype(np.float32)
     for j, (i, kvi, n) in enumerate(lay.blocks):
         layer = h.layers[i]
@@ -68,7 +68,7 @@ def decode_chunk(c: ContainerV2, k: int, verify: bool = True) -> Iterator[Block]
         x *= np.broadcast_to(st, (ch,)).reshape(ch, 1, 1)
         x += lo.reshape(ch, 1, 1)
         if h.token_scaling:
-            e = v.tok[int(lay.tok_off[j]):int(lay.tok_off[j]) + h.batch * n]
+            e = tok_all[int(lay.tok_off[j]):int(lay.tok_off[j]) + h.batch * n]
             x *= TOKEN_SCALES[e].reshape(1, h.batch, n)
         heads, dim = layer.heads_dim(kvi)
         yield i, kvi, k, n, x.reshape(heads, dim, h.batch, n).transpose(2, 0, 3, 1)

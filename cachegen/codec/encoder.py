@@ -15,7 +15,7 @@ from ..errors import InputError
 from ..format.container import (MODE_LOSSLESS, MODE_LOSSY, Header, LayerInfo, build_container, chunk_token_count,
                                 pack_lossy_chunk)
 from ..format.tables import TOKEN_SCALES, expand_counts
-from . import entropy, grouping, quantize
+from . import entropy, grouping, params, quantize
 from .layout import channels_first, describe, host_array, stream_groups
 from .parallel import parallel_imap, parallel_map, worker_count
 
@@ -30,10 +30,11 @@ def _to_f32(a: np.ndarray, bf16: bool) -> np.ndarray:
 
 def _quantize_layer(state: tuple, i: int) -> dict:
     """Pass 1 for one layer: everything pass 2 and the dictionary need."""
-    hosts, header, config, param_dtype = state
+    hosts, header, config, param_dtype = state[:4]
+    pack = len(state) > 4 and bool(state[4])   # format v2 packed parameters (codec.params)
     l = header.layers[i]
     C, g, roles, batch = header.chunk_tokens, header.group_size, header.roles, header.batch
-    out = {"params": {}, "exps": {}, "symbols": {}, "hists": {}, "max_abs": 0.0}
+    out = {"params": {}, "exps": {}, "symbols": {}, "hists": {}, "max_abs": 0.0, "offsets": {}, "packable": pack}
     gains = config.layer_gains(len(header.layers))
     for kvi in (0, 1):
         a, bf16 = hosts[i][kvi]
@@ -70,6 +71,13 @@ def _quantize_layer(state: tuple, i: int) -> dict:
                                  "use the lossless preset)")
             lo, step = quantize.quantizer_params(xk, bits, param_dtype, float(config.scale_sharing),
                                                  gains[kvi][i])
+            if out["packable"]:
+                mo = params.lo_offsets(xk.min(axis=1), step) if bool(np.all(step == step[0])) else None
+                if mo is None:
+                    out["packable"] = False      # the caller redoes the cache unpacked
+                else:
+                    out["offsets"][kvi, k] = mo
+                    lo = params.lo_values(step[0], mo)
             q = quantize.quantize(xk, lo, step, bits).reshape(ch, batch, n)
             syms = grouping.split(q, g, levels)
             out["params"][kvi, k] = (lo, step)
@@ -208,34 +216,47 @@ def _code_chunk_v2(state: tuple, k: int) -> tuple[bytes, int]:
     header, layers_out, freqs = state
     lay = header.layout(k)
     models = {}
-    cps, roles = header.channels_per_stream, header.roles
-    los, steps, toks, streams = [], [], [], []
+
+    def model(t: int):
+        m = models.get(t)
+        if m is None:
+            m = models[t] = entropy.model_for(freqs[t])
+        return m
+
+    cps, roles, packed = header.channels_per_stream, header.roles, header.packed
+    los, steps, toks, streams, pstreams = [], [], [], [], []
     for (i, kvi, n) in lay.blocks:
         res = layers_out[i]
         lo, step = res["params"][kvi, k]
         los.append(lo)
         steps.append(step[:1] if header.step_mode == 1 else step)
-        if header.token_scaling:
-            toks.append(res["exps"][kvi, k])
+        tok = res["exps"][kvi, k] if header.token_scaling else None
+        if tok is not None:
+            toks.append(tok)
+        if packed is not None:
+            pstreams.append(params.encode_block(
+                res["offsets"][kvi, k], tok, packed.frac_bits, model(packed.lo_tables[kvi]),
+                model(packed.frac_tables[kvi]) if packed.frac_bits else None,
+                model(packed.tok_tables[kvi]) if tok is not None else None))
         a, d = (s.astype(np.int32) for s in res["symbols"][kvi, k])
         ids = header.table_ids[i][kvi]
         for c0, c1 in stream_groups(header.layers[i].channels(kvi), cps):
             segs = []
             for c in range(c0, c1):
                 for r, sy in ((0, a), (1, d))[:roles]:
-                    t = int(ids[c, r])
-                    m = models.get(t)
-                    if m is None:
-                        m = models[t] = entropy.model_for(freqs[t])
-                    segs.append((sy[c], m))
+                    segs.append((sy[c], model(int(ids[c, r]))))
             streams.append(entropy.encode_stream(segs))
     cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)
+    if packed is not None:
+        return fmt2.pack_lossy_chunk(lay, header.param_dtype, None, cat(steps), None, streams, pstreams)
     return fmt2.pack_lossy_chunk(lay, header.param_dtype, cat(los), cat(steps),
                                  cat(toks).astype(np.uint8) if toks else None, streams)
 
 
-def encode_lossy_v2(kv: Sequence[Sequence[Any]], config: CodecConfig, progress: Progress = None,
-                    extensions: Sequence[Any] = ()) -> bytes:
+def quantize_v2(kv: Sequence[Any], config: CodecConfig, extensions: Sequence[Any] = ()) -> tuple[Any, list]:
+    """Pass 1 of a format v2 lossy encode: the header (without tables) and each layer's indices
+    and parameters, i.e. everything that fixes the decoded cache. Shared by
+    :func:`encode_lossy_v2` and ``cachegen.guard``."""
     from ..format import v2 as fmt2
     infos, batch, dtype = describe(kv)
     kbits, vbits = config.layer_bits(len(infos))
@@ -252,19 +273,85 @@ def encode_lossy_v2(kv: Sequence[Sequence[Any]], config: CodecConfig, progress: 
     if need > table_bits:
         raise InputError(f"{need}-bit alphabets need table_bits >= {need} (config has {table_bits})")
     hosts = [tuple(host_array(t) for t in pair) for pair in kv]
-    header.param_dtype = 1
-    layers_out = parallel_map(_quantize_layer, (hosts, header, config, 1), range(len(infos)), 1)
-    if max(r["max_abs"] for r in layers_out) >= quantize.FP16_SAFE:
-        header.param_dtype = 2
-        layers_out = parallel_map(_quantize_layer, (hosts, header, config, 2), range(len(infos)), 1)
+    pack = bool(getattr(config, "packed_params", False))
+    layers_out: list = []
+    for attempt in range(2):
+        header.param_dtype = 1
+        layers_out = parallel_map(_quantize_layer, (hosts, header, config, 1, pack), range(len(infos)), 1)
+        if max(r["max_abs"] for r in layers_out) >= quantize.FP16_SAFE:
+            header.param_dtype = 2
+            layers_out = parallel_map(_quantize_layer, (hosts, header, config, 2, pack), range(len(infos)), 1)
+        # Packed parameters need every block packable and their symbols within the tables'
+        # alphabets; otherwise the cache is coded with stored parameters (same format, larger).
+        if not pack or _packable(header, layers_out):
+            break
+        pack = False
     # One step per block when every block's channels share it (scale_sharing=1), else per channel.
     shared = all(p[1].size == 0 or bool(np.all(p[1] == p[1][0]))
                  for r in layers_out for p in r["params"].values())
     header.step_mode = 1 if shared else 0
-    units, header.table_ids = _build_tables(
-        header, layers_out, lambda H: _fit_tables_v2(H, config.tables_per_class, table_bits))
+    header.packed = _PACK_PENDING if pack and shared else None
+    return header, layers_out
+
+
+# Placeholder until the tables are built (build_tables_v2 fills in the table ids).
+_PACK_PENDING = "pending"
+
+
+def _packable(header: Any, layers_out: list) -> bool:
+    if not all(r["packable"] for r in layers_out):
+        return False
+    cap = min(2047, 1 << header.table_bits)
+    return params.FRAC_BITS <= header.table_bits and all(h.size <= cap for h in _param_hists(header, layers_out))
+
+
+def _param_hists(header: Any, layers_out: list) -> list:
+    """Symbol counts of the packed parameters: [offsets K, offsets V, low bits K, low bits V,
+    token differences K, token differences V] (the tables build_tables_v2 adds, in its order)."""
+    out: list = [None] * 6
+    for kvi in (0, 1):
+        ms = [m for r in layers_out for (kv, _k), m in r["offsets"].items() if kv == kvi]
+        ts = [e for r in layers_out for (kv, _k), e in r["exps"].items() if kv == kvi] if header.token_scaling else []
+        hi, fr, tk = params.block_histograms(ms, ts, params.FRAC_BITS)
+        out[kvi], out[2 + kvi], out[4 + kvi] = (h if h.size else np.ones(1, np.int64) for h in (hi, fr, tk))
+    return out
+
+
+def build_tables_v2(header: Any, layers_out: list, fit) -> tuple:
+    """The probability tables of pass 1's results: ``fit(H)`` per (K/V, role, alphabet) class
+    of channel histograms, then (packed parameters) per K/V one table for the offsets, one for
+    their low bits and one for the token-code differences. -> (units, table ids, PackedParams or None)."""
+    from ..format.extensions import NO_TABLE, PackedParams
+    units, ids = _build_tables(header, layers_out, fit)
+    packed = None
+    if header.packed is not None:
+        hists = _param_hists(header, layers_out)
+        if not header.token_scaling:
+            hists = hists[:4]
+        base = len(units)
+        units = list(units) + [quantize_units(h.astype(np.float64), header.table_bits) for h in hists]
+        if len(units) > 65535:
+            raise InputError("too many probability tables for the format (reduce tables_per_class)")
+        tt = (base + 4, base + 5) if header.token_scaling else (NO_TABLE, NO_TABLE)
+        packed = PackedParams((base, base + 1), (base + 2, base + 3), tt, params.FRAC_BITS)
+    return units, ids, packed
+
+
+def set_tables(header: Any, tables: tuple) -> list:
+    """Put :func:`build_tables_v2`'s tables into the header; returns their units (pass 2's input)."""
+    units, header.table_ids, header.packed = tables
+    header._layouts = None          # the packed flag changes the chunk layout
     header.alphabets = np.array([u.size for u in units], dtype=np.int64)
     header.units = np.concatenate(units).astype(np.uint16)
+    return units
+
+
+def encode_lossy_v2(kv: Sequence[Sequence[Any]], config: CodecConfig, progress: Progress = None,
+                    extensions: Sequence[Any] = ()) -> bytes:
+    from ..format import v2 as fmt2
+    header, layers_out = quantize_v2(kv, config, extensions)
+    units = set_tables(header, build_tables_v2(
+        header, layers_out, lambda H: _fit_tables_v2(H, config.tables_per_class, header.table_bits)))
     return fmt2.build_container(header, code_chunks_v2(header, layers_out, units, progress))
 
 

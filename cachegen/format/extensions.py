@@ -9,6 +9,7 @@ reconstructed, e.g. a transform); unknown non-critical kinds are skipped. So lat
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
@@ -19,8 +20,11 @@ CRITICAL = 0x8000
 EXT_QUALITY = 0x0001      # JSON: quality measured when the container was written (cachegen.guard)
 EXT_USER = 0x0002         # JSON: free-form user metadata
 EXT_TRANSFORM = 0x8001    # critical: model profile / transform to undo after dequantization
+EXT_PACKED = 0x8002       # critical: lo and token-scale codes entropy-coded in per-block streams
 
-KNOWN_KINDS = {EXT_QUALITY: "quality", EXT_USER: "user", EXT_TRANSFORM: "transform"}
+KNOWN_KINDS = {EXT_QUALITY: "quality", EXT_USER: "user", EXT_TRANSFORM: "transform",
+               EXT_PACKED: "packed-params"}
+NO_TABLE = 0xFFFF
 
 MAX_EXTENSION_BYTES = 1 << 20     # one record's payload
 MAX_EXTENSIONS = 64
@@ -84,7 +88,39 @@ def parse_json(raw: bytes, what: str = "extension") -> Any:
         raise FormatError(f"{what}: payload is not valid JSON ({e})") from None
 
 
-def check_known(exts: Iterable[Extension], handled: Iterable[int] = (EXT_TRANSFORM,)) -> None:
+@dataclass(frozen=True)
+class PackedParams:
+    """Payload of the packed-parameters record (codec_spec/FORMAT_V2.md section 6.2): which
+    tables code each block's parameter stream, per K/V. A channel's lo is ``step * m / 2**r``
+    (``r = frac_bits``); ``lo_tables`` code zigzag(m >> r), ``frac_tables`` the low r bits of m
+    (NO_TABLE when r = 0), ``tok_tables`` the zigzag'd token-scale code differences (NO_TABLE
+    without token scales)."""
+    lo_tables: tuple[int, int]
+    frac_tables: tuple[int, int]
+    tok_tables: tuple[int, int]
+    frac_bits: int
+
+    SIZE = 16
+    MAX_FRAC_BITS = 8
+    _FMT = "<6HB3x"
+
+    def to_extension(self) -> Extension:
+        return Extension(EXT_PACKED, struct.pack(self._FMT, *self.lo_tables, *self.frac_tables, *self.tok_tables,
+                                                 self.frac_bits))
+
+    @classmethod
+    def from_extension(cls, e: Extension) -> "PackedParams":
+        if len(e.payload) != cls.SIZE:
+            raise FormatError(f"packed-params record of {len(e.payload)} bytes (expected {cls.SIZE})")
+        if any(e.payload[13:16]):
+            raise FormatError("packed-params record: reserved bytes not zero")
+        a = struct.unpack(cls._FMT, e.payload)
+        if a[6] > cls.MAX_FRAC_BITS:
+            raise FormatError(f"packed-params record: frac_bits {a[6]} over {cls.MAX_FRAC_BITS}")
+        return cls((a[0], a[1]), (a[2], a[3]), (a[4], a[5]), a[6])
+
+
+def check_known(exts: Iterable[Extension], handled: Iterable[int] = (EXT_TRANSFORM, EXT_PACKED)) -> None:
     """Refuse a container with a critical record this decoder cannot apply."""
     ok = set(handled)
     for e in exts:

@@ -64,6 +64,14 @@ class ChunkLayout:
     total_channels: int
     total_steps: int
     total_tok: int
+    # Packed parameters (EXT_PACKED): no lo / token-scale sections; the directory lists the
+    # S data streams, then one parameter stream per block (its lo offsets, then token codes).
+    packed: bool = False
+
+    @property
+    def n_dir(self) -> int:
+        """Directory entries: the data streams, plus one parameter stream per block if packed."""
+        return self.n_streams + (self.nb if self.packed else 0)
 
     @property
     def n_streams(self) -> int:
@@ -85,7 +93,7 @@ def chunk_blocks(layer_tokens: Sequence[int], k: int, chunk_tokens: int) -> tupl
 
 @lru_cache(maxsize=256)
 def _build(blocks: tuple, channels: tuple, batch: int, group_size: int, cps: int, param_bytes: int,
-           step_mode: int, token_scaling: int) -> ChunkLayout:
+           step_mode: int, token_scaling: int, packed: bool = False) -> ChunkLayout:
     nb = len(blocks)
     nch = np.array([channels[i][kv] for i, kv, _ in blocks], dtype=np.int64)
     n = np.array([t for _, _, t in blocks], dtype=np.int64)
@@ -111,21 +119,22 @@ def _build(blocks: tuple, channels: tuple, batch: int, group_size: int, cps: int
     snch = np.minimum(cps, nch[sblk] - c0)
     ssym = snch * batch * (na + nd)[sblk]
     lo_at = 0
-    step_at = lo_at + param_bytes * total_ch
+    step_at = lo_at + (0 if packed else param_bytes * total_ch)
     tok_at = step_at + param_bytes * total_steps
-    dir_at = _align4(tok_at + total_tok)
-    meta = dir_at + 4 * S
+    dir_at = _align4(tok_at + (0 if packed else total_tok))
+    meta = dir_at + 4 * (S + (nb if packed else 0))
     for a in (nch, ch_off, step_off, tok_off, first, sblk, c0, snch, ssym, na, nd):
         a.setflags(write=False)
     return ChunkLayout(blocks, nch, ch_off, step_off, tok_off, first, sblk, c0, snch, ssym,
                        batch * na, batch * nd, lo_at, step_at, tok_at, dir_at, meta, total_ch,
-                       total_steps, total_tok)
+                       total_steps, total_tok, bool(packed))
 
 
 def _key(h) -> tuple:
     return (tuple(l.tokens for l in h.layers), h.chunk_tokens,
             tuple((l.channels(0), l.channels(1)) for l in h.layers), h.batch, h.group_size,
-            h.channels_per_stream, 2 if h.param_dtype == 1 else 4, h.step_mode, h.token_scaling)
+            h.channels_per_stream, 2 if h.param_dtype == 1 else 4, h.step_mode, h.token_scaling,
+            getattr(h, "packed", None) is not None)
 
 
 def chunk_layouts(header) -> list[ChunkLayout]:
@@ -142,7 +151,7 @@ def chunk_meta_sizes(header) -> np.ndarray:
 
 @lru_cache(maxsize=64)
 def _chunk_layouts(tokens: tuple, C: int, channels: tuple, batch: int, group_size: int, cps: int, pb: int,
-                   step_mode: int, token_scaling: int) -> tuple:
+                   step_mode: int, token_scaling: int, packed: bool = False) -> tuple:
     T = np.array(tokens, dtype=np.int64)
     ks = np.arange(-(-int(T.max()) // C), dtype=np.int64)
     n = np.clip(T[None, :] - ks[:, None] * C, 0, C)          # [chunks, layers] tokens per block
@@ -152,7 +161,8 @@ def _chunk_layouts(tokens: tuple, C: int, channels: tuple, batch: int, group_siz
         lay = distinct.get(r)
         if lay is None:
             blocks = tuple((i, kv, t) for i, t in enumerate(r) if t for kv in (0, 1))
-            lay = distinct[r] = _build(blocks, channels, batch, group_size, cps, pb, step_mode, token_scaling)
+            lay = distinct[r] = _build(blocks, channels, batch, group_size, cps, pb, step_mode, token_scaling,
+                                       packed)
         out.append(lay)
     meta = np.array([lay.meta_size for lay in out], dtype=np.int64)
     meta.setflags(write=False)

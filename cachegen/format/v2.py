@@ -29,7 +29,7 @@ from ..errors import (ChecksumError, FormatError, InputError, LimitExceededError
                       UnsupportedVersionError)
 from .container import (DTYPE_CODES, MAGIC, CacheShape, inflate_model_section, MODE_LOSSLESS, MODE_LOSSY, PARAM_DTYPES, DecodeLimits,
                         LayerInfo, crc32)
-from .extensions import MAX_EXTENSIONS, Extension, check_known
+from .extensions import EXT_PACKED, MAX_EXTENSIONS, NO_TABLE, Extension, PackedParams, check_known, find
 from .layout import STEP_PER_CHANNEL, STEP_SHARED, ChunkLayout, chunk_layout, chunk_layouts, chunk_meta_sizes, chunk_token_count
 from .tables import MAX_ALPHABET, PRECISION_BITS
 
@@ -87,6 +87,8 @@ class HeaderV2(CacheShape):
     # Table id per (layer, kv): [channels, roles] uint16.
     table_ids: list[list[np.ndarray]] = field(default_factory=list)
     extensions: list[Extension] = field(default_factory=list)
+    # Packed parameters (EXT_PACKED, section 6.2): lo and token-scale codes in per-block streams.
+    packed: Optional[PackedParams] = None
     version: int = VERSION
     model_section_bytes: int = 0     # stored (compressed, padded) size; set by the parser
     _layouts: Optional[list] = field(default=None, repr=False, compare=False)   # layout memo
@@ -198,26 +200,44 @@ def pack_extensions(exts: Sequence[Extension]) -> bytes:
     return b"".join(out)
 
 
-def pack_lossy_chunk(lay: ChunkLayout, param_dtype: int, lo: np.ndarray, step: np.ndarray,
-                     tok: Optional[np.ndarray], streams: Sequence[np.ndarray]) -> tuple[bytes, int]:
-    """-> (chunk bytes, meta_size). lo/step/tok: flat arrays in layout order; streams: u32 words."""
+def pack_lossy_chunk(lay: ChunkLayout, param_dtype: int, lo: Optional[np.ndarray], step: np.ndarray,
+                     tok: Optional[np.ndarray], streams: Sequence[np.ndarray],
+                     param_streams: Sequence[np.ndarray] = ()) -> tuple[bytes, int]:
+    """-> (chunk bytes, meta_size). lo/step/tok: flat arrays in layout order; streams: u32 words.
+    A packed layout takes no lo/tok (they are coded in ``param_streams``, one per block)."""
     pdt = PARAM_DTYPES[param_dtype]
-    lo = np.asarray(lo, dtype=pdt)
     step = np.asarray(step, dtype=pdt)
-    if lo.size != lay.total_channels or step.size != lay.total_steps or len(streams) != lay.n_streams:
+    if lay.packed:
+        if len(param_streams) != lay.nb:
+            raise InputError("packed chunk needs one parameter stream per block")
+    else:
+        lo = np.asarray(lo, dtype=pdt)
+        if lo.size != lay.total_channels or param_streams:
+            raise InputError("chunk parameters do not match its layout")
+    if step.size != lay.total_steps or len(streams) != lay.n_streams:
         raise InputError("chunk parameters do not match its layout")
     meta = bytearray(lay.meta_size)
-    meta[lay.lo_at:lay.step_at] = lo.tobytes()
-    meta[lay.step_at:lay.tok_at] = step.tobytes()
-    if lay.total_tok:
+    if not lay.packed:
+        meta[lay.lo_at:lay.step_at] = lo.tobytes()
+    meta[lay.step_at:lay.step_at + step.nbytes] = step.tobytes()
+    if lay.total_tok and not lay.packed:
         meta[lay.tok_at:lay.tok_at + lay.total_tok] = np.asarray(tok, dtype=np.uint8).tobytes()
-    lengths = np.array([s.size for s in streams], dtype=np.int64)
+    allstreams = list(streams) + list(param_streams)
+    lengths = np.array([s.size for s in allstreams], dtype=np.int64)
     ends = np.cumsum(lengths)
     if ends.size and ends[-1] >= 1 << 32:
         raise InputError("chunk has more than 2**32 stream words: use fewer tokens per chunk")
     meta[lay.dir_at:lay.meta_size] = ends.astype("<u4").tobytes()
-    words = b"".join(np.asarray(s, dtype="<u4").tobytes() for s in streams)
+    words = b"".join(np.asarray(s, dtype="<u4").tobytes() for s in allstreams)
     return bytes(meta) + words, lay.meta_size
+
+
+def _extensions_of(h: HeaderV2) -> list[Extension]:
+    """The header's records, with the packed-parameters record matching ``h.packed``."""
+    out = [e for e in h.extensions if e.kind != EXT_PACKED]
+    if h.packed is not None:
+        out.append(h.packed.to_extension())
+    return out
 
 
 def build_container(header: HeaderV2, chunks: Sequence[tuple[bytes, int]]) -> bytes:
@@ -231,7 +251,8 @@ def build_container(header: HeaderV2, chunks: Sequence[tuple[bytes, int]]) -> by
         model = comp + b"\0" * (_align4(len(comp)) - len(comp))
     else:
         model, model_raw, model_comp = b"", 0, 0
-    exts = pack_extensions(h.extensions)
+    ext_list = _extensions_of(h)
+    exts = pack_extensions(ext_list)
     index = np.zeros(len(chunks), dtype=CHUNK_DT)
     off = 0
     for k, (p, meta) in enumerate(chunks):
@@ -244,7 +265,7 @@ def build_container(header: HeaderV2, chunks: Sequence[tuple[bytes, int]]) -> by
     payload_size = off
     fixed = _FIXED.pack(h.dtype, h.param_dtype, h.group_size, h.token_scaling, h.step_mode, h.table_bits,
                         h.channels_per_stream, h.batch, h.chunk_tokens, len(h.layers), len(chunks),
-                        h.n_tables if lossy else 0, model_comp, model_raw, len(h.extensions), len(exts), 0,
+                        h.n_tables if lossy else 0, model_comp, model_raw, len(ext_list), len(exts), 0,
                         payload_size, 0)
     layers = np.zeros(len(h.layers), dtype=LAYER_DT)
     for i, l in enumerate(h.layers):
@@ -375,6 +396,9 @@ def parse_container(data, limits: Optional[DecodeLimits] = None, partial: bool =
         _model_section(header, body[pos:pos + model_comp], model_raw, n_tables, limits)
         pos += _align4(model_comp)
         header.model_section_bytes = _align4(model_comp)
+        header.extensions = _parse_extensions(body[pos:pos + ext_size], ext_count)
+        check_known(header.extensions)
+        _packed_record(header)
         # Each lossy chunk's metadata size follows from the layout: a cheap structural check.
         want_meta = chunk_meta_sizes(header)
         got_meta = index["meta_size"].astype(np.int64)
@@ -383,8 +407,9 @@ def parse_container(data, limits: Optional[DecodeLimits] = None, partial: bool =
                              "(or the stream area is not whole words)")
     else:
         _need(not index["meta_size"].any(), "lossless chunks carry no metadata section")
-    header.extensions = _parse_extensions(body[pos:pos + ext_size], ext_count)
-    check_known(header.extensions)
+        header.extensions = _parse_extensions(body[pos:pos + ext_size], ext_count)
+        check_known(header.extensions)
+        _need(find(header.extensions, EXT_PACKED) is None, "lossless container with a packed-params record")
 
     payload_start = _PREAMBLE.size + header_size
     available = len(mv) - payload_start
@@ -480,6 +505,31 @@ def _parse_ids(h: HeaderV2, raw: memoryview) -> None:
     h.table_ids = out
 
 
+def _packed_record(h: HeaderV2) -> None:
+    """Section 6.2: a packed-params record needs one step per block, and names tables that exist
+    (token tables exactly when the container has token scales)."""
+    e = find(h.extensions, EXT_PACKED)
+    if e is None:
+        return
+    _need(sum(1 for x in h.extensions if x.kind == EXT_PACKED) == 1, "more than one packed-params record")
+    p = PackedParams.from_extension(e)
+    _need(h.step_mode == STEP_SHARED, "packed parameters need step_mode 1 (one step per block)")
+    for t in p.lo_tables:
+        _need(t < h.n_tables, f"packed-params: lo table {t} does not exist ({h.n_tables} tables)")
+    for t in p.frac_tables:
+        if p.frac_bits:
+            _need(t < h.n_tables and int(h.alphabets[t]) == 1 << p.frac_bits,
+                  f"packed-params: fraction table {t} must exist with {1 << p.frac_bits} symbols")
+        else:
+            _need(t == NO_TABLE, "packed-params: fraction table given with frac_bits 0")
+    for t in p.tok_tables:
+        if h.token_scaling:
+            _need(t < h.n_tables, f"packed-params: token table {t} does not exist ({h.n_tables} tables)")
+        else:
+            _need(t == NO_TABLE, "packed-params: token table given without token scaling")
+    h.packed = p
+
+
 def _parse_extensions(raw: memoryview, count: int) -> list[Extension]:
     out, pos = [], 0
     for _ in range(count):
@@ -505,11 +555,12 @@ class ChunkViewV2:
     """Views of one lossy chunk's sections (no copies)."""
     index: int
     layout: ChunkLayout
-    lo: np.ndarray        # param dtype [total_channels]
+    lo: Optional[np.ndarray]    # param dtype [total_channels] (None when packed: see codec.params)
     step: np.ndarray      # param dtype [total_steps]
-    tok: Optional[np.ndarray]   # uint8 [total_tok]
-    ends: np.ndarray      # uint32 [S] cumulative word ends
+    tok: Optional[np.ndarray]   # uint8 [total_tok] (None when packed)
+    ends: np.ndarray      # uint32 [S] cumulative word ends of the data streams
     words: np.ndarray     # uint32 [n_words]
+    param_ends: Optional[np.ndarray] = None   # uint32 [nb] packed: ends of the parameter streams
 
 
 def chunk_view(c: ContainerV2, k: int, verify: bool = True) -> ChunkViewV2:
@@ -517,17 +568,20 @@ def chunk_view(c: ContainerV2, k: int, verify: bool = True) -> ChunkViewV2:
     raw = c.chunk_bytes(k, verify)
     lay = h.layout(k)
     pdt = PARAM_DTYPES[h.param_dtype]
-    lo = np.frombuffer(raw, dtype=pdt, count=lay.total_channels, offset=lay.lo_at)
+    packed = lay.packed
+    lo = None if packed else np.frombuffer(raw, dtype=pdt, count=lay.total_channels, offset=lay.lo_at)
     step = np.frombuffer(raw, dtype=pdt, count=lay.total_steps, offset=lay.step_at)
-    tok = np.frombuffer(raw, dtype=np.uint8, count=lay.total_tok, offset=lay.tok_at) if lay.total_tok else None
-    ends = np.frombuffer(raw, dtype="<u4", count=lay.n_streams, offset=lay.dir_at)
+    tok = np.frombuffer(raw, dtype=np.uint8, count=lay.total_tok, offset=lay.tok_at) \
+        if lay.total_tok and not packed else None
+    dir_all = np.frombuffer(raw, dtype="<u4", count=lay.n_dir, offset=lay.dir_at)
     n_words = (len(raw) - lay.meta_size) // 4
     words = np.frombuffer(raw, dtype="<u4", count=n_words, offset=lay.meta_size)
-    if ends.size:
-        e64 = ends.astype(np.int64)
+    if dir_all.size:
+        e64 = dir_all.astype(np.int64)
         _need(bool((np.diff(e64) >= 0).all()) and int(e64[-1]) == n_words,
               f"chunk {k}: stream directory does not add up to the chunk's words", StreamError)
-    _need(bool(np.isfinite(lo).all() and np.isfinite(step).all() and (step >= 0).all()),
+    _need(bool((lo is None or np.isfinite(lo).all()) and np.isfinite(step).all() and (step >= 0).all()),
           f"chunk {k}: invalid quantizer parameters")
-    return ChunkViewV2(k, lay, lo, step, tok, ends, words)
+    ends = dir_all[:lay.n_streams]
+    return ChunkViewV2(k, lay, lo, step, tok, ends, words, dir_all[lay.n_streams:] if packed else None)
 

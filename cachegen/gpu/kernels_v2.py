@@ -207,12 +207,13 @@ def v2_words_sum_kernel(u32_ptr, wbase_ptr, cwords_ptr, sums_ptr, k1, k2, BLOCKW
 
 
 @triton.jit
-def v2_decode_nested_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr,
+def v2_decode_nested_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr, lo_ptr, lob_ptr, tkb_ptr,
                             sblk_ptr, ssic_ptr, sc0_ptr, snch_ptr, blk_ptr, cbase_ptr, cwords_ptr,
                             lut_ptr, fc_ptr, scale_ptr, out_ptr, obase_ptr, ostride_ptr, hdim_ptr, err_ptr,
                             lane0, lane_end, p0, batch,
                             TB: tl.constexpr, PSZ: tl.constexpr, SHARED: tl.constexpr, HAS_TS: tl.constexpr,
-                            OUT_BF16: tl.constexpr, BLOCK: tl.constexpr, LUT8: tl.constexpr):
+                            OUT_BF16: tl.constexpr, BLOCK: tl.constexpr, LUT8: tl.constexpr,
+                            PKD: tl.constexpr):
     """The same decode as ``v2_decode_kernel`` (same arguments less ``steps_ptr``, same
     arithmetic, same checks, bit-identical output), with the channel / batch-row / token walk
     as three nested loops instead of one flat loop: the per-symbol step then carries only the
@@ -223,7 +224,11 @@ def v2_decode_nested_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr,
 
     LUT8: the compact tables of ``build_lut8`` (uint8 slot -> symbol, int32 symbol -> f | cdf << 13
     at fc_ptr); otherwise the 8-byte entries of ``build_lut`` (fc_ptr unused). The chain step is
-    the same arithmetic: x' = (x >> 24) * f' + q - cdf', with q the state's low 24 bits."""
+    the same arithmetic: x' = (x >> 24) * f' + q - cdf', with q the state's low 24 bits.
+
+    PKD (packed parameters): lo comes from lo_ptr (float32, ``v2_params_kernel``'s output, chunk k
+    from lob[k]) and the token codes from u8_ptr = its code scratch (chunk k from tkb[k]);
+    otherwise lo_ptr is par_ptr and u8_ptr the container bytes (lob_ptr, tkb_ptr unused)."""
     pid = tl.program_id(0) + p0
     lane = pid * BLOCK + tl.arange(0, BLOCK)
     m = (lane >= lane0) & (lane < lane_end)
@@ -276,9 +281,13 @@ def v2_decode_nested_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr,
     stt = tl.load(ostride_ptr + lk * 4 + 2, mask=m, other=0)
     sd = tl.load(ostride_ptr + lk * 4 + 3, mask=m, other=0)
     hd = tl.load(hdim_ptr + lk, mask=m, other=1).to(tl.int32)
-    pbase = (cbase // PSZ) + ch_off
+    if PKD:
+        pbase = tl.load(lob_ptr + k, mask=m, other=0) + ch_off
+        tbase = tl.load(tkb_ptr + k, mask=m, other=0) + tok_off
+    else:
+        pbase = (cbase // PSZ) + ch_off
+        tbase = (cbase + tok_at) + tok_off
     sbase = ((cbase + step_at) // PSZ) + step_off
-    tbase = (cbase + tok_at) + tok_off
     if SHARED:
         st = tl.load(par_ptr + sbase, mask=ok, other=0.0).to(tl.float32)
     lmask = (1 << (24 - TB)) - 1
@@ -288,7 +297,7 @@ def v2_decode_nested_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr,
         c = c0 + j
         cact = j < nch_eff
         tid = tl.load(ids_ptr + ids_base + c, mask=cact, other=0)
-        lo = tl.load(par_ptr + pbase + c, mask=cact, other=0.0).to(tl.float32)
+        lo = tl.load(lo_ptr + pbase + c, mask=cact, other=0.0).to(tl.float32)
         if not SHARED:
             st = tl.load(par_ptr + sbase + c, mask=cact, other=0.0).to(tl.float32)
         pb = (lo != lo) | (st != st) | (tl.abs(lo) == float("inf")) | (tl.abs(st) == float("inf")) | (st < 0)
@@ -352,6 +361,123 @@ def v2_decode_nested_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr,
                     ecn = tl.where(active, tl.load(u8_ptr + tbase + p2, mask=active, other=0).to(tl.int32), ecn)
     bad = bad | (ok & ((x != 0) | (ptr != 0)))
     # failed streams of this program into flags[0] (one atomic per program, no reduction launch)
+    tl.atomic_add(err_ptr, tl.sum((m & bad).to(tl.int64), axis=0))
+
+
+@triton.jit
+def v2_params_kernel(u32_ptr, par_ptr, blk_ptr, bic_ptr, cbase_ptr, cwt_ptr, lut_ptr,
+                     lo_ptr, lob_ptr, tok_ptr, tkb_ptr, err_ptr, n_blocks, batch, max_nch, max_ntok,
+                     TB: tl.constexpr, PSZ: tl.constexpr, HAS_TS: tl.constexpr, FRAC: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """Packed parameters (EXT_PACKED): one lane per block decodes its parameter stream (the
+    directory entry after the chunk's data streams) through the 8-byte LUT of the parameter
+    tables (rows: offsets K, V, low bits K, V, tokens K, V): the channels' zigzag'd m >> FRAC,
+    then their low FRAC bits, stored as lo = fl32(fl32(step * m) * 2**-FRAC) at lo[lob[k] +
+    ch_off + c], then the token codes (zigzag'd differences from 128) at tok[tkb[k] + tok_off + t].
+    Same checks as the decode kernel: directory entries inside the chunk's words (cwt: all of
+    them), the last one ending them, the stream ending in x == 0 with every word consumed, each
+    token code inside [0, 255]. A failed lane counts into err[0] and writes nothing."""
+    b = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = b < n_blocks
+    row = blk_ptr + b.to(tl.int64) * 14
+    k = tl.load(row + 0, mask=m, other=0)
+    lk = tl.load(row + 1, mask=m, other=0)
+    n = tl.load(row + 2, mask=m, other=0).to(tl.int32)
+    nch = tl.load(row + 4, mask=m, other=0).to(tl.int32)
+    ch_off = tl.load(row + 5, mask=m, other=0)
+    step_off = tl.load(row + 6, mask=m, other=0)
+    tok_off = tl.load(row + 7, mask=m, other=0)
+    s_chunk = tl.load(row + 8, mask=m, other=1)
+    step_at = tl.load(row + 9, mask=m, other=0)
+    dir_at = tl.load(row + 11, mask=m, other=0)
+    meta = tl.load(row + 12, mask=m, other=0)
+    bic = tl.load(bic_ptr + b, mask=m, other=0).to(tl.int64)
+    nbk = tl.load(bic_ptr + b + 1, mask=m & (b + 1 < n_blocks), other=0)   # 0: b is its chunk's last block
+    cbase = tl.load(cbase_ptr + k, mask=m, other=0)
+    cwt = tl.load(cwt_ptr + k, mask=m, other=0)
+    d0 = (cbase + dir_at) // 4 + s_chunk + bic
+    e_end = tl.load(u32_ptr + d0, mask=m, other=0).to(tl.uint32).to(tl.int64)
+    e_beg = tl.load(u32_ptr + d0 - 1, mask=m, other=0).to(tl.uint32).to(tl.int64)
+    bad = m & ((e_beg > e_end) | (e_end > cwt) | ((nbk == 0) & (e_end != cwt)))
+    ok = m & (bad == 0)
+    wb = (cbase + meta) // 4 + e_beg
+    ptr = tl.where(ok, e_end - e_beg, 0).to(tl.int32)
+    wp = u32_ptr + wb + ptr - 1
+    last = tl.load(wp, mask=ok & (ptr > 0), other=0).to(tl.uint32).to(tl.uint64)
+    bad = bad | ((ptr > 0) & (last == 0))
+    x = tl.zeros([BLOCK], dtype=tl.uint64)
+    for _k in tl.static_range(2):
+        need = ((x >> 32) == 0) & (ptr > 0)
+        w = tl.load(wp, mask=need, other=0).to(tl.uint32).to(tl.uint64)
+        x = tl.where(need, (x << 32) | w, x)
+        ptr = ptr - need.to(tl.int32)
+        wp = wp - need.to(tl.int32)
+    kv = (lk % 2).to(tl.int64)
+    st = tl.load(par_ptr + ((cbase + step_at) // PSZ) + step_off, mask=ok, other=0.0).to(tl.float32)
+    lmask = (1 << (24 - TB)) - 1
+    lob = tl.load(lob_ptr + k, mask=m, other=0) + ch_off
+    # pass 1: the high parts (kept as m >> FRAC in the scratch, as float32: |m >> FRAC| <= 1023)
+    for j in range(0, max_nch):
+        active = ok & (j < nch)
+        q = (x & 0xFFFFFF).to(tl.int32)
+        e = tl.load(lut_ptr + (kv << TB) + (q >> (24 - TB)), mask=active, other=0)
+        sym = (e & 0x7FF).to(tl.int32)
+        f = ((e >> 11) & 0x1FFF).to(tl.uint64)
+        off = ((e >> 24) & 0xFFF).to(tl.uint64)
+        nx = (x >> 24) * (f << (24 - TB)) + ((off << (24 - TB)) | (q & lmask).to(tl.uint64))
+        x = tl.where(active, nx, x)
+        need = active & ((x >> 32) == 0) & (ptr > 0)
+        w = tl.load(wp, mask=need, other=0).to(tl.uint32).to(tl.uint64)
+        x = tl.where(need, (x << 32) | w, x)
+        ptr = ptr - need.to(tl.int32)
+        wp = wp - need.to(tl.int32)
+        mv = (sym >> 1) ^ (0 - (sym & 1))
+        if FRAC > 0:
+            tl.store(lo_ptr + lob + j, mv.to(tl.float32), mask=active)
+        else:
+            tl.store(lo_ptr + lob + j, st * mv.to(tl.float32), mask=active)
+    if FRAC > 0:
+        # pass 2: the low bits; m = (hi << FRAC) | frac, lo = fl32(fl32(step * m) * 2**-FRAC)
+        for j in range(0, max_nch):
+            active = ok & (j < nch)
+            q = (x & 0xFFFFFF).to(tl.int32)
+            e = tl.load(lut_ptr + ((kv + 2) << TB) + (q >> (24 - TB)), mask=active, other=0)
+            sym = (e & 0x7FF).to(tl.int32)
+            f = ((e >> 11) & 0x1FFF).to(tl.uint64)
+            off = ((e >> 24) & 0xFFF).to(tl.uint64)
+            nx = (x >> 24) * (f << (24 - TB)) + ((off << (24 - TB)) | (q & lmask).to(tl.uint64))
+            x = tl.where(active, nx, x)
+            need = active & ((x >> 32) == 0) & (ptr > 0)
+            w = tl.load(wp, mask=need, other=0).to(tl.uint32).to(tl.uint64)
+            x = tl.where(need, (x << 32) | w, x)
+            ptr = ptr - need.to(tl.int32)
+            wp = wp - need.to(tl.int32)
+            hi = tl.load(lo_ptr + lob + j, mask=active, other=0.0).to(tl.int32)
+            mm = (hi * (1 << FRAC)) | sym
+            tl.store(lo_ptr + lob + j, (st * mm.to(tl.float32)) * (1.0 / (1 << FRAC)), mask=active)
+    if HAS_TS:
+        tot = kv + 4
+        tkb = tl.load(tkb_ptr + k, mask=m, other=0) + tok_off
+        ntok = batch * n
+        prev = tl.full([BLOCK], 128, dtype=tl.int32)
+        for t in range(0, max_ntok):
+            active = ok & (t < ntok)
+            q = (x & 0xFFFFFF).to(tl.int32)
+            e = tl.load(lut_ptr + (tot << TB) + (q >> (24 - TB)), mask=active, other=0)
+            sym = (e & 0x7FF).to(tl.int32)
+            f = ((e >> 11) & 0x1FFF).to(tl.uint64)
+            off = ((e >> 24) & 0xFFF).to(tl.uint64)
+            nx = (x >> 24) * (f << (24 - TB)) + ((off << (24 - TB)) | (q & lmask).to(tl.uint64))
+            x = tl.where(active, nx, x)
+            need = active & ((x >> 32) == 0) & (ptr > 0)
+            w = tl.load(wp, mask=need, other=0).to(tl.uint32).to(tl.uint64)
+            x = tl.where(need, (x << 32) | w, x)
+            ptr = ptr - need.to(tl.int32)
+            wp = wp - need.to(tl.int32)
+            prev = tl.where(active, prev + ((sym >> 1) ^ (0 - (sym & 1))), prev)
+            bad = bad | (active & ((prev < 0) | (prev > 255)))
+            tl.store(tok_ptr + tkb + t, prev.to(tl.uint8), mask=active)
+    bad = bad | (ok & ((x != 0) | (ptr != 0)))
     tl.atomic_add(err_ptr, tl.sum((m & bad).to(tl.int64), axis=0))
 
 

@@ -73,6 +73,17 @@ class ShapePlan:
     nsym: np.ndarray       # int64 [S] symbols of each stream (host copy)
     chunk_streams: np.ndarray  # int64 [n_chunks + 1] first stream of each chunk (streams are chunk-major)
     steps: dict            # BLOCK -> int32 device tensor: longest stream of each program
+    # Packed parameters (EXT_PACKED): the parameter-stream pass decodes each block's lo offsets
+    # and token codes into scratch arrays, which the decode kernel then reads instead of the chunk.
+    packed: bool = False
+    bic: Optional[torch.Tensor] = None     # int32 [NB] block index inside its chunk
+    lob: Optional[torch.Tensor] = None     # int64 [n_chunks] first lo of each chunk in the scratch
+    tkb: Optional[torch.Tensor] = None     # int64 [n_chunks] first token code of each chunk in the scratch
+    lo_total: int = 0
+    tok_total: int = 0
+    max_nch: int = 0
+    max_ntok: int = 0
+    last_dir: Optional[np.ndarray] = None   # int64 [n_chunks] byte offset of the last data-stream entry
 
     def program_steps(self, block: int, device) -> torch.Tensor:
         t = self.steps.get(block)
@@ -87,7 +98,7 @@ class ShapePlan:
 def _shape_key(h: fmt2.HeaderV2, n_chunks: int) -> tuple:
     return (tuple((l.tokens, l.k_heads, l.k_dim, l.v_heads, l.v_dim) for l in h.layers), h.batch,
             h.chunk_tokens, h.channels_per_stream, h.group_size, h.param_dtype, h.step_mode,
-            h.token_scaling, n_chunks)
+            h.token_scaling, n_chunks, h.packed is not None)
 
 
 def _ids_bases(h: fmt2.HeaderV2) -> np.ndarray:
@@ -134,10 +145,23 @@ def build_shape_plan(h: fmt2.HeaderV2, n_chunks: int, device: torch.device) -> S
         nb += b.shape[0]
     cat = lambda xs, dt: torch.from_numpy(np.concatenate(xs).astype(dt)).to(device)
     S = int(sum(x.size for x in sblk))
-    return ShapePlan(S, cat(sblk, np.int32), cat(ssic, np.int32), cat(sc0, np.int32), cat(snch, np.int32),
+    plan = ShapePlan(S, cat(sblk, np.int32), cat(ssic, np.int32), cat(sc0, np.int32), cat(snch, np.int32),
                      cat(rows, np.int64).reshape(-1, BCOLS), nb,
                      np.concatenate(nsym).astype(np.int64) if nsym else np.zeros(0, np.int64),
                      np.concatenate([[0], np.cumsum([x.size for x in sblk])]).astype(np.int64), {})
+    if h.packed is not None and n_chunks:
+        lays = [h.layout(k) for k in range(n_chunks)]
+        lo_n = np.array([l.total_channels for l in lays], dtype=np.int64)
+        tok_n = np.array([l.total_tok for l in lays], dtype=np.int64)
+        plan.packed = True
+        plan.bic = cat([np.arange(l.nb) for l in lays], np.int32)
+        plan.lob = torch.from_numpy(np.concatenate([[0], np.cumsum(lo_n)[:-1]]).astype(np.int64)).to(device)
+        plan.tkb = torch.from_numpy(np.concatenate([[0], np.cumsum(tok_n)[:-1]]).astype(np.int64)).to(device)
+        plan.lo_total, plan.tok_total = int(lo_n.sum()), int(tok_n.sum())
+        plan.max_nch = max(int(l.nch.max()) for l in lays)
+        plan.max_ntok = max(h.batch * max(t for _, _, t in l.blocks) for l in lays) if h.token_scaling else 0
+        plan.last_dir = np.array([l.dir_at + 4 * (l.n_streams - 1) for l in lays], dtype=np.int64)
+    return plan
 
 
 def build_lut(units: torch.Tensor, alphabets: torch.Tensor, table_bits: int) -> torch.Tensor:
@@ -341,6 +365,26 @@ class GpuDecoder:
             self._luts[key] = hit
         return hit
 
+    def _param_lut(self, h: fmt2.HeaderV2) -> torch.Tensor:
+        """8-byte LUT of the packed-parameter tables (lo K, lo V[, tokens K, tokens V]), cached
+        by their content like the data tables."""
+        pk = h.packed
+        # rows 0-1 offsets (K, V), 2-3 low bits, 4-5 token differences (absent ones: row 0 again)
+        tabs = list(pk.lo_tables) + (list(pk.frac_tables) if pk.frac_bits else list(pk.lo_tables)) + \
+            (list(pk.tok_tables) if h.token_scaling else list(pk.lo_tables))
+        starts = h.table_starts
+        alph = h.alphabets[tabs].astype(np.int64)
+        units = np.concatenate([h.units[starts[t]:starts[t + 1]] for t in tabs]).astype(np.int64)
+        key = ("params", h.table_bits, hashlib.blake2b(units.tobytes() + alph.tobytes(), digest_size=16).digest())
+        hit = self._luts.get(key)
+        if hit is None:
+            hit = build_lut(torch.from_numpy(units).to(self.device), torch.from_numpy(alph).to(self.device),
+                            h.table_bits)
+            if len(self._luts) >= 8:
+                self._luts.pop(next(iter(self._luts)))
+            self._luts[key] = hit
+        return hit
+
     def _crc_consts(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._crc is None:
             t = _crc_table()
@@ -435,7 +479,7 @@ class GpuDecoder:
         skip the buffer shape checks.
         """
         from .kernels_v2 import (v2_decode_kernel, v2_decode_nested_kernel, v2_meta_crc_fin_kernel,
-                                 v2_meta_crc_seg_kernel, v2_words_sum_kernel)
+                                 v2_meta_crc_seg_kernel, v2_params_kernel, v2_words_sum_kernel)
 
         c = data if isinstance(data, fmt2.ContainerV2) else fmt2.parse_container(data)
         h = c.header
@@ -480,9 +524,20 @@ class GpuDecoder:
             host[i, 5] = t.shape[3]
         cb = c.payload_start + c.index["offset"].astype(np.int64)
         msz = c.index["meta_size"].astype(np.int64)
-        chunk = np.stack([cb, (c.index["size"].astype(np.int64) - msz) // 4,
+        total_words = (c.index["size"].astype(np.int64) - msz) // 4
+        chunk = np.stack([cb, total_words,
                           c.index["words_sum"].view(np.int64), (cb + msz) // 4, msz,
                           c.index["meta_crc"].astype(np.int64)])
+        packed = p.packed
+        if packed:
+            if self.kernel == "flat":
+                raise InputError("the flat kernel does not decode packed-parameter containers (use 'nested')")
+            # The data streams end where the directory's last data entry says (the parameter
+            # streams follow): read here, bounded by the chunk's words so no lane reads past it.
+            raw = np.frombuffer(c.data, dtype=np.uint8)
+            at = cb[:, None] + p.last_dir[:c.n_chunks, None] + np.arange(4)
+            cw_data = np.minimum(raw[at].astype(np.int64) @ (1 << (8 * np.arange(4, dtype=np.int64))), total_words)
+            chunk = np.concatenate([chunk, cw_data[None]])
         # [bases | strides (row-major [nf, 4]) | head dims | chunk words]: each field a contiguous
         # slice on the device (no copy kernels)
         meta = np.concatenate([host[:, 0], host[:, 1:5].reshape(-1), host[:, 5], chunk.reshape(-1)])
@@ -504,7 +559,8 @@ class GpuDecoder:
             nk = c.n_chunks
             wbase = md[6 * nf + 3 * nk:6 * nf + 4 * nk]
             msize = md[6 * nf + 4 * nk:6 * nf + 5 * nk]
-            mcrc = md[6 * nf + 5 * nk:]
+            mcrc = md[6 * nf + 5 * nk:6 * nf + 6 * nk]
+            cw_dec = md[6 * nf + 6 * nk:6 * nf + 7 * nk] if packed else cwords
             # Tables and ids come from the host parse (the model section is zstd-compressed, small).
             # Only referenced tables get LUT slots (a file may list many it never uses).
             t1 = time.perf_counter()
@@ -522,6 +578,21 @@ class GpuDecoder:
             nested = self.kernel != "flat"
             steps = None if nested else p.program_steps(block, dev)
             out = base.view(torch.int16) if bf16 else base
+            lo_src, u8_src, lob, tkb = par, payload, cbase, cbase
+            if packed:
+                # lo offsets and token codes first: one lane per block, into scratch arrays
+                if wait is not None:
+                    wait(None)
+                    wait = None
+                lo_src = torch.empty(max(p.lo_total, 1), dtype=torch.float32, device=dev)
+                u8_src = torch.empty(max(p.tok_total, 1), dtype=torch.uint8, device=dev)
+                lob, tkb = p.lob, p.tkb
+                plut = self._param_lut(h)
+                v2_params_kernel[(-(-p.n_blocks // 32),)](
+                    u32, par, p.blocks, p.bic, cbase, cwords, plut, lo_src, lob, u8_src, tkb,
+                    err, p.n_blocks, h.batch, p.max_nch, p.max_ntok, TB=h.table_bits,
+                    PSZ=2 if h.param_dtype == 1 else 4, HAS_TS=bool(h.token_scaling), FRAC=h.packed.frac_bits,
+                    BLOCK=32, num_warps=1, enable_fp_fusion=False)
             for s0, s1, upto in self._groups(c, p, wait is not None, group_bytes):
                 if wait is not None:
                     wait(upto)
@@ -531,9 +602,9 @@ class GpuDecoder:
                               enable_fp_fusion=False)
                 if nested:
                     v2_decode_nested_kernel[(-(-s1 // block) - p0,)](
-                        u32, ids, par, payload, p.sblk, p.ssic, p.sc0, p.snch, p.blocks,
-                        cbase, cwords, lut, lut if fc is None else fc, scales, out, obase, strides, hdim,
-                        err, s0, s1, p0, h.batch, LUT8=fc is not None, **consts)
+                        u32, ids, par, u8_src, lo_src, lob, tkb, p.sblk, p.ssic, p.sc0, p.snch, p.blocks,
+                        cbase, cw_dec, lut, lut if fc is None else fc, scales, out, obase, strides, hdim,
+                        err, s0, s1, p0, h.batch, LUT8=fc is not None, PKD=packed, **consts)
                 else:
                     v2_decode_kernel[(-(-s1 // block) - p0,)](
                         u32, ids, par, payload, p.sblk, p.ssic, p.sc0, p.snch, steps, p.blocks,

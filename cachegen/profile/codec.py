@@ -48,15 +48,23 @@ def preset_config(profile: Profile, preset: str) -> CodecConfig:
     return config_of(preset, p)
 
 
+# Codec fields of every profile preset over _MODERN (a preset's own codec fields win). Measured
+# on held-out text (benches/rd_profile_notes.md, 2026-12-04): packed parameters +2.1-3.4 % and 64
+# tables per class +0.8 % at unchanged decoded values (Gemma-3 tiny-p x7.74 -> x8.03, KL 0.0169
+# -> 0.0180 from the grid's move); GPU decode of 8K Gemma-3 0.72 -> 1.02 ms (H200).
+PRESET_CODEC: dict = dict(packed_params=True, tables_per_class=64)
+
+
 def config_of(name: str, p: ProfilePreset) -> CodecConfig:
-    """The CodecConfig of a ProfilePreset: its widths, step gains and codec fields over _MODERN."""
+    """The CodecConfig of a ProfilePreset: its widths, step gains and codec fields over _MODERN
+    and PRESET_CODEC."""
     gains = {}
     if p.key_gain is not None:
         gains["key_step_gain"] = tuple(p.key_gain)
     if p.value_gain is not None:
         gains["value_step_gain"] = tuple(p.value_gain)
     return CodecConfig(name=name, key_bits=tuple(p.key_bits), value_bits=tuple(p.value_bits),
-                       **{**_MODERN, **(p.codec or {})}, **gains)
+                       **{**_MODERN, **PRESET_CODEC, **(p.codec or {})}, **gains)
 
 
 def _dtype_code(t: Any) -> int:

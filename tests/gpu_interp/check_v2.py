@@ -60,6 +60,13 @@ def main():
         "cps3-perchannel-steps": (cachegen.CodecConfig.from_preset("default", channels_per_stream=3, chunk_tokens=16,
                                                                   scale_sharing=0.0, token_scaling=False), "float16", {}),
     }
+    if KERNEL != "flat":   # packed parameters (EXT_PACKED): the nested kernel after the parameter pass
+        P = lambda preset, **kw: cachegen.CodecConfig.from_preset(preset, packed_params=True, **kw)
+        cases.update({
+            "packed-fp16": (P("default"), "float16", {}),
+            "packed-bf16-batch2-windowed": (P("small", chunk_tokens=16), "bfloat16", {"batch": 2, "lengths": [40, 23]}),
+            "packed-fp32-no-token-scales": (P("tiny", token_scaling=False, chunk_tokens=16), "float32", {}),
+        })
     datas = {}
     for name, (cfg, dt, kw) in cases.items():
         data, ok = run(cfg, dt, **kw)
@@ -95,6 +102,25 @@ def main():
         except cachegen.CacheGenError as err:
             caught[type(err).__name__] = caught.get(type(err).__name__, 0) + 1
     out["corrupt"] = caught
+    if KERNEL != "flat":
+        # packed: a flipped bit anywhere in chunk 0 (step, directory, data or parameter words)
+        # must end in a cachegen error, never a silent or out-of-bounds decode
+        data = datas["packed-fp16"]
+        c = fmt2.parse_container(data)
+        s0 = c.payload_start + int(c.index["offset"][0])
+        e0 = s0 + int(c.index["size"][0])
+        pc = {}
+        for t in range(int(os.environ.get("N_CORRUPT", "12"))):
+            b = bytearray(data)
+            p = int(rng.integers(s0, e0))
+            b[p] ^= 1 << int(rng.integers(0, 8))
+            bufs = [(torch.empty_like(k), torch.empty_like(v)) for k, v in cachegen.decode(data)]
+            try:
+                dec.decode_into(bytes(b), bufs, verify=True)
+                pc["none"] = pc.get("none", 0) + 1
+            except cachegen.CacheGenError as err:
+                pc[type(err).__name__] = pc.get(type(err).__name__, 0) + 1
+        out["packed_corrupt_none"] = pc.get("none", 0) == 0
     if os.environ.get("DECODE_ONLY") == "1":   # the metadata CRC and the words sum do not depend on KERNEL
         print(json.dumps(out))
         return
