@@ -17,16 +17,19 @@ from cachegen.format.extensions import EXT_PACKED, NO_TABLE, PackedParams
 from helpers import as_f32, make_kv
 
 P = lambda preset="default", **kw: CodecConfig.from_preset(preset, packed_params=True, **kw)
+# Packing pays only past a few thousand channels and tokens (the parameter tables cost bytes):
+# the caches here are large enough that the encoder packs them.
+BIG = dict(layers=2, heads=4, tokens=600, dim=32)
 
 
 def _err(kv, rest):
     return max(float(np.abs(as_f32(a) - as_f32(b)).max()) for p, q in zip(kv, rest) for a, b in zip(p, q))
 
 
-@pytest.mark.parametrize("preset,kw", [("default", {}), ("tiny", {"chunk_tokens": 64}),
-                                       ("small", {"token_scaling": False}), ("default", {"table_bits": 10})])
-def test_round_trip_smaller_and_as_accurate(preset, kw):
-    kv = make_kv(layers=3, heads=2, tokens=300, dim=16, lengths=[300, 170, 300], seed=1)
+@pytest.mark.parametrize("preset,kw,heads", [("default", {}, 4), ("tiny", {"chunk_tokens": 64}, 4),
+                                             ("small", {"token_scaling": False}, 8), ("default", {"table_bits": 10}, 4)])
+def test_round_trip_smaller_and_as_accurate(preset, kw, heads):
+    kv = make_kv(layers=3, heads=heads, tokens=300, dim=16, lengths=[300, 170, 300], seed=1)
     plain = cachegen.encode(kv, CodecConfig.from_preset(preset, **kw))
     packed = cachegen.encode(kv, P(preset, **kw))
     c = fmt2.parse_container(packed)
@@ -42,7 +45,7 @@ def test_round_trip_smaller_and_as_accurate(preset, kw):
 
 def test_decoded_values_follow_the_spec_formula():
     """lo = fl32(fl32(step * m) * 2**-r), then the usual reconstruction (section 10)."""
-    kv = make_kv(layers=1, heads=1, tokens=50, dim=8, seed=2)
+    kv = make_kv(**BIG, seed=2)
     data = cachegen.encode(kv, P("default", chunk_tokens=32))
     c = fmt2.parse_container(data)
     v = fmt2.chunk_view(c, 0)
@@ -54,12 +57,13 @@ def test_decoded_values_follow_the_spec_formula():
     start = int(v.ends[-1])
     from cachegen.codec import entropy
     models = lambda t: entropy.model_for(c.header.table_freqs24(t))
+    nch = int(v.layout.nch[0])
     out = entropy.decode_stream(v.words[start:int(v.param_ends[0])],
-                                [(8, models(pk.lo_tables[0])), (8, models(pk.frac_tables[0])),
+                                [(nch, models(pk.lo_tables[0])), (nch, models(pk.frac_tables[0])),
                                  (32, models(pk.tok_tables[0]))])
     hi = out[0].astype(np.int64)
     m = (((hi >> 1) ^ -(hi & 1)) << pk.frac_bits) | out[1]
-    assert np.array_equal(lo[:8], (st * m.astype(np.float32)) * np.float32(2.0 ** -pk.frac_bits))
+    assert np.array_equal(lo[:nch], (st * m.astype(np.float32)) * np.float32(2.0 ** -pk.frac_bits))
     d = out[2].astype(np.int64)
     assert np.array_equal(tok[:32], 128 + np.cumsum((d >> 1) ^ -(d & 1)))
 
@@ -87,6 +91,15 @@ def test_unpackable_cache_falls_back_to_stored_parameters():
     assert _err(kv, cachegen.decode(data)) <= _err(kv, cachegen.decode(cachegen.encode(kv, "tiny"))) + 1e-3
 
 
+def test_packs_only_where_it_pays():
+    """A tiny cache without token scales: the parameter tables would cost more than they save."""
+    kv = make_kv(layers=3, heads=2, tokens=300, dim=16, lengths=[300, 170, 300], seed=1)
+    cfg = P("small", token_scaling=False)
+    data = cachegen.encode(kv, cfg)
+    assert fmt2.parse_container(data).header.packed is None
+    assert len(data) <= len(cachegen.encode(kv, CodecConfig.from_preset("small", token_scaling=False)))
+
+
 def test_config_needs_shared_steps():
     with pytest.raises(ConfigError, match="scale_sharing"):
         CodecConfig.from_preset("high", packed_params=True)
@@ -107,7 +120,7 @@ def _rewrite_record(data: bytes, payload: bytes) -> bytes:
 
 
 def test_forged_records_are_refused():
-    kv = make_kv(layers=2, heads=1, tokens=40, dim=8, seed=4)
+    kv = make_kv(**BIG, seed=4)
     data = cachegen.encode(kv, P())
     pk = fmt2.parse_container(data).header.packed
     bad = {
@@ -131,7 +144,7 @@ def test_forged_records_are_refused():
 def test_older_decoder_refuses_cleanly(monkeypatch):
     """A decoder without EXT_PACKED sees an unknown critical record (no silent misread)."""
     from cachegen.format import extensions as ext
-    kv = make_kv(layers=1, heads=1, tokens=20, dim=8, seed=5)
+    kv = make_kv(**BIG, seed=5)
     data = cachegen.encode(kv, P())
     monkeypatch.setattr(fmt2, "check_known", lambda exts: ext.check_known(exts, handled=(ext.EXT_TRANSFORM,)))
     with pytest.raises(UnsupportedVersionError, match="packed-params"):
@@ -139,7 +152,7 @@ def test_older_decoder_refuses_cleanly(monkeypatch):
 
 
 def test_every_corrupted_byte_of_a_chunk_raises():
-    kv = make_kv(layers=2, heads=1, tokens=64, dim=8, seed=6)
+    kv = make_kv(**BIG, seed=6)
     data = cachegen.encode(kv, P("default", chunk_tokens=32))
     c = fmt2.parse_container(data)
     s0 = c.payload_start + int(c.index["offset"][0])
@@ -154,7 +167,7 @@ def test_every_corrupted_byte_of_a_chunk_raises():
 def test_guard_keeps_the_record_when_it_adds_quality():
     from cachegen.format.extensions import EXT_QUALITY, Extension
     from cachegen.guard import with_extensions
-    kv = make_kv(layers=1, heads=1, tokens=20, dim=8, seed=7)
+    kv = make_kv(**BIG, seed=7)
     data = cachegen.encode(kv, P())
     out = with_extensions(data, [Extension.json(EXT_QUALITY, {"x": 1})])
     c = fmt2.parse_container(out)

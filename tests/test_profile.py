@@ -62,7 +62,7 @@ def test_encode_decode_round_trip(dtype):
     kv = make_kv(layers=L, heads=H, dim=D, tokens=300, dtype=dtype, seed=3)
     data = encode(kv, p, "default-p")
     c = cachegen.inspect(data)
-    assert [e["kind"] for e in c["extensions"]] == [EXT_TRANSFORM, EXT_PACKED]   # profile presets pack parameters
+    assert [e["kind"] for e in c["extensions"]] in ([EXT_TRANSFORM], [EXT_TRANSFORM, EXT_PACKED])   # packed where it pays
     out = decode(data, profiles=p)
     for (k, v), (k2, v2) in zip(kv, out):
         assert k2.dtype == (k.dtype if isinstance(k, torch.Tensor) else torch.from_numpy(k).dtype)

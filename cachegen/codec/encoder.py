@@ -72,12 +72,13 @@ def _quantize_layer(state: tuple, i: int) -> dict:
             lo, step = quantize.quantizer_params(xk, bits, param_dtype, float(config.scale_sharing),
                                                  gains[kvi][i])
             if out["packable"]:
-                mo = params.lo_offsets(xk.min(axis=1), step) if bool(np.all(step == step[0])) else None
+                mo = params.lo_offsets(xk.min(axis=1), step, params.FRAC_BITS) \
+                    if bool(np.all(step == step[0])) else None
                 if mo is None:
                     out["packable"] = False      # the caller redoes the cache unpacked
                 else:
                     out["offsets"][kvi, k] = mo
-                    lo = params.lo_values(step[0], mo)
+                    lo = params.lo_values(step[0], mo, params.FRAC_BITS)
             q = quantize.quantize(xk, lo, step, bits).reshape(ch, batch, n)
             syms = grouping.split(q, g, levels)
             out["params"][kvi, k] = (lo, step)
@@ -302,7 +303,25 @@ def _packable(header: Any, layers_out: list) -> bool:
     if not all(r["packable"] for r in layers_out):
         return False
     cap = min(2047, 1 << header.table_bits)
-    return params.FRAC_BITS <= header.table_bits and all(h.size <= cap for h in _param_hists(header, layers_out))
+    hists = _param_hists(header, layers_out)
+    if params.FRAC_BITS > header.table_bits or any(h.size > cap for h in hists):
+        return False
+    return _pays(header, layers_out, hists)
+
+
+def _pays(header: Any, layers_out: list, hists: list) -> bool:
+    """Packing only where it pays: the coded symbols (ideal entropy), their tables (2 bytes a
+    symbol, before zstd) and a directory entry + final state per block, against the stored
+    sections (a small cache can lose: its parameter tables cost more than they save)."""
+    pbytes = 2 if header.param_dtype == 1 else 4
+    n_blocks = sum(len(r["offsets"]) for r in layers_out)
+    stored = pbytes * int(hists[0].sum() + hists[1].sum()) + (int(hists[4].sum() + hists[5].sum())
+                                                             if header.token_scaling else 0)
+    cost = 8.5 * n_blocks
+    for h in hists[:6 if header.token_scaling else 4]:
+        p = h[h > 0] / h.sum()
+        cost += float(h.sum() * -(p * np.log2(p)).sum()) / 8 + 2 * h.size
+    return cost < stored
 
 
 def _param_hists(header: Any, layers_out: list) -> list:

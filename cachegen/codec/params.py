@@ -26,7 +26,7 @@ from . import entropy
 
 MAX_OFFSET = 1023        # |m >> r|: zigzag symbols stay below the format's 2047-symbol alphabets
 TOKEN_START = 128        # the token code before a block's first one (its difference is coded)
-FRAC_BITS = 3            # the encoder's r
+FRAC_BITS = 6            # the encoder's r
 
 
 def zigzag(v: np.ndarray) -> np.ndarray:

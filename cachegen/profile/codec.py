@@ -49,10 +49,11 @@ def preset_config(profile: Profile, preset: str) -> CodecConfig:
 
 
 # Codec fields of every profile preset over _MODERN (a preset's own codec fields win). Measured
-# on held-out text (benches/rd_profile_notes.md, 2026-12-04): packed parameters +2.1-3.4 % and 64
-# tables per class +0.8 % at unchanged decoded values (Gemma-3 tiny-p x7.74 -> x8.03, KL 0.0169
-# -> 0.0180 from the grid's move); GPU decode of 8K Gemma-3 0.72 -> 1.02 ms (H200).
-PRESET_CODEC: dict = dict(packed_params=True, tables_per_class=64)
+# on held-out text (benches/RESULTS.md section 16, 2026-12-04): packed parameters (r = 6) and 64
+# tables per class: Gemma-3 tiny-p x7.74 -> x7.98 at KL 0.0169 -> 0.0167, default-p x5.45 ->
+# x5.57 (KL 0.0054 -> 0.0056); r = 3 gave x8.03 but moved default-p's KL to 0.0102. GPU decode
+# of an 8K Gemma-3 tiny-p cache 0.72 -> ~1.0 ms (H200).
+PRESET_CODEC: dict = dict(packed_params=True, tables_per_class=64)   # packed offsets use r = 6 (codec.params)
 
 
 def config_of(name: str, p: ProfilePreset) -> CodecConfig:
