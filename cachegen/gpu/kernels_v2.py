@@ -365,6 +365,24 @@ def v2_decode_nested_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr, lo_ptr, lob_ptr, 
 
 
 @triton.jit
+def _wide_step(lut_ptr, row, x, ptr, wp, active, TB: tl.constexpr):
+    """One rANS symbol of LUT row ``row`` (8-byte entries of ``build_lut``) for the active lanes,
+    renormalizing from ``wp`` (the next word, read downwards): -> (symbol, x, ptr, wp)."""
+    q = (x & 0xFFFFFF).to(tl.int32)
+    e = tl.load(lut_ptr + (row << TB) + (q >> (24 - TB)), mask=active, other=0)
+    sym = (e & 0x7FF).to(tl.int32)
+    f = ((e >> 11) & 0x1FFF).to(tl.uint64)
+    off = ((e >> 24) & 0xFFF).to(tl.uint64)
+    lmask = (1 << (24 - TB)) - 1
+    nx = (x >> 24) * (f << (24 - TB)) + ((off << (24 - TB)) | (q & lmask).to(tl.uint64))
+    x = tl.where(active, nx, x)
+    need = active & ((x >> 32) == 0) & (ptr > 0)
+    w = tl.load(wp, mask=need, other=0).to(tl.uint32).to(tl.uint64)
+    x = tl.where(need, (x << 32) | w, x)
+    return sym, x, ptr - need.to(tl.int32), wp - need.to(tl.int32)
+
+
+@triton.jit
 def v2_params_kernel(u32_ptr, par_ptr, blk_ptr, bic_ptr, cbase_ptr, cwt_ptr, lut_ptr,
                      lo_ptr, lob_ptr, tok_ptr, tkb_ptr, err_ptr, n_blocks, batch, max_nch, max_ntok,
                      TB: tl.constexpr, PSZ: tl.constexpr, HAS_TS: tl.constexpr, FRAC: tl.constexpr,
@@ -414,23 +432,11 @@ def v2_params_kernel(u32_ptr, par_ptr, blk_ptr, bic_ptr, cbase_ptr, cwt_ptr, lut
         wp = wp - need.to(tl.int32)
     kv = (lk % 2).to(tl.int64)
     st = tl.load(par_ptr + ((cbase + step_at) // PSZ) + step_off, mask=ok, other=0.0).to(tl.float32)
-    lmask = (1 << (24 - TB)) - 1
     lob = tl.load(lob_ptr + k, mask=m, other=0) + ch_off
     # pass 1: the high parts (kept as m >> FRAC in the scratch, as float32: |m >> FRAC| <= 1023)
     for j in range(0, max_nch):
         active = ok & (j < nch)
-        q = (x & 0xFFFFFF).to(tl.int32)
-        e = tl.load(lut_ptr + (kv << TB) + (q >> (24 - TB)), mask=active, other=0)
-        sym = (e & 0x7FF).to(tl.int32)
-        f = ((e >> 11) & 0x1FFF).to(tl.uint64)
-        off = ((e >> 24) & 0xFFF).to(tl.uint64)
-        nx = (x >> 24) * (f << (24 - TB)) + ((off << (24 - TB)) | (q & lmask).to(tl.uint64))
-        x = tl.where(active, nx, x)
-        need = active & ((x >> 32) == 0) & (ptr > 0)
-        w = tl.load(wp, mask=need, other=0).to(tl.uint32).to(tl.uint64)
-        x = tl.where(need, (x << 32) | w, x)
-        ptr = ptr - need.to(tl.int32)
-        wp = wp - need.to(tl.int32)
+        sym, x, ptr, wp = _wide_step(lut_ptr, kv, x, ptr, wp, active, TB)
         mv = (sym >> 1) ^ (0 - (sym & 1))
         if FRAC > 0:
             tl.store(lo_ptr + lob + j, mv.to(tl.float32), mask=active)
@@ -440,18 +446,7 @@ def v2_params_kernel(u32_ptr, par_ptr, blk_ptr, bic_ptr, cbase_ptr, cwt_ptr, lut
         # pass 2: the low bits; m = (hi << FRAC) | frac, lo = fl32(fl32(step * m) * 2**-FRAC)
         for j in range(0, max_nch):
             active = ok & (j < nch)
-            q = (x & 0xFFFFFF).to(tl.int32)
-            e = tl.load(lut_ptr + ((kv + 2) << TB) + (q >> (24 - TB)), mask=active, other=0)
-            sym = (e & 0x7FF).to(tl.int32)
-            f = ((e >> 11) & 0x1FFF).to(tl.uint64)
-            off = ((e >> 24) & 0xFFF).to(tl.uint64)
-            nx = (x >> 24) * (f << (24 - TB)) + ((off << (24 - TB)) | (q & lmask).to(tl.uint64))
-            x = tl.where(active, nx, x)
-            need = active & ((x >> 32) == 0) & (ptr > 0)
-            w = tl.load(wp, mask=need, other=0).to(tl.uint32).to(tl.uint64)
-            x = tl.where(need, (x << 32) | w, x)
-            ptr = ptr - need.to(tl.int32)
-            wp = wp - need.to(tl.int32)
+            sym, x, ptr, wp = _wide_step(lut_ptr, (kv + 2), x, ptr, wp, active, TB)
             hi = tl.load(lo_ptr + lob + j, mask=active, other=0.0).to(tl.int32)
             mm = (hi * (1 << FRAC)) | sym
             tl.store(lo_ptr + lob + j, (st * mm.to(tl.float32)) * (1.0 / (1 << FRAC)), mask=active)
@@ -462,18 +457,7 @@ def v2_params_kernel(u32_ptr, par_ptr, blk_ptr, bic_ptr, cbase_ptr, cwt_ptr, lut
         prev = tl.full([BLOCK], 128, dtype=tl.int32)
         for t in range(0, max_ntok):
             active = ok & (t < ntok)
-            q = (x & 0xFFFFFF).to(tl.int32)
-            e = tl.load(lut_ptr + (tot << TB) + (q >> (24 - TB)), mask=active, other=0)
-            sym = (e & 0x7FF).to(tl.int32)
-            f = ((e >> 11) & 0x1FFF).to(tl.uint64)
-            off = ((e >> 24) & 0xFFF).to(tl.uint64)
-            nx = (x >> 24) * (f << (24 - TB)) + ((off << (24 - TB)) | (q & lmask).to(tl.uint64))
-            x = tl.where(active, nx, x)
-            need = active & ((x >> 32) == 0) & (ptr > 0)
-            w = tl.load(wp, mask=need, other=0).to(tl.uint32).to(tl.uint64)
-            x = tl.where(need, (x << 32) | w, x)
-            ptr = ptr - need.to(tl.int32)
-            wp = wp - need.to(tl.int32)
+            sym, x, ptr, wp = _wide_step(lut_ptr, tot, x, ptr, wp, active, TB)
             prev = tl.where(active, prev + ((sym >> 1) ^ (0 - (sym & 1))), prev)
             bad = bad | (active & ((prev < 0) | (prev > 255)))
             tl.store(tok_ptr + tkb + t, prev.to(tl.uint8), mask=active)

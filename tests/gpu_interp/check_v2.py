@@ -49,6 +49,22 @@ def run(cfg, dtype, **kw):
     return data, exact and untouched
 
 
+def corrupt_counts(dec, data, lo, hi, rng) -> dict:
+    """Flip one random bit in bytes [lo, hi) N_CORRUPT times: what each decode raised ("none": silent)."""
+    caught = {}
+    for _ in range(int(os.environ.get("N_CORRUPT", "12"))):
+        b = bytearray(data)
+        p = int(rng.integers(lo, hi))
+        b[p] ^= 1 << int(rng.integers(0, 8))
+        bufs = [(torch.empty_like(k), torch.empty_like(v)) for k, v in cachegen.decode(data)]
+        try:
+            dec.decode_into(bytes(b), bufs, verify=True)
+            caught["none"] = caught.get("none", 0) + 1
+        except cachegen.CacheGenError as err:
+            caught[type(err).__name__] = caught.get(type(err).__name__, 0) + 1
+    return caught
+
+
 def main():
     out = {}
     cases = {
@@ -92,19 +108,8 @@ def main():
     s = c.payload_start + int(c.index["offset"][0]) + int(c.index["meta_size"][0])
     e = c.payload_start + int(c.index["offset"][0]) + int(c.index["size"][0])
     rng = np.random.default_rng(0)
-    caught = {}
     dec = GpuDecoder("cpu", kernel=KERNEL)
-    for t in range(int(os.environ.get("N_CORRUPT", "12"))):
-        b = bytearray(data)
-        p = int(rng.integers(s, e))
-        b[p] ^= 1 << int(rng.integers(0, 8))
-        bufs = [(torch.empty_like(k), torch.empty_like(v)) for k, v in cachegen.decode(data)]
-        try:
-            dec.decode_into(bytes(b), bufs, verify=True)
-            caught["none"] = caught.get("none", 0) + 1
-        except cachegen.CacheGenError as err:
-            caught[type(err).__name__] = caught.get(type(err).__name__, 0) + 1
-    out["corrupt"] = caught
+    out["corrupt"] = corrupt_counts(dec, data, s, e, rng)
     if KERNEL != "flat":
         # packed: a flipped bit anywhere in chunk 0 (step, directory, data or parameter words)
         # must end in a cachegen error, never a silent or out-of-bounds decode
@@ -112,18 +117,7 @@ def main():
         c = fmt2.parse_container(data)
         s0 = c.payload_start + int(c.index["offset"][0])
         e0 = s0 + int(c.index["size"][0])
-        pc = {}
-        for t in range(int(os.environ.get("N_CORRUPT", "12"))):
-            b = bytearray(data)
-            p = int(rng.integers(s0, e0))
-            b[p] ^= 1 << int(rng.integers(0, 8))
-            bufs = [(torch.empty_like(k), torch.empty_like(v)) for k, v in cachegen.decode(data)]
-            try:
-                dec.decode_into(bytes(b), bufs, verify=True)
-                pc["none"] = pc.get("none", 0) + 1
-            except cachegen.CacheGenError as err:
-                pc[type(err).__name__] = pc.get(type(err).__name__, 0) + 1
-        out["packed_corrupt_none"] = pc.get("none", 0) == 0
+        out["packed_corrupt_none"] = corrupt_counts(dec, data, s0, e0, rng).get("none", 0) == 0
     if os.environ.get("DECODE_ONLY") == "1":   # the metadata CRC and the words sum do not depend on KERNEL
         print(json.dumps(out))
         return
