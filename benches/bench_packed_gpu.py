@@ -38,7 +38,7 @@ def parse_variants(spec: str) -> list:
         kw = {}
         for f in filter(None, fields.split("+")):
             k, _, v = f.partition("=")
-            kw[k] = bool(int(v)) if k == "packed_params" else int(v)
+            kw[k] = bool(int(v)) if k in ("packed_params", "compact_directory") else int(v)
         out.append((name, kw))
     return out
 
@@ -83,6 +83,7 @@ def main(argv=None) -> int:
                                     backlog=True)
                 row = dict(model=model, preset=a.preset, variant=name, fields=kw, tokens=T, ratio=fp16 / len(data),
                            bytes=len(data), packed=c.header.packed is not None, tables=int(c.header.n_tables),
+                           dir_group=c.header.dir_group,
                            call_ms=call, call_noverify_ms=call_nv, gpu_ms=gpu, max_abs_diff_vs_cpu=diff)
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -84,6 +84,7 @@ def _encode(r, host) -> bytes:
     model's profile (next to its export, else the shipped one), the others plainly."""
     import dataclasses
     layout = {} if LAYOUT is None else dict(channels_per_stream=LAYOUT[0], tables_per_class=LAYOUT[1])
+    layout.update(CODEC)
     if PRESET.endswith("-p"):
         from cachegen import profile as cp
         from cachegen.profile import codec as pc
@@ -94,6 +95,7 @@ def _encode(r, host) -> bytes:
 
 
 LAYOUT = None        # --layout CPS/TABLES: channels per stream and tables per class (A/B)
+CODEC: dict = {}      # --codec FIELD=VALUE,...: other CodecConfig fields over the preset (A/B)
 GRAPH = True          # restores step through OrtRunner(cuda_graph=True) (--no-graph: plain steps)
 
 
@@ -157,7 +159,7 @@ def measure_row(r, model: str, T: int, ids: list[int], reps: int, dry: bool, rs_
         f.flush()
         os.fsync(f.fileno())
     row = dict(model=model, tokens=T, comp_bytes=len(data), fp16_bytes=fp16_bytes, ratio=fp16_bytes / len(data),
-               encode_s=enc_s, format_version=data[4], preset=PRESET, layout=LAYOUT)
+               encode_s=enc_s, format_version=data[4], preset=PRESET, layout=LAYOUT, codec=CODEC or None)
 
     # recompute
     def recompute():
@@ -389,14 +391,22 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="default", help="preset of the stored caches (a '-p' one codes with the model's profile)")
     ap.add_argument("--layout", default=None, metavar="CPS/TABLES",
                     help="override the preset's stream layout (channels per stream / tables per class), e.g. 32/32")
+    ap.add_argument("--codec", default=None, metavar="FIELD=VALUE,...",
+                    help="override CodecConfig fields of the preset (ints; 0/1 for the bool fields), e.g. "
+                         "packed_params=0,compact_directory=0,tables_per_class=16")
     ap.add_argument("--kernel", default=None, help="GpuDecoder kernel (nested, nested-wide, flat) for an A/B")
     ap.add_argument("--out", default=str(ROOT / "benches" / "restore_results.json"),
                     help="JSON path; the markdown table goes next to it (.md)")
     a = ap.parse_args(argv)
     import torch
     dry = a.dry
-    global DEFER, GRAPH, PRESET, LAYOUT
+    global DEFER, GRAPH, PRESET, LAYOUT, CODEC
     PRESET = a.preset
+    if a.codec:
+        from cachegen.config import CodecConfig
+        bools = {f for f, v in CodecConfig.__dataclass_fields__.items() if v.type in ("bool", bool)}
+        CODEC = {k: (bool(int(v)) if k in bools else int(v))
+                 for k, v in (item.split("=") for item in a.codec.split(","))}
     if a.layout:
         LAYOUT = tuple(int(x) for x in a.layout.split("/"))
     DEFER = not a.no_defer

@@ -189,14 +189,18 @@ def inspect(data: Any, limits: Optional[DecodeLimits] = None, verify: bool = Fal
         for k in range(c.n_chunks):
             blocks = dispatch.block_params(c, k, verify=False)
             packed = False
+            entry = 4
             if v2:
                 lay = h.layout(k)
                 packed = lay.packed
+                if lay.dir_group:   # compact: a u16 per stream, plus the segment bases and padding
+                    entry = 2
+                    parts["stream_directory"] += lay.meta_size - lay.dir_at - 2 * lay.n_dir
                 if packed:   # lo offsets and token codes live in one parameter stream per block
                     parts["padding"] += lay.dir_at - (lay.step_at + pbytes * lay.total_steps)
                     n_words = (int(c.index["size"][k]) - lay.meta_size) // 4
                     data_words = sum(bp.stream_words for bp in blocks)
-                    parts["param_streams"] = parts.get("param_streams", 0) + 4 * (n_words - data_words + lay.nb)
+                    parts["param_streams"] = parts.get("param_streams", 0) + 4 * (n_words - data_words) + entry * lay.nb
                 else:
                     parts["padding"] += lay.dir_at - (lay.tok_at + lay.total_tok)
             for bp in blocks:
@@ -205,9 +209,9 @@ def inspect(data: Any, limits: Optional[DecodeLimits] = None, verify: bool = Fal
                 params = (0 if v2 else 1) + pbytes * (ch_n + bp.stored_steps)
                 scales = 0 if bp.token_exp is None or packed else bp.token_exp.size
                 words = 4 * bp.stream_words
-                layer_bytes[bp.layer] += params + scales + words + 4 * bp.streams
+                layer_bytes[bp.layer] += params + scales + words + entry * bp.streams
                 parts["streams"] += words
-                parts["stream_directory"] += 4 * bp.streams
+                parts["stream_directory"] += entry * bp.streams
                 parts["quantizer_params"] += params
                 parts["token_scales"] += scales
     else:

@@ -421,11 +421,12 @@ def with_extensions(data: bytes, extensions: Sequence[Any]) -> bytes:
     old_size = fixed[15]                           # ext_count, ext_size: fields 14 and 15
     if old_size > hsize - fmt2._FIXED.size:
         raise InputError("container header: extension section larger than the header")
-    # The packed-parameters record belongs to the coded chunks, not to the caller: kept (last,
-    # where the encoder puts it).
-    from .format.extensions import EXT_PACKED
+    # The packed-parameters and compact-directory records belong to the coded chunks, not to
+    # the caller: kept (last, where the encoder puts them).
+    from .format.extensions import EXT_COMPACT_DIR, EXT_PACKED
+    layout_kinds = (EXT_PACKED, EXT_COMPACT_DIR)
     old = fmt2._parse_extensions(body[hsize - old_size:hsize], fixed[14])
-    extensions = [e for e in extensions if e.kind != EXT_PACKED] + [e for e in old if e.kind == EXT_PACKED]
+    extensions = [e for e in extensions if e.kind not in layout_kinds] + [e for e in old if e.kind in layout_kinds]
     exts = fmt2.pack_extensions(list(extensions))
     fixed[14], fixed[15] = len(extensions), len(exts)
     new_body = fmt2._FIXED.pack(*fixed) + bytes(body[fmt2._FIXED.size:hsize - old_size]) + exts

@@ -224,6 +224,19 @@ def v_v2_packed_params():
         "fp16, batch 2, 2 layers x 2 heads x 8 of 70 and 37 tokens (chunks with 2 and 4 blocks, a partial last one)"
 
 
+V2_COMPACT_CONFIG = CodecConfig(name="v2-compact", key_bits=6, value_bits=4, token_scaling=True, scale_sharing=1.0,
+                                group_size=1, chunk_tokens=32, channels_per_stream=3, packed_params=True,
+                                compact_directory=True)
+
+
+def v_v2_compact_dir():
+    rng = np.random.default_rng(2004)
+    kv = [layer_pair(rng, 1, 2, t, 8) for t in (70, 45)]
+    return to_torch(kv, torch.float16), V2_COMPACT_CONFIG, {}, \
+        "v2 compact directory (extension 0x8003, FORMAT_V2.md 6.3) with g = 3 over packed parameters: K6/V4, " \
+        "token scaling, chunk 32, 3 channels/stream (6 streams a block), fp16, 2 layers x 2 heads x 8 of 70 and 45 tokens"
+
+
 VECTORS = {
     "default_fp16": v_default_fp16,
     "paper_fp16": v_paper_fp16,
@@ -238,7 +251,7 @@ VECTORS = {
 
 # Format v2 vectors (codec_spec/vectors/v2/): the v1 inputs re-encoded as v2, plus v2-only ones.
 VECTORS_V2 = {**VECTORS, "cps1_tb8": v_v2_cps1_tb8, "extensions": v_v2_extensions,
-              "packed_params": v_v2_packed_params}
+              "packed_params": v_v2_packed_params, "compact_dir": v_v2_compact_dir}
 
 
 # ----------------------------------------------------------------------------- output
@@ -285,13 +298,24 @@ FROZEN_PRESETS = {
 
 def build(name: str, version: int = 1):
     kv, cfg, extra, desc = (VECTORS if version == 1 else VECTORS_V2)[name]()
+    from cachegen.codec import encoder as E, params as PR
+    patches = {}   # encoder knobs of a vector as it was made, restored afterwards
     if name == "packed_params":
         # frozen as made (2026-12-04): r = 3, packed although a cache this small does not pay
-        from cachegen.codec import encoder as E, params as PR
-        E._pays, PR.FRAC_BITS = (lambda *a: True), 3
+        patches = {(E, "_pays"): lambda *a: True, (PR, "FRAC_BITS"): 3}
+    if name == "compact_dir":
+        # segments of 3 (the encoder would pick one segment for a cache this small)
+        patches = {(E, "_pays"): lambda *a: True, (E, "directory_group"): lambda h: 3}
+    saved = {k: getattr(*k) for k in patches}
     exts = _v2_extensions() if extra.get("extensions") else ()
-    data = cachegen.encode(kv, FROZEN_PRESETS[cfg] if isinstance(cfg, str) else cfg, format_version=version,
-                           extensions=exts)
+    try:
+        for (mod, attr), v in patches.items():
+            setattr(mod, attr, v)
+        data = cachegen.encode(kv, FROZEN_PRESETS[cfg] if isinstance(cfg, str) else cfg, format_version=version,
+                               extensions=exts)
+    finally:
+        for (mod, attr), v in saved.items():
+            setattr(mod, attr, v)
     full = cachegen.decode(data)
     # The input is decoded back and checked here so that a broken encoder cannot produce a vector.
     partial = False

@@ -129,3 +129,13 @@ def test_packed_params_vector_carries_its_critical_record():
     assert info["breakdown"]["param_streams"] > 0 and info["breakdown"]["token_scales"] == 0
     c = fmt2.parse_container(data)
     assert c.header.packed.frac_bits == 3 and c.n_chunks == 3
+
+
+def test_compact_dir_vector_carries_its_records():
+    data = (VECTORS / ENTRIES["compact_dir"]["file"]).read_bytes()
+    info = cachegen.inspect(data)
+    assert [(x["kind"], x["critical"]) for x in info["extensions"]] == [(0x8002, True), (0x8003, True)]
+    c = fmt2.parse_container(data)
+    lay = c.header.layout(0)
+    # segments of 3 over 6 streams a block plus a parameter stream per block: joins mid-block
+    assert c.header.dir_group == 3 and lay.n_dir % 3 == 1 and lay.n_seg == -(-lay.n_dir // 3)

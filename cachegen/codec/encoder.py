@@ -292,7 +292,37 @@ def quantize_v2(kv: Sequence[Any], config: CodecConfig, extensions: Sequence[Any
                  for r in layers_out for p in r["params"].values())
     header.step_mode = 1 if shared else 0
     header.packed = _PACK_PENDING if pack and shared else None
+    header.dir_group = directory_group(header) if getattr(config, "compact_directory", False) else 0
+    header._layouts = None
     return header, layers_out
+
+
+MIN_DIR_GROUP = 8    # below this a segment's u32 base costs more than the u16 entries save
+
+
+def directory_group(header: Any) -> int:
+    """Streams per segment of a compact directory (EXT_COMPACT_DIR), 0 when it cannot be used:
+    the largest power of two whose segments cannot span over 65535 words, by a bound on each
+    stream's words that holds before coding (a symbol costs at most table_bits bits, as every
+    frequency is at least 1 of 2**table_bits; plus the rANS start, final state and word rounding),
+    so the layout is fixed before pass 2 codes the chunks in parallel."""
+    from ..format.extensions import CompactDirectory
+    from ..format.layout import chunk_layouts
+    most = 0
+    for lay in chunk_layouts(header):
+        sym = lay.stream_symbols
+        m = int(sym.max()) if sym.size else 0
+        if header.packed is not None and lay.nb:
+            per = lay.nch * (2 if params.FRAC_BITS else 1)
+            if header.token_scaling:
+                per = per + header.batch * np.array([t for _, _, t in lay.blocks], dtype=np.int64)
+            m = max(m, int(per.max()))
+        most = max(most, m)
+    words = -(-most * (header.table_bits * 64 + 1) // (32 * 64)) + 5
+    g = CompactDirectory.MAX_GROUP
+    while g >= MIN_DIR_GROUP and g * words > 0xFFFF:
+        g //= 2
+    return g if g >= MIN_DIR_GROUP else 0
 
 
 # Placeholder until the tables are built (build_tables_v2 fills in the table ids).

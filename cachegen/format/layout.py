@@ -67,11 +67,24 @@ class ChunkLayout:
     # Packed parameters (EXT_PACKED): no lo / token-scale sections; the directory lists the
     # S data streams, then one parameter stream per block (its lo offsets, then token codes).
     packed: bool = False
+    # Compact directory (EXT_COMPACT_DIR): 0 = one u32 cumulative end per stream; G > 0 = one u32
+    # base per segment of G streams (at dir_at), then a u16 end-minus-base per stream (at rel_at).
+    dir_group: int = 0
 
     @property
     def n_dir(self) -> int:
         """Directory entries: the data streams, plus one parameter stream per block if packed."""
         return self.n_streams + (self.nb if self.packed else 0)
+
+    @property
+    def n_seg(self) -> int:
+        """Segments of a compact directory (0 for a plain one)."""
+        return -(-self.n_dir // self.dir_group) if self.dir_group else 0
+
+    @property
+    def rel_at(self) -> int:
+        """Byte offset of a compact directory's u16 entries (== dir_at for a plain one)."""
+        return self.dir_at + 4 * self.n_seg
 
     @property
     def n_streams(self) -> int:
@@ -93,7 +106,7 @@ def chunk_blocks(layer_tokens: Sequence[int], k: int, chunk_tokens: int) -> tupl
 
 @lru_cache(maxsize=256)
 def _build(blocks: tuple, channels: tuple, batch: int, group_size: int, cps: int, param_bytes: int,
-           step_mode: int, token_scaling: int, packed: bool = False) -> ChunkLayout:
+           step_mode: int, token_scaling: int, packed: bool = False, dir_group: int = 0) -> ChunkLayout:
     nb = len(blocks)
     nch = np.array([channels[i][kv] for i, kv, _ in blocks], dtype=np.int64)
     n = np.array([t for _, _, t in blocks], dtype=np.int64)
@@ -122,19 +135,23 @@ def _build(blocks: tuple, channels: tuple, batch: int, group_size: int, cps: int
     step_at = lo_at + (0 if packed else param_bytes * total_ch)
     tok_at = step_at + param_bytes * total_steps
     dir_at = _align4(tok_at + (0 if packed else total_tok))
-    meta = dir_at + 4 * (S + (nb if packed else 0))
+    n_dir = S + (nb if packed else 0)
+    if dir_group:
+        meta = dir_at + 4 * (-(-n_dir // dir_group)) + _align4(2 * n_dir)
+    else:
+        meta = dir_at + 4 * n_dir
     for a in (nch, ch_off, step_off, tok_off, first, sblk, c0, snch, ssym, na, nd):
         a.setflags(write=False)
     return ChunkLayout(blocks, nch, ch_off, step_off, tok_off, first, sblk, c0, snch, ssym,
                        batch * na, batch * nd, lo_at, step_at, tok_at, dir_at, meta, total_ch,
-                       total_steps, total_tok, bool(packed))
+                       total_steps, total_tok, bool(packed), int(dir_group))
 
 
 def _key(h) -> tuple:
     return (tuple(l.tokens for l in h.layers), h.chunk_tokens,
             tuple((l.channels(0), l.channels(1)) for l in h.layers), h.batch, h.group_size,
             h.channels_per_stream, 2 if h.param_dtype == 1 else 4, h.step_mode, h.token_scaling,
-            getattr(h, "packed", None) is not None)
+            getattr(h, "packed", None) is not None, int(getattr(h, "dir_group", 0) or 0))
 
 
 def chunk_layouts(header) -> list[ChunkLayout]:
@@ -151,7 +168,7 @@ def chunk_meta_sizes(header) -> np.ndarray:
 
 @lru_cache(maxsize=64)
 def _chunk_layouts(tokens: tuple, C: int, channels: tuple, batch: int, group_size: int, cps: int, pb: int,
-                   step_mode: int, token_scaling: int, packed: bool = False) -> tuple:
+                   step_mode: int, token_scaling: int, packed: bool = False, dir_group: int = 0) -> tuple:
     T = np.array(tokens, dtype=np.int64)
     ks = np.arange(-(-int(T.max()) // C), dtype=np.int64)
     n = np.clip(T[None, :] - ks[:, None] * C, 0, C)          # [chunks, layers] tokens per block
@@ -162,7 +179,7 @@ def _chunk_layouts(tokens: tuple, C: int, channels: tuple, batch: int, group_siz
         if lay is None:
             blocks = tuple((i, kv, t) for i, t in enumerate(r) if t for kv in (0, 1))
             lay = distinct[r] = _build(blocks, channels, batch, group_size, cps, pb, step_mode, token_scaling,
-                                       packed)
+                                       packed, dir_group)
         out.append(lay)
     meta = np.array([lay.meta_size for lay in out], dtype=np.int64)
     meta.setflags(write=False)

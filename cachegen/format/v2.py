@@ -29,7 +29,8 @@ from ..errors import (ChecksumError, FormatError, InputError, LimitExceededError
                       UnsupportedVersionError)
 from .container import (DTYPE_CODES, MAGIC, CacheShape, inflate_model_section, MODE_LOSSLESS, MODE_LOSSY, PARAM_DTYPES, DecodeLimits,
                         LayerInfo, crc32)
-from .extensions import EXT_PACKED, MAX_EXTENSIONS, NO_TABLE, Extension, PackedParams, check_known, find
+from .extensions import (EXT_COMPACT_DIR, EXT_PACKED, MAX_EXTENSIONS, NO_TABLE, CompactDirectory, Extension,
+                         PackedParams, check_known, find)
 from .layout import STEP_PER_CHANNEL, STEP_SHARED, ChunkLayout, chunk_layout, chunk_layouts, chunk_meta_sizes, chunk_token_count
 from .tables import MAX_ALPHABET, PRECISION_BITS
 
@@ -89,6 +90,8 @@ class HeaderV2(CacheShape):
     extensions: list[Extension] = field(default_factory=list)
     # Packed parameters (EXT_PACKED, section 6.2): lo and token-scale codes in per-block streams.
     packed: Optional[PackedParams] = None
+    # Compact directory (EXT_COMPACT_DIR, section 6.3): streams per segment, 0 = plain u32 ends.
+    dir_group: int = 0
     version: int = VERSION
     model_section_bytes: int = 0     # stored (compressed, padded) size; set by the parser
     _layouts: Optional[list] = field(default=None, repr=False, compare=False)   # layout memo
@@ -227,16 +230,34 @@ def pack_lossy_chunk(lay: ChunkLayout, param_dtype: int, lo: Optional[np.ndarray
     ends = np.cumsum(lengths)
     if ends.size and ends[-1] >= 1 << 32:
         raise InputError("chunk has more than 2**32 stream words: use fewer tokens per chunk")
-    meta[lay.dir_at:lay.meta_size] = ends.astype("<u4").tobytes()
+    meta[lay.dir_at:lay.meta_size] = directory_bytes(lay, ends)
     words = b"".join(np.asarray(s, dtype="<u4").tobytes() for s in allstreams)
     return bytes(meta) + words, lay.meta_size
 
 
+def directory_bytes(lay: ChunkLayout, ends: np.ndarray) -> bytes:
+    """A chunk's stream directory (section 8 / 6.3) from the cumulative word ends of its streams."""
+    ends = np.asarray(ends, dtype=np.int64)
+    if not lay.dir_group:
+        return ends.astype("<u4").tobytes()
+    g = lay.dir_group
+    starts = np.concatenate([[0], ends[:-1]])
+    bases = starts[::g]                      # each segment's base: where its first stream starts
+    rel = ends - np.repeat(bases, g)[:ends.size]
+    if rel.size and int(rel.max()) > 0xFFFF:   # the encoder's bound (codec.encoder) rules this out
+        raise InputError(f"a directory segment of {g} streams spans over 65535 words: use a smaller group")
+    out = bases.astype("<u4").tobytes() + rel.astype("<u2").tobytes()
+    return out + b"\0" * (_align4(len(out)) - len(out))
+
+
 def _extensions_of(h: HeaderV2) -> list[Extension]:
-    """The header's records, with the packed-parameters record matching ``h.packed``."""
-    out = [e for e in h.extensions if e.kind != EXT_PACKED]
+    """The header's records, with the packed-parameters and compact-directory records matching
+    ``h.packed`` and ``h.dir_group``."""
+    out = [e for e in h.extensions if e.kind not in (EXT_PACKED, EXT_COMPACT_DIR)]
     if h.packed is not None:
         out.append(h.packed.to_extension())
+    if h.dir_group:
+        out.append(CompactDirectory(h.dir_group).to_extension())
     return out
 
 
@@ -399,6 +420,7 @@ def parse_container(data, limits: Optional[DecodeLimits] = None, partial: bool =
         header.extensions = _parse_extensions(body[pos:pos + ext_size], ext_count)
         check_known(header.extensions)
         _packed_record(header)
+        _compact_record(header)
         # Each lossy chunk's metadata size follows from the layout: a cheap structural check.
         want_meta = chunk_meta_sizes(header)
         got_meta = index["meta_size"].astype(np.int64)
@@ -409,7 +431,8 @@ def parse_container(data, limits: Optional[DecodeLimits] = None, partial: bool =
         _need(not index["meta_size"].any(), "lossless chunks carry no metadata section")
         header.extensions = _parse_extensions(body[pos:pos + ext_size], ext_count)
         check_known(header.extensions)
-        _need(find(header.extensions, EXT_PACKED) is None, "lossless container with a packed-params record")
+        _need(find(header.extensions, EXT_PACKED) is None and find(header.extensions, EXT_COMPACT_DIR) is None,
+              "lossless container with a packed-params or compact-directory record")
 
     payload_start = _PREAMBLE.size + header_size
     available = len(mv) - payload_start
@@ -530,6 +553,15 @@ def _packed_record(h: HeaderV2) -> None:
     h.packed = p
 
 
+def _compact_record(h: HeaderV2) -> None:
+    """Section 6.3: at most one compact-directory record; its group sets the directory layout."""
+    recs = [x for x in h.extensions if x.kind == EXT_COMPACT_DIR]
+    if not recs:
+        return
+    _need(len(recs) == 1, "more than one compact-directory record")
+    h.dir_group = CompactDirectory.from_extension(recs[0]).group
+
+
 def _parse_extensions(raw: memoryview, count: int) -> list[Extension]:
     out, pos = [], 0
     for _ in range(count):
@@ -573,9 +605,10 @@ def chunk_view(c: ContainerV2, k: int, verify: bool = True) -> ChunkViewV2:
     step = np.frombuffer(raw, dtype=pdt, count=lay.total_steps, offset=lay.step_at)
     tok = np.frombuffer(raw, dtype=np.uint8, count=lay.total_tok, offset=lay.tok_at) \
         if lay.total_tok and not packed else None
-    dir_all = np.frombuffer(raw, dtype="<u4", count=lay.n_dir, offset=lay.dir_at)
     n_words = (len(raw) - lay.meta_size) // 4
     words = np.frombuffer(raw, dtype="<u4", count=n_words, offset=lay.meta_size)
+    dir_all = _directory(raw, lay, k) if lay.dir_group else \
+        np.frombuffer(raw, dtype="<u4", count=lay.n_dir, offset=lay.dir_at)
     if dir_all.size:
         e64 = dir_all.astype(np.int64)
         _need(bool((np.diff(e64) >= 0).all()) and int(e64[-1]) == n_words,
@@ -585,3 +618,19 @@ def chunk_view(c: ContainerV2, k: int, verify: bool = True) -> ChunkViewV2:
     ends = dir_all[:lay.n_streams]
     return ChunkViewV2(k, lay, lo, step, tok, ends, words, dir_all[lay.n_streams:] if packed else None)
 
+
+
+def _directory(raw, lay: ChunkLayout, k: int) -> np.ndarray:
+    """The cumulative u32 ends of a compact directory (section 6.3), checked: the first base is
+    0, ends never decrease inside a segment and each segment starts where the one before ends."""
+    g, n = lay.dir_group, lay.n_dir
+    bases = np.frombuffer(raw, dtype="<u4", count=lay.n_seg, offset=lay.dir_at).astype(np.int64)
+    rel = np.frombuffer(raw, dtype="<u2", count=n, offset=lay.rel_at).astype(np.int64)
+    if not n:
+        return np.zeros(0, np.uint32)
+    ends = np.repeat(bases, g)[:n] + rel
+    starts = np.concatenate([[0], ends[:-1]])
+    _need(int(bases[0]) == 0 and bool((starts[::g] == bases).all()) and bool((ends >= starts).all()),
+          f"chunk {k}: compact stream directory is inconsistent", StreamError)
+    _need(int(ends[-1]) < 1 << 32, f"chunk {k}: stream directory out of range", StreamError)
+    return ends.astype(np.uint32)

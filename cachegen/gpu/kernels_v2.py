@@ -30,8 +30,31 @@ from .kernels import bf16_bits
 
 # Block table columns (int64 [n_blocks, BCOLS]).
 (C_CHUNK, C_LK, C_N, C_TOK0, C_NCH, C_CHOFF, C_STEPOFF, C_TOKOFF, C_SCHUNK, C_STEPAT, C_TOKAT,
- C_DIRAT, C_META, C_IDS) = range(14)
-BCOLS = 14
+ C_DIRAT, C_META, C_IDS, C_RELAT) = range(15)
+BCOLS = 15
+
+
+@triton.jit
+def _u16_at(u32_ptr, a, m):
+    """The little-endian u16 at (even) byte address a of the u32 word buffer, as int64."""
+    w = tl.load(u32_ptr + a // 4, mask=m, other=0).to(tl.uint32)
+    return ((w >> ((a % 4) * 8).to(tl.uint32)) & 0xFFFF).to(tl.int64)
+
+
+@triton.jit
+def _compact_bounds(u32_ptr, dbase, rel_b, i, m, DG: tl.constexpr):
+    """(begin, end, bad) of entry i of a compact directory (FORMAT_V2.md 6.3): the u32 segment
+    bases at word dbase, the u16 ends-minus-base at byte rel_b. bad: the first base is not 0, or
+    a segment does not start where the entry before it ends."""
+    g = i // DG
+    first = (i % DG) == 0
+    base = tl.load(u32_ptr + dbase + g, mask=m, other=0).to(tl.uint32).to(tl.int64)
+    e_end = base + _u16_at(u32_ptr, rel_b + 2 * i, m)
+    relp = _u16_at(u32_ptr, rel_b + 2 * i - 2, m & (i > 0))
+    basep = tl.load(u32_ptr + dbase + g - 1, mask=m & first & (i > 0), other=0).to(tl.uint32).to(tl.int64)
+    e_beg = tl.where(first, base, base + relp)
+    bad = (first & (i > 0) & (basep + relp != base)) | ((i == 0) & (base != 0))
+    return e_beg, e_end, bad
 
 
 @triton.jit
@@ -60,7 +83,7 @@ def v2_decode_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr,
     sic = tl.load(ssic_ptr + lane, mask=m, other=0).to(tl.int64)
     c0 = tl.load(sc0_ptr + lane, mask=m, other=0)
     nchs = tl.load(snch_ptr + lane, mask=m, other=0)
-    row = blk_ptr + blk * 14
+    row = blk_ptr + blk * 15
     k = tl.load(row + 0, mask=m, other=0)
     lk = tl.load(row + 1, mask=m, other=0)
     n = tl.load(row + 2, mask=m, other=1).to(tl.int32)
@@ -213,7 +236,7 @@ def v2_decode_nested_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr, lo_ptr, lob_ptr, 
                             lane0, lane_end, p0, batch,
                             TB: tl.constexpr, PSZ: tl.constexpr, SHARED: tl.constexpr, HAS_TS: tl.constexpr,
                             OUT_BF16: tl.constexpr, BLOCK: tl.constexpr, LUT8: tl.constexpr,
-                            PKD: tl.constexpr):
+                            PKD: tl.constexpr, DG: tl.constexpr = 0):
     """The same decode as ``v2_decode_kernel`` (same arguments less ``steps_ptr``, same
     arithmetic, same checks, bit-identical output), with the channel / batch-row / token walk
     as three nested loops instead of one flat loop: the per-symbol step then carries only the
@@ -236,7 +259,7 @@ def v2_decode_nested_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr, lo_ptr, lob_ptr, 
     sic = tl.load(ssic_ptr + lane, mask=m, other=0).to(tl.int64)
     c0 = tl.load(sc0_ptr + lane, mask=m, other=0)
     nchs = tl.load(snch_ptr + lane, mask=m, other=0)
-    row = blk_ptr + blk * 14
+    row = blk_ptr + blk * 15
     k = tl.load(row + 0, mask=m, other=0)
     lk = tl.load(row + 1, mask=m, other=0)
     n = tl.load(row + 2, mask=m, other=1).to(tl.int32)
@@ -253,10 +276,15 @@ def v2_decode_nested_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr, lo_ptr, lob_ptr, 
     cbase = tl.load(cbase_ptr + k, mask=m, other=0)
     cwords = tl.load(cwords_ptr + k, mask=m, other=0)
 
-    d0 = (cbase + dir_at) // 4 + sic
-    e_end = tl.load(u32_ptr + d0, mask=m, other=0).to(tl.uint32).to(tl.int64)
-    e_beg = tl.load(u32_ptr + d0 - 1, mask=m & (sic > 0), other=0).to(tl.uint32).to(tl.int64)
-    bad = m & ((e_beg > e_end) | (e_end > cwords) | ((sic == s_chunk - 1) & (e_end != cwords)))
+    if DG > 0:   # compact directory (PKD or not)
+        rel_at = tl.load(row + 14, mask=m, other=0)
+        e_beg, e_end, dbad = _compact_bounds(u32_ptr, (cbase + dir_at) // 4, cbase + rel_at, sic, m, DG)
+    else:
+        d0 = (cbase + dir_at) // 4 + sic
+        e_end = tl.load(u32_ptr + d0, mask=m, other=0).to(tl.uint32).to(tl.int64)
+        e_beg = tl.load(u32_ptr + d0 - 1, mask=m & (sic > 0), other=0).to(tl.uint32).to(tl.int64)
+        dbad = e_end < 0
+    bad = m & (dbad | (e_beg > e_end) | (e_end > cwords) | ((sic == s_chunk - 1) & (e_end != cwords)))
     ok = m & (bad == 0)
     wb = (cbase + meta) // 4 + e_beg
     ptr = tl.where(ok, e_end - e_beg, 0).to(tl.int32)
@@ -386,7 +414,7 @@ def _wide_step(lut_ptr, row, x, ptr, wp, active, TB: tl.constexpr):
 def v2_params_kernel(u32_ptr, par_ptr, blk_ptr, bic_ptr, cbase_ptr, cwt_ptr, lut_ptr,
                      lo_ptr, lob_ptr, tok_ptr, tkb_ptr, err_ptr, n_blocks, batch, max_nch, max_ntok,
                      TB: tl.constexpr, PSZ: tl.constexpr, HAS_TS: tl.constexpr, FRAC: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, DG: tl.constexpr = 0):
     """Packed parameters (EXT_PACKED): one lane per block decodes its parameter stream (the
     directory entry after the chunk's data streams) through the 8-byte LUT of the parameter
     tables (rows: offsets K, V, low bits K, V, tokens K, V): the channels' zigzag'd m >> FRAC,
@@ -397,7 +425,7 @@ def v2_params_kernel(u32_ptr, par_ptr, blk_ptr, bic_ptr, cbase_ptr, cwt_ptr, lut
     token code inside [0, 255]. A failed lane counts into err[0] and writes nothing."""
     b = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = b < n_blocks
-    row = blk_ptr + b.to(tl.int64) * 14
+    row = blk_ptr + b.to(tl.int64) * 15
     k = tl.load(row + 0, mask=m, other=0)
     lk = tl.load(row + 1, mask=m, other=0)
     n = tl.load(row + 2, mask=m, other=0).to(tl.int32)
@@ -413,10 +441,15 @@ def v2_params_kernel(u32_ptr, par_ptr, blk_ptr, bic_ptr, cbase_ptr, cwt_ptr, lut
     nbk = tl.load(bic_ptr + b + 1, mask=m & (b + 1 < n_blocks), other=0)   # 0: b is its chunk's last block
     cbase = tl.load(cbase_ptr + k, mask=m, other=0)
     cwt = tl.load(cwt_ptr + k, mask=m, other=0)
-    d0 = (cbase + dir_at) // 4 + s_chunk + bic
-    e_end = tl.load(u32_ptr + d0, mask=m, other=0).to(tl.uint32).to(tl.int64)
-    e_beg = tl.load(u32_ptr + d0 - 1, mask=m, other=0).to(tl.uint32).to(tl.int64)
-    bad = m & ((e_beg > e_end) | (e_end > cwt) | ((nbk == 0) & (e_end != cwt)))
+    if DG > 0:   # compact directory: entry s_chunk + bic
+        rel_at = tl.load(row + 14, mask=m, other=0)
+        e_beg, e_end, dbad = _compact_bounds(u32_ptr, (cbase + dir_at) // 4, cbase + rel_at, s_chunk + bic, m, DG)
+    else:
+        d0 = (cbase + dir_at) // 4 + s_chunk + bic
+        e_end = tl.load(u32_ptr + d0, mask=m, other=0).to(tl.uint32).to(tl.int64)
+        e_beg = tl.load(u32_ptr + d0 - 1, mask=m, other=0).to(tl.uint32).to(tl.int64)
+        dbad = e_end < 0
+    bad = m & (dbad | (e_beg > e_end) | (e_end > cwt) | ((nbk == 0) & (e_end != cwt)))
     ok = m & (bad == 0)
     wb = (cbase + meta) // 4 + e_beg
     ptr = tl.where(ok, e_end - e_beg, 0).to(tl.int32)

@@ -33,7 +33,7 @@ from ..errors import ChecksumError, InputError, LimitExceededError, StreamError
 from ..format import v2 as fmt2
 from ..format.container import MODE_LOSSLESS
 from ..format.tables import TOKEN_SCALES
-BCOLS = 14     # block table columns: see kernels_v2
+BCOLS = 15     # block table columns: see kernels_v2
 MAX_LUT_ENTRIES = 1 << 22   # referenced tables x 2**table_bits slots (32 MiB of int64): legit files use < 2**22
 _K1, _K2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9   # words checksum constants (format.v2)
 WSUM_BLOCK = 1024   # words per program of the checksum pass
@@ -84,6 +84,7 @@ class ShapePlan:
     max_nch: int = 0
     max_ntok: int = 0
     last_dir: Optional[np.ndarray] = None   # int64 [n_chunks] byte offset of the last data-stream entry
+    last_rel: Optional[np.ndarray] = None   # compact directory: byte offset of that entry's u16 (last_dir: its base)
 
     def program_steps(self, block: int, device) -> torch.Tensor:
         t = self.steps.get(block)
@@ -98,7 +99,7 @@ class ShapePlan:
 def _shape_key(h: fmt2.HeaderV2, n_chunks: int) -> tuple:
     return (tuple((l.tokens, l.k_heads, l.k_dim, l.v_heads, l.v_dim) for l in h.layers), h.batch,
             h.chunk_tokens, h.channels_per_stream, h.group_size, h.param_dtype, h.step_mode,
-            h.token_scaling, n_chunks, h.packed is not None)
+            h.token_scaling, n_chunks, h.packed is not None, h.dir_group)
 
 
 def _ids_bases(h: fmt2.HeaderV2) -> np.ndarray:
@@ -130,6 +131,7 @@ def build_shape_plan(h: fmt2.HeaderV2, n_chunks: int, device: torch.device) -> S
             blk[:, 11] = lay.dir_at
             blk[:, 12] = lay.meta_size
             blk[:, 13] = ids_b[lk]
+            blk[:, 14] = lay.rel_at
             sic = np.arange(lay.n_streams, dtype=np.int64)
             layouts[key] = (blk, lay.stream_block, sic, lay.stream_c0, lay.stream_nch, lay.stream_symbols)
         blk, sb, sic, c0, nch, ns = layouts[key]
@@ -160,7 +162,12 @@ def build_shape_plan(h: fmt2.HeaderV2, n_chunks: int, device: torch.device) -> S
         plan.lo_total, plan.tok_total = int(lo_n.sum()), int(tok_n.sum())
         plan.max_nch = max(int(l.nch.max()) for l in lays)
         plan.max_ntok = max(h.batch * max(t for _, _, t in l.blocks) for l in lays) if h.token_scaling else 0
-        plan.last_dir = np.array([l.dir_at + 4 * (l.n_streams - 1) for l in lays], dtype=np.int64)
+        if h.dir_group:   # the last data stream's segment base and u16 entry (section 6.3)
+            g = h.dir_group
+            plan.last_dir = np.array([l.dir_at + 4 * ((l.n_streams - 1) // g) for l in lays], dtype=np.int64)
+            plan.last_rel = np.array([l.rel_at + 2 * (l.n_streams - 1) for l in lays], dtype=np.int64)
+        else:
+            plan.last_dir = np.array([l.dir_at + 4 * (l.n_streams - 1) for l in lays], dtype=np.int64)
     return plan
 
 
@@ -529,6 +536,8 @@ class GpuDecoder:
                           c.index["words_sum"].view(np.int64), (cb + msz) // 4, msz,
                           c.index["meta_crc"].astype(np.int64)])
         packed = p.packed
+        if h.dir_group and self.kernel == "flat":
+            raise InputError("the flat kernel does not decode compact-directory containers (use 'nested')")
         if packed:
             if self.kernel == "flat":
                 raise InputError("the flat kernel does not decode packed-parameter containers (use 'nested')")
@@ -536,7 +545,11 @@ class GpuDecoder:
             # streams follow): read here, bounded by the chunk's words so no lane reads past it.
             raw = np.frombuffer(c.data, dtype=np.uint8)
             at = cb[:, None] + p.last_dir[:c.n_chunks, None] + np.arange(4)
-            cw_data = np.minimum(raw[at].astype(np.int64) @ (1 << (8 * np.arange(4, dtype=np.int64))), total_words)
+            cw_data = raw[at].astype(np.int64) @ (1 << (8 * np.arange(4, dtype=np.int64)))
+            if p.last_rel is not None:
+                at = cb[:, None] + p.last_rel[:c.n_chunks, None] + np.arange(2)
+                cw_data = cw_data + raw[at].astype(np.int64) @ np.array([1, 256], dtype=np.int64)
+            cw_data = np.minimum(cw_data, total_words)
             chunk = np.concatenate([chunk, cw_data[None]])
         # [bases | strides (row-major [nf, 4]) | head dims | chunk words]: each field a contiguous
         # slice on the device (no copy kernels)
@@ -592,7 +605,7 @@ class GpuDecoder:
                     u32, par, p.blocks, p.bic, cbase, cwords, plut, lo_src, lob, u8_src, tkb,
                     err, p.n_blocks, h.batch, p.max_nch, p.max_ntok, TB=h.table_bits,
                     PSZ=2 if h.param_dtype == 1 else 4, HAS_TS=bool(h.token_scaling), FRAC=h.packed.frac_bits,
-                    BLOCK=32, num_warps=1, enable_fp_fusion=False)
+                    BLOCK=32, DG=h.dir_group, num_warps=1, enable_fp_fusion=False)
             for s0, s1, upto in self._groups(c, p, wait is not None, group_bytes):
                 if wait is not None:
                     wait(upto)
@@ -604,7 +617,7 @@ class GpuDecoder:
                     v2_decode_nested_kernel[(-(-s1 // block) - p0,)](
                         u32, ids, par, u8_src, lo_src, lob, tkb, p.sblk, p.ssic, p.sc0, p.snch, p.blocks,
                         cbase, cw_dec, lut, lut if fc is None else fc, scales, out, obase, strides, hdim,
-                        err, s0, s1, p0, h.batch, LUT8=fc is not None, PKD=packed, **consts)
+                        err, s0, s1, p0, h.batch, LUT8=fc is not None, PKD=packed, DG=h.dir_group, **consts)
                 else:
                     v2_decode_kernel[(-(-s1 // block) - p0,)](
                         u32, ids, par, payload, p.sblk, p.ssic, p.sc0, p.snch, steps, p.blocks,

@@ -49,7 +49,7 @@ def run(cfg, dtype, **kw):
     return data, exact and untouched
 
 
-def corrupt_counts(dec, data, lo, hi, rng) -> dict:
+def corrupt_counts(dec, data, lo, hi, rng, verify=True) -> dict:
     """Flip one random bit in bytes [lo, hi) N_CORRUPT times: what each decode raised ("none": silent)."""
     caught = {}
     for _ in range(int(os.environ.get("N_CORRUPT", "12"))):
@@ -58,7 +58,7 @@ def corrupt_counts(dec, data, lo, hi, rng) -> dict:
         b[p] ^= 1 << int(rng.integers(0, 8))
         bufs = [(torch.empty_like(k), torch.empty_like(v)) for k, v in cachegen.decode(data)]
         try:
-            dec.decode_into(bytes(b), bufs, verify=True)
+            dec.decode_into(bytes(b), bufs, verify=verify)
             caught["none"] = caught.get("none", 0) + 1
         except cachegen.CacheGenError as err:
             caught[type(err).__name__] = caught.get(type(err).__name__, 0) + 1
@@ -85,10 +85,25 @@ def main():
             "packed-bf16-batch2-windowed": (P("small", chunk_tokens=16), "bfloat16", {"batch": 2, "lengths": [40, 23]}),
             "packed-fp32-no-token-scales": (P("tiny", token_scaling=False, chunk_tokens=16), "float32", {}),
         })
+        # compact directory (EXT_COMPACT_DIR) with tiny segments (the encoder would pick one
+        # segment here): bases, u16 entries inside a word, segment joins; 3 is legal, not a power of 2
+        C = lambda preset, pk=False, **kw: cachegen.CodecConfig.from_preset(preset, compact_directory=True,
+                                                                            packed_params=pk, **kw)
+        groups = {"compact-g2-fp16": 2, "packed-compact-g3-bf16-batch2-windowed": 3, "compact-g1-cps3": 1}
+        cases.update({
+            "compact-g2-fp16": (C("default"), "float16", {}),
+            "packed-compact-g3-bf16-batch2-windowed": (C("small", True, chunk_tokens=16), "bfloat16",
+                                                       {"batch": 2, "lengths": [40, 23]}),
+            "compact-g1-cps3": (C("default", channels_per_stream=3, chunk_tokens=16), "float16", {}),
+        })
     datas = {}
     for name, (cfg, dt, kw) in cases.items():
+        if "compact" in name:
+            E.directory_group = lambda h, g=groups[name]: g
         data, ok = run(cfg, dt, **kw)
-        assert (fmt2.parse_container(data).header.packed is not None) == name.startswith("packed"), name
+        h = fmt2.parse_container(data).header
+        assert (h.packed is not None) == name.startswith("packed"), name
+        assert h.dir_group == (groups[name] if "compact" in name else 0), name
         out[name] = ok
         datas[name] = data
     # Pipelined: chunk groups launched as their bytes "arrive" (every chunk its own group),
@@ -118,6 +133,17 @@ def main():
         s0 = c.payload_start + int(c.index["offset"][0])
         e0 = s0 + int(c.index["size"][0])
         out["packed_corrupt_none"] = corrupt_counts(dec, data, s0, e0, rng).get("none", 0) == 0
+        # the same for a compact directory (bases and u16 entries among the flipped bytes)
+        data = datas["packed-compact-g3-bf16-batch2-windowed"]
+        c = fmt2.parse_container(data)
+        s0 = c.payload_start + int(c.index["offset"][0])
+        lay = c.header.layout(0)
+        out["compact_corrupt_none"] = corrupt_counts(dec, data, s0 + lay.dir_at, s0 + lay.meta_size + 8,
+                                                     rng).get("none", 0) == 0
+        # without the metadata CRC: the kernels' own directory checks (bases, joins, bounds) or
+        # the streams' end states must catch a flipped base or entry (padding excluded)
+        out["compact_unverified_none"] = corrupt_counts(dec, data, s0 + lay.dir_at, s0 + lay.rel_at + 2 * lay.n_dir,
+                                                        rng, verify=False).get("none", 0) == 0
     if os.environ.get("DECODE_ONLY") == "1":   # the metadata CRC and the words sum do not depend on KERNEL
         print(json.dumps(out))
         return
