@@ -62,6 +62,8 @@ def main(argv=None) -> int:
             kv = gemma_real(f".gpudata/{model}_1k.npz", T) if model == "gemma3" else tile(base, T)
             fp16 = sum(k.nbytes + v.nbytes for k, v in kv)
             for name, kw in parse_variants(a.variants):
+                kw = dict(kw)
+                defer = bool(kw.pop("defer", 1))     # decoder A/B: GpuDecoder.defer (not a codec field)
                 cfg = pc.preset_config(prof, a.preset)
                 cfg = dataclasses.replace(cfg, **kw) if kw else cfg
                 data = pc.encode(kv, prof, cfg)
@@ -69,6 +71,7 @@ def main(argv=None) -> int:
                 outs = [(torch.empty(k.shape, dtype=torch.float16, device=dev),
                          torch.empty(v.shape, dtype=torch.float16, device=dev)) for k, v in kv]
                 dec = GpuDecoder(dev)
+                dec.defer = defer
                 dec.profiles = [prof]
                 payload = torch.frombuffer(bytearray(data + b"\0" * ((-len(data)) % 4)), dtype=torch.uint8).to(dev)
                 dec.decode_into(c, outs, payload=payload)     # warm-up / JIT, checked
@@ -81,7 +84,8 @@ def main(argv=None) -> int:
                                         a.reps)
                 gpu = events_median(lambda: dec.decode_into(c, outs, payload=payload, check=False), a.reps,
                                     backlog=True)
-                row = dict(model=model, preset=a.preset, variant=name, fields=kw, tokens=T, ratio=fp16 / len(data),
+                row = dict(model=model, preset=a.preset, variant=name, fields=kw, defer=defer, tokens=T,
+                           ratio=fp16 / len(data),
                            bytes=len(data), packed=c.header.packed is not None, tables=int(c.header.n_tables),
                            dir_group=c.header.dir_group,
                            call_ms=call, call_noverify_ms=call_nv, gpu_ms=gpu, max_abs_diff_vs_cpu=diff)

@@ -391,6 +391,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="default", help="preset of the stored caches (a '-p' one codes with the model's profile)")
     ap.add_argument("--layout", default=None, metavar="CPS/TABLES",
                     help="override the preset's stream layout (channels per stream / tables per class), e.g. 32/32")
+    ap.add_argument("--serial-params", action="store_true",
+                    help="GpuDecoder.defer = False: the packed-parameter pass before the data kernel (A/B)")
     ap.add_argument("--codec", default=None, metavar="FIELD=VALUE,...",
                     help="override CodecConfig fields of the preset (ints; 0/1 for the bool fields), e.g. "
                          "packed_params=0,compact_directory=0,tables_per_class=16")
@@ -414,6 +416,9 @@ def main(argv=None) -> int:
     if a.kernel and not dry:
         from cachegen.gpu.v2 import default_decoder
         default_decoder("cuda").kernel = a.kernel
+    if a.serial_params and not dry:
+        from cachegen.gpu.v2 import default_decoder
+        default_decoder("cuda").defer = False
     if a.pipeline and not dry:   # A/B of the per-group launches
         from cachegen.gpu.v2 import default_decoder
         default_decoder("cuda").pipeline = True

@@ -236,7 +236,7 @@ def v2_decode_nested_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr, lo_ptr, lob_ptr, 
                             lane0, lane_end, p0, batch,
                             TB: tl.constexpr, PSZ: tl.constexpr, SHARED: tl.constexpr, HAS_TS: tl.constexpr,
                             OUT_BF16: tl.constexpr, BLOCK: tl.constexpr, LUT8: tl.constexpr,
-                            PKD: tl.constexpr, DG: tl.constexpr = 0):
+                            PKD: tl.constexpr, DG: tl.constexpr = 0, DEFER: tl.constexpr = False):
     """The same decode as ``v2_decode_kernel`` (same arguments less ``steps_ptr``, same
     arithmetic, same checks, bit-identical output), with the channel / batch-row / token walk
     as three nested loops instead of one flat loop: the per-symbol step then carries only the
@@ -248,6 +248,10 @@ def v2_decode_nested_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr, lo_ptr, lob_ptr, 
     LUT8: the compact tables of ``build_lut8`` (uint8 slot -> symbol, int32 symbol -> f | cdf << 13
     at fc_ptr); otherwise the 8-byte entries of ``build_lut`` (fc_ptr unused). The chain step is
     the same arithmetic: x' = (x >> 24) * f' + q - cdf', with q the state's low 24 bits.
+
+    DEFER (packed, float32 output only): store fl32(step * v) and leave the lo offset and the
+    token scale to ``v2_dequant_kernel``, so that this kernel need not wait for the parameter
+    pass (which then runs on a side stream, concurrently); same arithmetic, same result.
 
     PKD (packed parameters): lo comes from lo_ptr (float32, ``v2_params_kernel``'s output, chunk k
     from lob[k]) and the token codes from u8_ptr = its code scratch (chunk k from tkb[k]);
@@ -325,7 +329,10 @@ def v2_decode_nested_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr, lo_ptr, lob_ptr, 
         c = c0 + j
         cact = j < nch_eff
         tid = tl.load(ids_ptr + ids_base + c, mask=cact, other=0)
-        lo = tl.load(lo_ptr + pbase + c, mask=cact, other=0.0).to(tl.float32)
+        if DEFER:
+            lo = tl.zeros([BLOCK], dtype=tl.float32)
+        else:
+            lo = tl.load(lo_ptr + pbase + c, mask=cact, other=0.0).to(tl.float32)
         if not SHARED:
             st = tl.load(par_ptr + sbase + c, mask=cact, other=0.0).to(tl.float32)
         pb = (lo != lo) | (st != st) | (tl.abs(lo) == float("inf")) | (tl.abs(st) == float("inf")) | (st < 0)
@@ -339,7 +346,7 @@ def v2_decode_nested_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr, lo_ptr, lob_ptr, 
             e = tl.load(frow + symc, mask=cact, other=0)
         else:
             e = tl.load(lrow + ((x & 0xFFFFFF).to(tl.int32) >> (24 - TB)), mask=cact, other=0)
-        if HAS_TS:
+        if HAS_TS and not DEFER:
             sc = tl.load(scale_ptr + tl.load(u8_ptr + tbase, mask=cact, other=0).to(tl.int32))
             p2 = 1 % per
             ecn = tl.load(u8_ptr + tbase + p2, mask=cact, other=0).to(tl.int32)
@@ -364,9 +371,10 @@ def v2_decode_nested_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr, lo_ptr, lob_ptr, 
                 wp = wp - need.to(tl.int32)
                 wnext = tl.load(wp, mask=need & (ptr > 0), other=wnext)
                 val = sym.to(tl.float32) * st
-                val = val + lo
-                if HAS_TS:
-                    val = val * sc
+                if not DEFER:
+                    val = val + lo
+                    if HAS_TS:
+                        val = val * sc
                 if OUT_BF16:
                     tl.store(op, bf16_bits(val), mask=active)
                 else:
@@ -382,7 +390,7 @@ def v2_decode_nested_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr, lo_ptr, lob_ptr, 
                 else:
                     e = tl.where(active, tl.load(lrow + ((x & 0xFFFFFF).to(tl.int32) >> (24 - TB)),
                                                  mask=active, other=0), e)
-                if HAS_TS:
+                if HAS_TS and not DEFER:
                     sc = tl.where(active, tl.load(scale_ptr + ecn), sc)
                     p2n = p2 + 1
                     p2 = tl.where(active, tl.where(p2n == per, 0, p2n), p2)
@@ -496,6 +504,43 @@ def v2_params_kernel(u32_ptr, par_ptr, blk_ptr, bic_ptr, cbase_ptr, cwt_ptr, lut
             tl.store(tok_ptr + tkb + t, prev.to(tl.uint8), mask=active)
     bad = bad | (ok & ((x != 0) | (ptr != 0)))
     tl.atomic_add(err_ptr, tl.sum((m & bad).to(tl.int64), axis=0))
+
+
+@triton.jit
+def v2_dequant_kernel(out_ptr, blk_ptr, lo_ptr, lob_ptr, tok_ptr, tkb_ptr, scale_ptr, obase_ptr, ostride_ptr,
+                      hdim_ptr, batch, HAS_TS: tl.constexpr, BLOCK: tl.constexpr):
+    """The rest of a deferred (DEFER) decode: out = fl32(out + lo) * token scale, in place, for the
+    elements of block program_id(0) (float32 output). Element e of the block: channel e % nch
+    (fastest: coalesced in a token-major destination), batch row and token (e // nch)."""
+    bi = tl.program_id(0).to(tl.int64)
+    row = blk_ptr + bi * 15
+    k = tl.load(row + 0)
+    lk = tl.load(row + 1)
+    n = tl.load(row + 2)
+    tok0 = tl.load(row + 3)
+    nch = tl.load(row + 4)
+    ch_off = tl.load(row + 5)
+    tok_off = tl.load(row + 7)
+    e = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = e < nch * batch * n
+    c = e % nch
+    p = e // nch                 # b * n + t, as the token codes are ordered
+    b = p // n
+    t = p - b * n
+    hd = tl.load(hdim_ptr + lk).to(tl.int64)
+    sb = tl.load(ostride_ptr + lk * 4)
+    sh = tl.load(ostride_ptr + lk * 4 + 1)
+    stt = tl.load(ostride_ptr + lk * 4 + 2)
+    sd = tl.load(ostride_ptr + lk * 4 + 3)
+    hh = c // hd
+    op = out_ptr + tl.load(obase_ptr + lk) + b * sb + hh * sh + (c - hh * hd) * sd + (tok0 + t) * stt
+    val = tl.load(op, mask=m, other=0.0)
+    lo = tl.load(lo_ptr + tl.load(lob_ptr + k) + ch_off + c, mask=m, other=0.0)
+    val = val + lo
+    if HAS_TS:
+        code = tl.load(tok_ptr + tl.load(tkb_ptr + k) + tok_off + p, mask=m, other=0).to(tl.int32)
+        val = val * tl.load(scale_ptr + code, mask=m, other=1.0)
+    tl.store(op, val, mask=m)
 
 
 @triton.jit

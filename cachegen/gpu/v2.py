@@ -83,6 +83,7 @@ class ShapePlan:
     tok_total: int = 0
     max_nch: int = 0
     max_ntok: int = 0
+    max_elems: int = 0      # packed: the most elements (batch * tokens * channels) of one block
     last_dir: Optional[np.ndarray] = None   # int64 [n_chunks] byte offset of the last data-stream entry
     last_rel: Optional[np.ndarray] = None   # compact directory: byte offset of that entry's u16 (last_dir: its base)
 
@@ -162,6 +163,7 @@ def build_shape_plan(h: fmt2.HeaderV2, n_chunks: int, device: torch.device) -> S
         plan.lo_total, plan.tok_total = int(lo_n.sum()), int(tok_n.sum())
         plan.max_nch = max(int(l.nch.max()) for l in lays)
         plan.max_ntok = max(h.batch * max(t for _, _, t in l.blocks) for l in lays) if h.token_scaling else 0
+        plan.max_elems = h.batch * max(int(c * t) for l in lays for c, (_, _, t) in zip(l.nch.tolist(), l.blocks))
         if h.dir_group:   # the last data stream's segment base and u16 entry (section 6.3)
             g = h.dir_group
             plan.last_dir = np.array([l.dir_at + 4 * ((l.n_streams - 1) // g) for l in lays], dtype=np.int64)
@@ -189,6 +191,7 @@ def build_lut(units: torch.Tensor, alphabets: torch.Tensor, table_bits: int) -> 
     return rep(sym) | (rep(u) << 11) | ((slot - rep(cdf)) << 24)
 
 
+DQ_BLOCK = 1024    # elements per program of v2_dequant_kernel
 SYM_SLOTS = 256    # compact LUT: symbols per table row of the (f, cdf) array
 CRC_SEG = 256      # bytes per segment of the device metadata CRC (segments run in parallel)
 
@@ -280,6 +283,11 @@ class GpuDecoder:
         # chain, compact LUT (build_lut8) where every alphabet fits a byte; "nested-wide": the
         # same loops on the 8-byte LUT; "flat": the previous single loop (A/B on the device).
         self.kernel = kernel
+        # Packed parameters into a float32 destination (model-profile coefficients): the data
+        # kernel stores fl32(step * v) while the parameter pass runs on a side stream, then
+        # v2_dequant_kernel adds lo and applies the token scale (False: the serial order, A/B).
+        self.defer = True
+        self._side: Optional[torch.cuda.Stream] = None
         self._plans: dict = {}
         self._scales = None
         self._crc: Optional[tuple[torch.Tensor, torch.Tensor]] = None
@@ -485,7 +493,7 @@ class GpuDecoder:
         _trusted: internal (the untransformer's scratch views, shaped for its store pattern):
         skip the buffer shape checks.
         """
-        from .kernels_v2 import (v2_decode_kernel, v2_decode_nested_kernel, v2_meta_crc_fin_kernel,
+        from .kernels_v2 import (v2_decode_kernel, v2_decode_nested_kernel, v2_dequant_kernel, v2_meta_crc_fin_kernel,
                                  v2_meta_crc_seg_kernel, v2_params_kernel, v2_words_sum_kernel)
 
         c = data if isinstance(data, fmt2.ContainerV2) else fmt2.parse_container(data)
@@ -592,6 +600,8 @@ class GpuDecoder:
             steps = None if nested else p.program_steps(block, dev)
             out = base.view(torch.int16) if bf16 else base
             lo_src, u8_src, lob, tkb = par, payload, cbase, cbase
+            defer = bool(packed and nested and self.defer and base.dtype == torch.float32)
+            side = None
             if packed:
                 # lo offsets and token codes first: one lane per block, into scratch arrays
                 if wait is not None:
@@ -601,11 +611,20 @@ class GpuDecoder:
                 u8_src = torch.empty(max(p.tok_total, 1), dtype=torch.uint8, device=dev)
                 lob, tkb = p.lob, p.tkb
                 plut = self._param_lut(h)
-                v2_params_kernel[(-(-p.n_blocks // 32),)](
-                    u32, par, p.blocks, p.bic, cbase, cwords, plut, lo_src, lob, u8_src, tkb,
-                    err, p.n_blocks, h.batch, p.max_nch, p.max_ntok, TB=h.table_bits,
-                    PSZ=2 if h.param_dtype == 1 else 4, HAS_TS=bool(h.token_scaling), FRAC=h.packed.frac_bits,
-                    BLOCK=32, DG=h.dir_group, num_warps=1, enable_fp_fusion=False)
+                if defer and dev.type == "cuda":   # concurrently with the data kernel
+                    if self._side is None:
+                        self._side = torch.cuda.Stream(dev)
+                    side = self._side
+                    side.wait_stream(torch.cuda.current_stream(dev))
+                with (torch.cuda.stream(side) if side is not None else contextlib.nullcontext()):
+                    v2_params_kernel[(-(-p.n_blocks // 32),)](
+                        u32, par, p.blocks, p.bic, cbase, cwords, plut, lo_src, lob, u8_src, tkb,
+                        err, p.n_blocks, h.batch, p.max_nch, p.max_ntok, TB=h.table_bits,
+                        PSZ=2 if h.param_dtype == 1 else 4, HAS_TS=bool(h.token_scaling), FRAC=h.packed.frac_bits,
+                        BLOCK=32, DG=h.dir_group, num_warps=1, enable_fp_fusion=False)
+                if side is not None:
+                    for t in (lo_src, u8_src, scratch, payload, plut):
+                        t.record_stream(side)
             for s0, s1, upto in self._groups(c, p, wait is not None, group_bytes):
                 if wait is not None:
                     wait(upto)
@@ -617,12 +636,19 @@ class GpuDecoder:
                     v2_decode_nested_kernel[(-(-s1 // block) - p0,)](
                         u32, ids, par, u8_src, lo_src, lob, tkb, p.sblk, p.ssic, p.sc0, p.snch, p.blocks,
                         cbase, cw_dec, lut, lut if fc is None else fc, scales, out, obase, strides, hdim,
-                        err, s0, s1, p0, h.batch, LUT8=fc is not None, PKD=packed, DG=h.dir_group, **consts)
+                        err, s0, s1, p0, h.batch, LUT8=fc is not None, PKD=packed, DG=h.dir_group, DEFER=defer,
+                        **consts)
                 else:
                     v2_decode_kernel[(-(-s1 // block) - p0,)](
                         u32, ids, par, payload, p.sblk, p.ssic, p.sc0, p.snch, steps, p.blocks,
                         cbase, cwords, lut, scales, out, obase, strides, hdim,
                         err, s0, s1, p0, h.batch, **consts)
+            if defer:   # lo and the token scales, once the parameter pass is done
+                if side is not None:
+                    torch.cuda.current_stream(dev).wait_stream(side)
+                v2_dequant_kernel[(p.n_blocks, -(-p.max_elems // DQ_BLOCK))](
+                    out, p.blocks, lo_src, lob, u8_src, tkb, scales, obase, strides, hdim, h.batch,
+                    HAS_TS=bool(h.token_scaling), BLOCK=DQ_BLOCK, num_warps=4, enable_fp_fusion=False)
             if wait is not None:
                 wait(None)   # the checksum pass reads every chunk
             if verify and c.n_chunks:

@@ -84,6 +84,9 @@ def main():
             "packed-fp16": (P("default"), "float16", {}),
             "packed-bf16-batch2-windowed": (P("small", chunk_tokens=16), "bfloat16", {"batch": 2, "lengths": [40, 23]}),
             "packed-fp32-no-token-scales": (P("tiny", token_scaling=False, chunk_tokens=16), "float32", {}),
+            # float32 destination: the deferred order (data kernel, then v2_dequant_kernel)
+            "packed-fp32-deferred-batch2-windowed": (P("default", chunk_tokens=16), "float32",
+                                                     {"batch": 2, "lengths": [40, 23]}),
         })
         # compact directory (EXT_COMPACT_DIR) with tiny segments (the encoder would pick one
         # segment here): bases, u16 entries inside a word, segment joins; 3 is legal, not a power of 2
