@@ -302,10 +302,12 @@ def build(name: str, version: int = 1):
     patches = {}   # encoder knobs of a vector as it was made, restored afterwards
     if name == "packed_params":
         # frozen as made (2026-12-04): r = 3, packed although a cache this small does not pay
-        patches = {(E, "_pays"): lambda *a: True, (PR, "FRAC_BITS"): 3}
+        patches = {(E, "_pays"): lambda *a: True, (PR, "FRAC_BITS"): 3, (PR, "OFFSET_PHASES"): 0}
     if name == "compact_dir":
         # segments of 3 (the encoder would pick one segment for a cache this small)
-        patches = {(E, "_pays"): lambda *a: True, (E, "directory_group"): lambda h: 3}
+        # made 2026-12-05 with r = 6 and lo at each channel's minimum
+        patches = {(E, "_pays"): lambda *a: True, (E, "directory_group"): lambda h: 3,
+                   (PR, "FRAC_BITS"): 6, (PR, "OFFSET_PHASES"): 0}
     saved = {k: getattr(*k) for k in patches}
     exts = _v2_extensions() if extra.get("extensions") else ()
     try:

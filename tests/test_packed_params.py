@@ -9,7 +9,7 @@ import pytest
 
 import cachegen
 from cachegen import CodecConfig
-from cachegen.codec import params
+from cachegen.codec import params, quantize
 from cachegen.errors import CacheGenError, ConfigError, FormatError, UnsupportedVersionError
 from cachegen.format import v2 as fmt2
 from cachegen.format.extensions import EXT_PACKED, NO_TABLE, PackedParams
@@ -78,6 +78,26 @@ def test_offsets_keep_lo_below_min_and_indices_in_range():
         lo = params.lo_values(step[0], m).astype(np.float64)
         assert (lo <= x.min(1)).all() and (x.min(1) - lo < step[0] / 2 ** params.FRAC_BITS + 1e-9).all()
     assert params.lo_offsets(np.array([5000.0]), np.array([1.0])) is None           # |m >> r| > 1023
+
+
+def test_fitted_offsets_never_lose_to_the_minimum():
+    """fit_offsets: lo in (min - step, min], indices in range, squared error <= that of lo = min
+    (the first candidate), and strictly less on channels narrower than the step."""
+    rng = np.random.default_rng(1)
+    bits, r = 3, params.FRAC_BITS
+    for _ in range(50):
+        x = (rng.normal(size=(16, 64)) * rng.uniform(0.01, 1.0, size=(16, 1))).astype(np.float32)
+        st = np.float16((x.max(1) - x.min(1)).max() / ((1 << bits) - 1) * 1.01)
+        step = np.full(16, st, dtype=np.float16)
+        m0, m = params.lo_offsets(x.min(1), step, r), params.fit_offsets(x, step, bits, r, 1 << r)
+        lo0, lo = (params.lo_values(step[0], v, r) for v in (m0, m))
+        assert (lo <= x.min(1)).all() and (x.min(1) - lo < np.float32(st) * (1 + 1e-6)).all()
+        err = lambda lo_: ((x - quantize.dequantize(quantize.quantize(x, lo_, step, bits), lo_, step)) ** 2).sum(1)
+        e0, e = err(lo0), err(lo)
+        assert (e <= e0 * (1 + 1e-6) + 1e-12).all()
+        narrow = (x.max(1) - x.min(1)) < np.float32(st) / 2
+        if narrow.any():
+            assert e[narrow].sum() < e0[narrow].sum()
     assert params.lo_offsets(np.array([1.0]), np.array([0.0])) is None              # constant non-zero
     assert params.lo_offsets(np.array([0.0]), np.array([0.0])).tolist() == [0]
 

@@ -72,7 +72,7 @@ def _quantize_layer(state: tuple, i: int) -> dict:
             lo, step = quantize.quantizer_params(xk, bits, param_dtype, float(config.scale_sharing),
                                                  gains[kvi][i])
             if out["packable"]:
-                mo = params.lo_offsets(xk.min(axis=1), step, params.FRAC_BITS) \
+                mo = params.fit_offsets(xk, step, bits, params.FRAC_BITS, params.OFFSET_PHASES) \
                     if bool(np.all(step == step[0])) else None
                 if mo is None:
                     out["packable"] = False      # the caller redoes the cache unpacked

@@ -52,8 +52,9 @@ def preset_config(profile: Profile, preset: str) -> CodecConfig:
 # on held-out text (benches/RESULTS.md section 16, 2026-12-04): packed parameters (r = 6) and 64
 # tables per class: Gemma-3 tiny-p x7.74 -> x7.98 at KL 0.0169 -> 0.0167, default-p x5.45 ->
 # x5.57 (KL 0.0054 -> 0.0056); r = 3 gave x8.03 but moved default-p's KL to 0.0102. GPU decode
-# of an 8K Gemma-3 tiny-p cache 0.72 -> ~1.0 ms (H200). The compact directory (2026-12-05)
-# changes no decoded value: ~2 bytes a stream less.
+# of an 8K Gemma-3 tiny-p cache 0.72 -> ~1.0 ms (H200), 0.86 ms with the parameter pass deferred.
+# The compact directory (RESULTS section 17) changes no decoded value: ~2 bytes a stream less,
+# Gemma-3 tiny-p x7.98 -> x8.04, SmolLM2 tiny-p x7.74 -> x7.80.
 PRESET_CODEC: dict = dict(packed_params=True, tables_per_class=64, compact_directory=True)   # packed offsets use r = 6 (codec.params)
 
 
