@@ -84,7 +84,7 @@ def test_fitted_offsets_never_lose_to_the_minimum():
     """fit_offsets: lo in (min - step, min], indices in range, squared error <= that of lo = min
     (the first candidate), and strictly less on channels narrower than the step."""
     rng = np.random.default_rng(1)
-    bits, r = 3, params.FRAC_BITS
+    bits, r = 3, 3
     for _ in range(50):
         x = (rng.normal(size=(16, 64)) * rng.uniform(0.01, 1.0, size=(16, 1))).astype(np.float32)
         st = np.float16((x.max(1) - x.min(1)).max() / ((1 << bits) - 1) * 1.01)

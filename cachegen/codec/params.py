@@ -6,11 +6,11 @@ rANS-coded in one parameter stream per block instead of 2 + 1 bytes per channel 
 real caches ``m >> r`` takes ~3 bits, its low r bits r, and a token code's difference to the
 previous one ~3.2 (Gemma-3 ``tiny-p``, 1K: 4.5 % of the file before; rd_profile_notes.md).
 
-The encoder picks, per channel, the offset that loses least (:func:`fit_offsets`): of the 2**r
-offsets with ``lo`` in ``(min - step, min]``, the one with the smallest squared error after
-rounding and clipping. With one step per block most coefficient channels span far less than a
-step; ``m = floor(min * 2**r / step)`` (:func:`lo_offsets`, the first candidate) puts their only
-level at their minimum. Why r > 0: with r = 0 and lo at the minimum the grid moves by up to half
+``m = floor(min * 2**r / step)`` (:func:`lo_offsets`): ``lo <= min < lo + step / 2**r``, so the
+grid sits within ``step / 2**r`` of the stored one of an unpacked container. :func:`fit_offsets`
+(off: ``OFFSET_PHASES``) instead picks the least-squared-error offset among ``2**r`` candidates;
+with one step per block most coefficient channels span much less than a step, but that did not
+lower KL consistently. Why r > 0: with r = 0 the grid moves by up to half
 a step, and on Gemma-3 that alone tipped a held-out window over a KL cliff (0.011 -> 0.031).
 
 One owner for the parameter stream's symbol mapping: the encoder, the CPU decoders (through
@@ -27,12 +27,12 @@ from . import entropy
 
 MAX_OFFSET = 1023        # |m >> r|: zigzag symbols stay below the format's 2047-symbol alphabets
 TOKEN_START = 128        # the token code before a block's first one (its difference is coded)
-FRAC_BITS = 3            # the encoder's r
-# fit_offsets' candidates per channel: all 2**r offsets with lo in (min - step, min] (0 or 1:
-# lo_offsets, m at the minimum, the encoder of 2026-12-04 with r = 6). Measured held-out
-# (RESULTS section 17): Gemma-3 tiny-p KL 0.0167 -> 0.0143 at x8.04 -> x8.10, default-p 0.0056
-# -> 0.0041; SmolLM2 tiny-p 0.0152 -> 0.0110.
-OFFSET_PHASES = 1 << FRAC_BITS
+FRAC_BITS = 6            # the encoder's r
+# fit_offsets' candidates per channel (0 or 1: lo_offsets, m at the minimum). Measured and left
+# off (RESULTS section 17): all 8 offsets of r = 3 moved held-out KL down for Gemma-3 tiny-p
+# (0.0167 -> 0.0143) and default-p but up for small-p (0.0065 -> 0.0107), and on the
+# calibration windows up for tiny-p (0.0171 -> 0.0186) and small-p: no consistent gain.
+OFFSET_PHASES = 0
 
 
 def zigzag(v: np.ndarray) -> np.ndarray:
