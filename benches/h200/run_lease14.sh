@@ -1,6 +1,6 @@
 #!/bin/bash
-# Codec-only call (carry .gpu-stage/wheels and .gpudata/gemma3_1k.npz): after the fitted offsets
-# (r = 3): the v2 GPU tests and bench_packed_gpu.py (shipped, serial parameter pass, legacy codec).
+# Codec-only call (carry .gpu-stage/wheels and .gpudata/gemma3_1k.npz): the v2 GPU tests and
+# bench_packed_gpu.py (shipped, serial parameter pass, legacy codec) without the ORT parts.
 cd "$(dirname "$0")/../.."
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu-stage/wheels/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
