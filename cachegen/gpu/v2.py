@@ -625,27 +625,29 @@ class GpuDecoder:
                 if side is not None:
                     for t in (lo_src, u8_src, scratch, payload, plut):
                         t.record_stream(side)
-            for s0, s1, upto in self._groups(c, p, wait is not None, group_bytes):
-                if wait is not None:
-                    wait(upto)
-                p0 = s0 // block
-                consts = dict(TB=h.table_bits, PSZ=2 if h.param_dtype == 1 else 4, SHARED=h.step_mode == 1,
-                              HAS_TS=bool(h.token_scaling), OUT_BF16=bf16, BLOCK=block, num_warps=nw,
-                              enable_fp_fusion=False)
-                if nested:
-                    v2_decode_nested_kernel[(-(-s1 // block) - p0,)](
-                        u32, ids, par, u8_src, lo_src, lob, tkb, p.sblk, p.ssic, p.sc0, p.snch, p.blocks,
-                        cbase, cw_dec, lut, lut if fc is None else fc, scales, out, obase, strides, hdim,
-                        err, s0, s1, p0, h.batch, LUT8=fc is not None, PKD=packed, DG=h.dir_group, DEFER=defer,
-                        **consts)
-                else:
-                    v2_decode_kernel[(-(-s1 // block) - p0,)](
-                        u32, ids, par, payload, p.sblk, p.ssic, p.sc0, p.snch, steps, p.blocks,
-                        cbase, cwords, lut, scales, out, obase, strides, hdim,
-                        err, s0, s1, p0, h.batch, **consts)
-            if defer:   # lo and the token scales, once the parameter pass is done
+            try:
+                for s0, s1, upto in self._groups(c, p, wait is not None, group_bytes):
+                    if wait is not None:
+                        wait(upto)
+                    p0 = s0 // block
+                    consts = dict(TB=h.table_bits, PSZ=2 if h.param_dtype == 1 else 4, SHARED=h.step_mode == 1,
+                                  HAS_TS=bool(h.token_scaling), OUT_BF16=bf16, BLOCK=block, num_warps=nw,
+                                  enable_fp_fusion=False)
+                    if nested:
+                        v2_decode_nested_kernel[(-(-s1 // block) - p0,)](
+                            u32, ids, par, u8_src, lo_src, lob, tkb, p.sblk, p.ssic, p.sc0, p.snch, p.blocks,
+                            cbase, cw_dec, lut, lut if fc is None else fc, scales, out, obase, strides, hdim,
+                            err, s0, s1, p0, h.batch, LUT8=fc is not None, PKD=packed, DG=h.dir_group, DEFER=defer,
+                            **consts)
+                    else:
+                        v2_decode_kernel[(-(-s1 // block) - p0,)](
+                            u32, ids, par, payload, p.sblk, p.ssic, p.sc0, p.snch, steps, p.blocks,
+                            cbase, cwords, lut, scales, out, obase, strides, hdim,
+                            err, s0, s1, p0, h.batch, **consts)
+            finally:   # joined even when a launch raises: its scratch must outlive the side work
                 if side is not None:
                     torch.cuda.current_stream(dev).wait_stream(side)
+            if defer:   # lo and the token scales, once the parameter pass is done (joined above)
                 v2_dequant_kernel[(p.n_blocks, -(-p.max_elems // DQ_BLOCK))](
                     out, p.blocks, lo_src, lob, u8_src, tkb, scales, obase, strides, hdim, h.batch,
                     HAS_TS=bool(h.token_scaling), BLOCK=DQ_BLOCK, num_warps=4, enable_fp_fusion=False)
