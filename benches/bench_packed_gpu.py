@@ -64,6 +64,7 @@ def main(argv=None) -> int:
             for name, kw in parse_variants(a.variants):
                 kw = dict(kw)
                 defer = bool(kw.pop("defer", 1))     # decoder A/B: GpuDecoder.defer (not a codec field)
+                side = bool(kw.pop("side", 1))       # ... and GpuDecoder.side_stream
                 cfg = pc.preset_config(prof, a.preset)
                 cfg = dataclasses.replace(cfg, **kw) if kw else cfg
                 data = pc.encode(kv, prof, cfg)
@@ -72,6 +73,7 @@ def main(argv=None) -> int:
                          torch.empty(v.shape, dtype=torch.float16, device=dev)) for k, v in kv]
                 dec = GpuDecoder(dev)
                 dec.defer = defer
+                dec.side_stream = side
                 dec.profiles = [prof]
                 payload = torch.frombuffer(bytearray(data + b"\0" * ((-len(data)) % 4)), dtype=torch.uint8).to(dev)
                 dec.decode_into(c, outs, payload=payload)     # warm-up / JIT, checked

@@ -287,6 +287,7 @@ class GpuDecoder:
         # kernel stores fl32(step * v) while the parameter pass runs on a side stream, then
         # v2_dequant_kernel adds lo and applies the token scale (False: the serial order, A/B).
         self.defer = True
+        self.side_stream = True     # False: deferred, but the parameter pass on the decode stream (A/B)
         self._side: Optional[torch.cuda.Stream] = None
         self._plans: dict = {}
         self._scales = None
@@ -611,7 +612,7 @@ class GpuDecoder:
                 u8_src = torch.empty(max(p.tok_total, 1), dtype=torch.uint8, device=dev)
                 lob, tkb = p.lob, p.tkb
                 plut = self._param_lut(h)
-                if defer and dev.type == "cuda":   # concurrently with the data kernel
+                if defer and dev.type == "cuda" and self.side_stream:   # concurrently with the data kernel
                     if self._side is None:
                         self._side = torch.cuda.Stream(dev)
                     side = self._side
