@@ -423,10 +423,9 @@ def with_extensions(data: bytes, extensions: Sequence[Any]) -> bytes:
         raise InputError("container header: extension section larger than the header")
     # The packed-parameters and compact-directory records belong to the coded chunks, not to
     # the caller: kept (last, where the encoder puts them).
-    from .format.extensions import EXT_COMPACT_DIR, EXT_PACKED
-    layout_kinds = (EXT_PACKED, EXT_COMPACT_DIR)
+    from .format.extensions import LAYOUT_KINDS
     old = fmt2._parse_extensions(body[hsize - old_size:hsize], fixed[14])
-    extensions = [e for e in extensions if e.kind not in layout_kinds] + [e for e in old if e.kind in layout_kinds]
+    extensions = [e for e in extensions if e.kind not in LAYOUT_KINDS] + [e for e in old if e.kind in LAYOUT_KINDS]
     exts = fmt2.pack_extensions(list(extensions))
     fixed[14], fixed[15] = len(extensions), len(exts)
     new_body = fmt2._FIXED.pack(*fixed) + bytes(body[fmt2._FIXED.size:hsize - old_size]) + exts

@@ -23,6 +23,10 @@ EXT_TRANSFORM = 0x8001    # critical: model profile / transform to undo after de
 EXT_PACKED = 0x8002       # critical: lo and token-scale codes entropy-coded in per-block streams
 EXT_COMPACT_DIR = 0x8003  # critical: stream directory as u16 ends relative to per-segment u32 bases
 
+# Records that describe how the chunks were coded: written by the encoder from the header
+# (format.v2), kept as they are when a caller's records are swapped in (guard.with_extensions).
+LAYOUT_KINDS = (EXT_PACKED, EXT_COMPACT_DIR)
+
 KNOWN_KINDS = {EXT_QUALITY: "quality", EXT_USER: "user", EXT_TRANSFORM: "transform",
                EXT_PACKED: "packed-params", EXT_COMPACT_DIR: "compact-directory"}
 NO_TABLE = 0xFFFF

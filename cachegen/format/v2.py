@@ -29,8 +29,8 @@ from ..errors import (ChecksumError, FormatError, InputError, LimitExceededError
                       UnsupportedVersionError)
 from .container import (DTYPE_CODES, MAGIC, CacheShape, inflate_model_section, MODE_LOSSLESS, MODE_LOSSY, PARAM_DTYPES, DecodeLimits,
                         LayerInfo, crc32)
-from .extensions import (EXT_COMPACT_DIR, EXT_PACKED, MAX_EXTENSIONS, NO_TABLE, CompactDirectory, Extension,
-                         PackedParams, check_known, find)
+from .extensions import (EXT_COMPACT_DIR, EXT_PACKED, LAYOUT_KINDS, MAX_EXTENSIONS, NO_TABLE, CompactDirectory,
+                         Extension, PackedParams, check_known, find)
 from .layout import STEP_PER_CHANNEL, STEP_SHARED, ChunkLayout, chunk_layout, chunk_layouts, chunk_meta_sizes, chunk_token_count
 from .tables import MAX_ALPHABET, PRECISION_BITS
 
@@ -253,7 +253,7 @@ def directory_bytes(lay: ChunkLayout, ends: np.ndarray) -> bytes:
 def _extensions_of(h: HeaderV2) -> list[Extension]:
     """The header's records, with the packed-parameters and compact-directory records matching
     ``h.packed`` and ``h.dir_group``."""
-    out = [e for e in h.extensions if e.kind not in (EXT_PACKED, EXT_COMPACT_DIR)]
+    out = [e for e in h.extensions if e.kind not in LAYOUT_KINDS]
     if h.packed is not None:
         out.append(h.packed.to_extension())
     if h.dir_group:

@@ -42,18 +42,24 @@ def _u16_at(u32_ptr, a, m):
 
 
 @triton.jit
-def _compact_bounds(u32_ptr, dbase, rel_b, i, m, DG: tl.constexpr):
-    """(begin, end, bad) of entry i of a compact directory (FORMAT_V2.md 6.3): the u32 segment
-    bases at word dbase, the u16 ends-minus-base at byte rel_b. bad: the first base is not 0, or
-    a segment does not start where the entry before it ends."""
-    g = i // DG
-    first = (i % DG) == 0
-    base = tl.load(u32_ptr + dbase + g, mask=m, other=0).to(tl.uint32).to(tl.int64)
-    e_end = base + _u16_at(u32_ptr, rel_b + 2 * i, m)
-    relp = _u16_at(u32_ptr, rel_b + 2 * i - 2, m & (i > 0))
-    basep = tl.load(u32_ptr + dbase + g - 1, mask=m & first & (i > 0), other=0).to(tl.uint32).to(tl.int64)
-    e_beg = tl.where(first, base, base + relp)
-    bad = (first & (i > 0) & (basep + relp != base)) | ((i == 0) & (base != 0))
+def _dir_bounds(u32_ptr, dbase, rel_b, i, m, DG: tl.constexpr):
+    """(begin, end, bad) word bounds of directory entry i. DG = 0: the plain directory of u32
+    cumulative ends at word dbase (rel_b unused; bad is all False). DG > 0: a compact one
+    (FORMAT_V2.md 6.3): u32 segment bases at word dbase, u16 ends-minus-base at byte rel_b; bad:
+    the first base is not 0, or a segment does not start where the entry before it ends."""
+    if DG == 0:
+        e_end = tl.load(u32_ptr + dbase + i, mask=m, other=0).to(tl.uint32).to(tl.int64)
+        e_beg = tl.load(u32_ptr + dbase + i - 1, mask=m & (i > 0), other=0).to(tl.uint32).to(tl.int64)
+        bad = i < 0
+    else:
+        g = i // DG
+        first = (i % DG) == 0
+        base = tl.load(u32_ptr + dbase + g, mask=m, other=0).to(tl.uint32).to(tl.int64)
+        e_end = base + _u16_at(u32_ptr, rel_b + 2 * i, m)
+        relp = _u16_at(u32_ptr, rel_b + 2 * i - 2, m & (i > 0))
+        basep = tl.load(u32_ptr + dbase + g - 1, mask=m & first & (i > 0), other=0).to(tl.uint32).to(tl.int64)
+        e_beg = tl.where(first, base, base + relp)
+        bad = (first & (i > 0) & (basep + relp != base)) | ((i == 0) & (base != 0))
     return e_beg, e_end, bad
 
 
@@ -65,6 +71,24 @@ def _mix(w, i, k1, k2):
     v = v ^ (v >> 29)
     v = v * k2
     return v ^ (v >> 32)
+
+
+@triton.jit
+def _stream_open(u32_ptr, wb, ptr, ok):
+    """A lane's rANS state from the end of its stream (words [wb, wb + ptr)): the last word must
+    be non-zero (else bad), then one or two words make the state. -> (x, ptr, wp, bad), wp the
+    next word a renormalization consumes."""
+    wp = u32_ptr + wb + ptr - 1
+    last = tl.load(wp, mask=ok & (ptr > 0), other=0).to(tl.uint32).to(tl.uint64)
+    bad = (ptr > 0) & (last == 0)
+    x = tl.zeros_like(ptr).to(tl.uint64)
+    for _k in tl.static_range(2):
+        need = ((x >> 32) == 0) & (ptr > 0)
+        w = tl.load(wp, mask=need, other=0).to(tl.uint32).to(tl.uint64)
+        x = tl.where(need, (x << 32) | w, x)
+        ptr = ptr - need.to(tl.int32)
+        wp = wp - need.to(tl.int32)
+    return x, ptr, wp, bad
 
 
 @triton.jit
@@ -280,14 +304,8 @@ def v2_decode_nested_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr, lo_ptr, lob_ptr, 
     cbase = tl.load(cbase_ptr + k, mask=m, other=0)
     cwords = tl.load(cwords_ptr + k, mask=m, other=0)
 
-    if DG > 0:   # compact directory (PKD or not)
-        rel_at = tl.load(row + 14, mask=m, other=0)
-        e_beg, e_end, dbad = _compact_bounds(u32_ptr, (cbase + dir_at) // 4, cbase + rel_at, sic, m, DG)
-    else:
-        d0 = (cbase + dir_at) // 4 + sic
-        e_end = tl.load(u32_ptr + d0, mask=m, other=0).to(tl.uint32).to(tl.int64)
-        e_beg = tl.load(u32_ptr + d0 - 1, mask=m & (sic > 0), other=0).to(tl.uint32).to(tl.int64)
-        dbad = e_end < 0
+    rel_at = tl.load(row + 14, mask=m, other=0)
+    e_beg, e_end, dbad = _dir_bounds(u32_ptr, (cbase + dir_at) // 4, cbase + rel_at, sic, m, DG)
     bad = m & (dbad | (e_beg > e_end) | (e_end > cwords) | ((sic == s_chunk - 1) & (e_end != cwords)))
     ok = m & (bad == 0)
     wb = (cbase + meta) // 4 + e_beg
@@ -295,16 +313,8 @@ def v2_decode_nested_kernel(u32_ptr, ids_ptr, par_ptr, u8_ptr, lo_ptr, lob_ptr, 
     nch_eff = tl.where(ok, nchs, 0)
     per = batch * n
 
-    wp = u32_ptr + wb + ptr - 1          # the next word a renormalization consumes
-    last = tl.load(wp, mask=ok & (ptr > 0), other=0).to(tl.uint32).to(tl.uint64)
-    bad = bad | ((ptr > 0) & (last == 0))
-    x = tl.zeros([BLOCK], dtype=tl.uint64)
-    for _k in tl.static_range(2):
-        need = ((x >> 32) == 0) & (ptr > 0)
-        w = tl.load(wp, mask=need, other=0).to(tl.uint32).to(tl.uint64)
-        x = tl.where(need, (x << 32) | w, x)
-        ptr = ptr - need.to(tl.int32)
-        wp = wp - need.to(tl.int32)
+    x, ptr, wp, lbad = _stream_open(u32_ptr, wb, ptr, ok)
+    bad = bad | lbad
     wnext = tl.load(wp, mask=ok & (ptr > 0), other=0)
 
     optr = out_ptr + tl.load(obase_ptr + lk, mask=m, other=0)
@@ -449,28 +459,15 @@ def v2_params_kernel(u32_ptr, par_ptr, blk_ptr, bic_ptr, cbase_ptr, cwt_ptr, lut
     nbk = tl.load(bic_ptr + b + 1, mask=m & (b + 1 < n_blocks), other=0)   # 0: b is its chunk's last block
     cbase = tl.load(cbase_ptr + k, mask=m, other=0)
     cwt = tl.load(cwt_ptr + k, mask=m, other=0)
-    if DG > 0:   # compact directory: entry s_chunk + bic
-        rel_at = tl.load(row + 14, mask=m, other=0)
-        e_beg, e_end, dbad = _compact_bounds(u32_ptr, (cbase + dir_at) // 4, cbase + rel_at, s_chunk + bic, m, DG)
-    else:
-        d0 = (cbase + dir_at) // 4 + s_chunk + bic
-        e_end = tl.load(u32_ptr + d0, mask=m, other=0).to(tl.uint32).to(tl.int64)
-        e_beg = tl.load(u32_ptr + d0 - 1, mask=m, other=0).to(tl.uint32).to(tl.int64)
-        dbad = e_end < 0
+    rel_at = tl.load(row + 14, mask=m, other=0)
+    # the block's parameter stream: directory entry s_chunk + bic (after the data streams)
+    e_beg, e_end, dbad = _dir_bounds(u32_ptr, (cbase + dir_at) // 4, cbase + rel_at, s_chunk + bic, m, DG)
     bad = m & (dbad | (e_beg > e_end) | (e_end > cwt) | ((nbk == 0) & (e_end != cwt)))
     ok = m & (bad == 0)
     wb = (cbase + meta) // 4 + e_beg
     ptr = tl.where(ok, e_end - e_beg, 0).to(tl.int32)
-    wp = u32_ptr + wb + ptr - 1
-    last = tl.load(wp, mask=ok & (ptr > 0), other=0).to(tl.uint32).to(tl.uint64)
-    bad = bad | ((ptr > 0) & (last == 0))
-    x = tl.zeros([BLOCK], dtype=tl.uint64)
-    for _k in tl.static_range(2):
-        need = ((x >> 32) == 0) & (ptr > 0)
-        w = tl.load(wp, mask=need, other=0).to(tl.uint32).to(tl.uint64)
-        x = tl.where(need, (x << 32) | w, x)
-        ptr = ptr - need.to(tl.int32)
-        wp = wp - need.to(tl.int32)
+    x, ptr, wp, lbad = _stream_open(u32_ptr, wb, ptr, ok)
+    bad = bad | lbad
     kv = (lk % 2).to(tl.int64)
     st = tl.load(par_ptr + ((cbase + step_at) // PSZ) + step_off, mask=ok, other=0.0).to(tl.float32)
     lob = tl.load(lob_ptr + k, mask=m, other=0) + ch_off
