@@ -34,8 +34,8 @@ def check_kv_buffers(header: Any, tokens: Sequence[int], buffers: Sequence[Seque
             raise InputError(f"layer {i}: expected a (key, value) buffer pair") from None
         for kvi, b in enumerate((kb, vb)):
             heads, dim = l.heads_dim(kvi)
-            if not isinstance(b, torch.Tensor) or b.dtype != dt or b.dim() != 4 or b.shape[0] != header.batch \
-                    or b.shape[1] != heads or b.shape[3] != dim or b.shape[2] < t \
+            s = b.shape if isinstance(b, torch.Tensor) else ()
+            if len(s) != 4 or b.dtype != dt or s[0] != header.batch or s[1] != heads or s[3] != dim or s[2] < t \
                     or (device is not None and b.device != device):
                 where = f" on {device}" if device is not None else ""
                 raise InputError(f"layer {i} {'kv'[kvi]}: buffer must be a {dt} tensor "
