@@ -65,6 +65,7 @@ def main(argv=None) -> int:
                 kw = dict(kw)
                 defer = bool(kw.pop("defer", 1))     # decoder A/B: GpuDecoder.defer (not a codec field)
                 side = bool(kw.pop("side", 1))       # ... and GpuDecoder.side_stream
+                after = bool(kw.pop("after", 0))     # ... and GpuDecoder.params_after
                 cfg = pc.preset_config(prof, a.preset)
                 cfg = dataclasses.replace(cfg, **kw) if kw else cfg
                 data = pc.encode(kv, prof, cfg)
@@ -74,6 +75,7 @@ def main(argv=None) -> int:
                 dec = GpuDecoder(dev)
                 dec.defer = defer
                 dec.side_stream = side
+                dec.params_after = after
                 dec.profiles = [prof]
                 payload = torch.frombuffer(bytearray(data + b"\0" * ((-len(data)) % 4)), dtype=torch.uint8).to(dev)
                 dec.decode_into(c, outs, payload=payload)     # warm-up / JIT, checked

@@ -393,6 +393,8 @@ def main(argv=None) -> int:
                     help="override the preset's stream layout (channels per stream / tables per class), e.g. 32/32")
     ap.add_argument("--serial-params", action="store_true",
                     help="GpuDecoder.defer = False: the packed-parameter pass before the data kernel (A/B)")
+    ap.add_argument("--params-after", action="store_true",
+                    help="GpuDecoder.params_after = True: the deferred parameter pass launched after the data kernel (A/B)")
     ap.add_argument("--codec", default=None, metavar="FIELD=VALUE,...",
                     help="override CodecConfig fields of the preset (ints; 0/1 for the bool fields), e.g. "
                          "packed_params=0,compact_directory=0,tables_per_class=16")
@@ -419,6 +421,9 @@ def main(argv=None) -> int:
     if a.serial_params and not dry:
         from cachegen.gpu.v2 import default_decoder
         default_decoder("cuda").defer = False
+    if a.params_after and not dry:
+        from cachegen.gpu.v2 import default_decoder
+        default_decoder("cuda").params_after = True
     if a.pipeline and not dry:   # A/B of the per-group launches
         from cachegen.gpu.v2 import default_decoder
         default_decoder("cuda").pipeline = True
@@ -431,7 +436,8 @@ def main(argv=None) -> int:
                host=f"{platform.node()} {os.cpu_count()} CPUs", when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                command="python " + " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
                reps=a.reps, sources=list(DRY_SOURCES if dry else SOURCES), rows=[], read_sweep=[],
-               pipeline=a.pipeline, defer=DEFER, graph=GRAPH)
+               pipeline=a.pipeline, defer=DEFER, graph=GRAPH, serial_params=a.serial_params,
+               params_after=a.params_after)
     try:
         import onnxruntime as ort
         res["onnxruntime"] = ort.__version__

@@ -149,6 +149,11 @@ class CodecConfig:
     # streams (extension EXT_COMPACT_DIR) instead of a u32 per stream: ~2 bytes a stream less,
     # decoded values unchanged. Used where a bound on the stream sizes allows it.
     compact_directory: bool = False
+    # Format v2 encoder: rate-distortion quantization. Each value takes, of the two levels around
+    # it, the one with the least (error in steps)**2 + rd_lambda * its code length in bits under
+    # the tables of a first pass; the tables are then refitted. 0 = the nearest level. Encoder-
+    # only (any decoder reads the levels as usual); about twice the quantization time.
+    rd_lambda: float = 0.0
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -173,6 +178,10 @@ class CodecConfig:
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or not 0.0 <= float(v) <= 1.0:
             bad(f"scale_sharing must be a number in [0, 1], got {v!r}")
         object.__setattr__(self, "scale_sharing", float(v) if isinstance(v, np.floating) else (int(v) if _is_int(v) else v))
+        v = self.rd_lambda
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or not 0.0 <= float(v) <= 1.0:
+            bad(f"rd_lambda must be a number in [0, 1], got {v!r}")
+        object.__setattr__(self, "rd_lambda", float(v))
         if self.packed_params and not self.lossless and float(self.scale_sharing) != 1.0:
             bad("packed_params needs one step per block (scale_sharing=1)")
         # Validate the schedules early (against an arbitrary layer count for strings/ints).

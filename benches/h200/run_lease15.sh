@@ -23,4 +23,4 @@ L=packed_params=0,compact_directory=0,tables_per_class=16
 part() { [ -z "$PART" ] || [ "$PART" = "$1" ]; }
 if part a; then run g_ship1 gemma3 tiny-p; run g_serial1 gemma3 tiny-p "" --serial-params; run g_legacy1 gemma3 tiny-p $L; fi
 if part b; then run g_ship2 gemma3 tiny-p; run g_serial2 gemma3 tiny-p "" --serial-params; run g_legacy2 gemma3 tiny-p $L; fi
-if part c; then run g_ship3 gemma3 tiny-p; run s_tiny smollm2 tiny-p; run g_default gemma3 default-p; fi
+if part c; then run g_ship3 gemma3 tiny-p; run g_after gemma3 tiny-p "" --params-after; run s_tiny smollm2 tiny-p; run g_default gemma3 default-p; fi

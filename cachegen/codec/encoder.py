@@ -32,6 +32,7 @@ def _quantize_layer(state: tuple, i: int) -> dict:
     """Pass 1 for one layer: everything pass 2 and the dictionary need."""
     hosts, header, config, param_dtype = state[:4]
     pack = len(state) > 4 and bool(state[4])   # format v2 packed parameters (codec.params)
+    rdo = state[5] if len(state) > 5 else None   # (lambda, costs[i][kvi] [ch, levels] bits): RD quantization
     l = header.layers[i]
     C, g, roles, batch = header.chunk_tokens, header.group_size, header.roles, header.batch
     out = {"params": {}, "exps": {}, "symbols": {}, "hists": {}, "max_abs": 0.0, "offsets": {}, "packable": pack}
@@ -79,7 +80,10 @@ def _quantize_layer(state: tuple, i: int) -> dict:
                 else:
                     out["offsets"][kvi, k] = mo
                     lo = params.lo_values(step[0], mo, params.FRAC_BITS)
-            q = quantize.quantize(xk, lo, step, bits).reshape(ch, batch, n)
+            if rdo is not None and rdo[1][i][kvi] is not None:
+                q = quantize.quantize_rd(xk, lo, step, bits, rdo[1][i][kvi], rdo[0]).reshape(ch, batch, n)
+            else:
+                q = quantize.quantize(xk, lo, step, bits).reshape(ch, batch, n)
             syms = grouping.split(q, g, levels)
             out["params"][kvi, k] = (lo, step)
             out["symbols"][kvi, k] = tuple(s.astype(np.uint16) for s in syms)
@@ -287,6 +291,14 @@ def quantize_v2(kv: Sequence[Any], config: CodecConfig, extensions: Sequence[Any
         if not pack or _packable(header, layers_out):
             break
         pack = False
+    lam = float(getattr(config, "rd_lambda", 0.0))
+    if lam > 0 and header.roles == 1:
+        # RD quantization: each value's level between the two nearest, by squared error (in
+        # steps) + lam * its cost in bits under the tables pass 1's histograms give; then the
+        # tables are refitted to the new symbols (by the caller). Decoders see ordinary levels.
+        costs = _level_costs(header, layers_out, config)
+        layers_out = parallel_map(_quantize_layer, (hosts, header, config, header.param_dtype, pack, (lam, costs)),
+                                  range(len(infos)), 1)
     # One step per block when every block's channels share it (scale_sharing=1), else per channel.
     shared = all(p[1].size == 0 or bool(np.all(p[1] == p[1][0]))
                  for r in layers_out for p in r["params"].values())
@@ -295,6 +307,16 @@ def quantize_v2(kv: Sequence[Any], config: CodecConfig, extensions: Sequence[Any
     header.dir_group = directory_group(header) if getattr(config, "compact_directory", False) else 0
     header._layouts = None
     return header, layers_out
+
+
+def _level_costs(header: Any, layers_out: list, config: CodecConfig) -> list:
+    """Per (layer, K/V): [channels, levels] code lengths in bits of each level under the table
+    pass 1's histograms assign to the channel."""
+    tb = int(getattr(config, "table_bits", 12))
+    units, ids = _build_tables(header, layers_out, lambda H: _fit_tables_v2(H, config.tables_per_class, tb))
+    bits = [-np.log2(u.astype(np.float64) / (1 << tb)) for u in units]
+    return [[np.stack([bits[t] for t in ids[i][kvi][:, 0]]) if ids[i][kvi].size else None for kvi in (0, 1)]
+            for i in range(len(header.layers))]
 
 
 MIN_DIR_GROUP = 8    # below this a segment's u32 base costs more than the u16 entries save

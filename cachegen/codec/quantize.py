@@ -68,6 +68,25 @@ def quantize(x: np.ndarray, lo: np.ndarray, step: np.ndarray, bits: int) -> np.n
     return u.astype(np.int32)
 
 
+def quantize_rd(x: np.ndarray, lo: np.ndarray, step: np.ndarray, bits: int, cost: np.ndarray,
+                lam: float) -> np.ndarray:
+    """:func:`quantize` choosing, per value, between the two levels around it the one with the
+    least (error in steps)**2 + lam * cost[channel, level] (cost: [channels, 2**bits] bits)."""
+    top = (1 << bits) - 1
+    lo32 = lo.astype(np.float32)[:, None]
+    st32 = step.astype(np.float32)[:, None]
+    safe = np.where(st32 > 0, st32, np.float32(1))
+    u = np.clip((x - lo32) / safe, 0, top)
+    f = np.minimum(np.floor(u), top - 1).astype(np.int64) if top else np.zeros(u.shape, np.int64)
+    d = u - f
+    c = cost.astype(np.float64)
+    j0 = d * d + lam * np.take_along_axis(c, f, axis=1)
+    j1 = (1 - d) ** 2 + lam * np.take_along_axis(c, np.minimum(f + 1, top), axis=1)
+    q = f + (j1 < j0)
+    q[np.broadcast_to(st32 == 0, q.shape)] = 0
+    return q.astype(np.int32)
+
+
 def token_scale_codes(x: np.ndarray) -> np.ndarray:
     """x: [channels, tokens] -> u8 codes e with 2**((e-128)/8) close to each token's RMS."""
     rms = np.sqrt(np.mean(np.square(x, dtype=np.float64), axis=0))

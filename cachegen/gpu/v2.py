@@ -288,6 +288,9 @@ class GpuDecoder:
         # v2_dequant_kernel adds lo and applies the token scale (False: the serial order, A/B).
         self.defer = True
         self.side_stream = True     # False: deferred, but the parameter pass on the decode stream (A/B)
+        # True: on the side stream, the parameter pass is launched after the data kernel (which
+        # then gets the SMs first; A/B for the 8K call on an idle GPU, RESULTS 17)
+        self.params_after = False
         self._side: Optional[torch.cuda.Stream] = None
         self._plans: dict = {}
         self._scales = None
@@ -614,6 +617,7 @@ class GpuDecoder:
             lo_src, u8_src, lob, tkb = par, payload, cbase, cbase
             defer = bool(packed and nested and self.defer and base.dtype == torch.float32)
             side = None
+            late = False
             if packed:
                 # lo offsets and token codes first: one lane per block, into scratch arrays
                 if wait is not None:
@@ -628,15 +632,23 @@ class GpuDecoder:
                         self._side = torch.cuda.Stream(dev)
                     side = self._side
                     side.wait_stream(torch.cuda.current_stream(dev))
-                with (torch.cuda.stream(side) if side is not None else contextlib.nullcontext()):
-                    v2_params_kernel[(-(-p.n_blocks // 32),)](
-                        u32, par, p.blocks, p.bic, cbase, cwords, plut, lo_src, lob, u8_src, tkb,
-                        err, p.n_blocks, h.batch, p.max_nch, p.max_ntok, TB=h.table_bits,
-                        PSZ=2 if h.param_dtype == 1 else 4, HAS_TS=bool(h.token_scaling), FRAC=h.packed.frac_bits,
-                        BLOCK=32, DG=h.dir_group, num_warps=1, enable_fp_fusion=False)
+
+                def launch_params() -> None:
+                    with (torch.cuda.stream(side) if side is not None else contextlib.nullcontext()):
+                        v2_params_kernel[(-(-p.n_blocks // 32),)](
+                            u32, par, p.blocks, p.bic, cbase, cwords, plut, lo_src, lob, u8_src, tkb,
+                            err, p.n_blocks, h.batch, p.max_nch, p.max_ntok, TB=h.table_bits,
+                            PSZ=2 if h.param_dtype == 1 else 4, HAS_TS=bool(h.token_scaling),
+                            FRAC=h.packed.frac_bits, BLOCK=32, DG=h.dir_group, num_warps=1, enable_fp_fusion=False)
+
                 if side is not None:
                     for t in (lo_src, u8_src, scratch, payload, plut):
                         t.record_stream(side)
+                # the data kernel does not read the pass's output when deferred: it may go first
+                late = side is not None and self.params_after
+                if not late:
+                    launch_params()
+            try:
             try:
                 for s0, s1, upto in self._groups(c, p, wait is not None, group_bytes):
                     if wait is not None:
@@ -656,6 +668,8 @@ class GpuDecoder:
                             u32, ids, par, payload, p.sblk, p.ssic, p.sc0, p.snch, steps, p.blocks,
                             cbase, cwords, lut, scales, out, obase, strides, hdim,
                             err, s0, s1, p0, h.batch, **consts)
+                if late:
+                    launch_params()
             finally:   # joined even when a launch raises: its scratch must outlive the side work
                 if side is not None:
                     torch.cuda.current_stream(dev).wait_stream(side)

@@ -109,7 +109,7 @@ class Profile:
                     normalize_gains(tuple(g))
             if p.codec is not None:
                 allowed = {"chunk_tokens", "channels_per_stream", "tables_per_class", "table_bits", "packed_params",
-                           "compact_directory"}
+                           "compact_directory", "rd_lambda"}
                 if not isinstance(p.codec, dict) or set(p.codec) - allowed:
                     raise ConfigError(f"profile preset {n!r}: codec fields must be among {sorted(allowed)}")
                 CodecConfig(**p.codec)   # range checks
