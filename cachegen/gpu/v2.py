@@ -649,7 +649,6 @@ class GpuDecoder:
                 if not late:
                     launch_params()
             try:
-            try:
                 for s0, s1, upto in self._groups(c, p, wait is not None, group_bytes):
                     if wait is not None:
                         wait(upto)
