@@ -19,6 +19,17 @@ from cachegen.profile import codec as pc, fit  # noqa: E402
 VARIANTS = {"r6-min": (6, 0), "r3-fit": (3, 8), "r6-fit8": (6, 8)}
 
 
+def calib_row(label: str, runner, prof, wins, cfg) -> None:
+    """Print one encoder variant's mean ratio and KL over the calibration windows."""
+    kls, ratios = [], []
+    for w in wins:
+        nb, rest = fit._round_trip(prof, w.kv, cfg)
+        kls.append(fit._kl(runner, w, rest))
+        ratios.append(w.fp16 / nb)
+    print(f"{label}: x{np.mean(ratios):.3f} calib KL {np.mean(kls):.4f} "
+          f"({' / '.join(f'{k:.4f}' for k in kls)})", flush=True)
+
+
 def main() -> None:
     model, presets = sys.argv[1], sys.argv[2].split(",")
     runner = B.make_runner(model, threads=2)
@@ -31,13 +42,7 @@ def main() -> None:
         cfg = pc.preset_config(prof, name)
         for v, (r, ph) in VARIANTS.items():
             params.FRAC_BITS, params.OFFSET_PHASES = r, ph
-            kls, ratios = [], []
-            for w in wins:
-                nb, rest = fit._round_trip(prof, w.kv, cfg)
-                kls.append(fit._kl(runner, w, rest))
-                ratios.append(w.fp16 / nb)
-            print(f"{model} {name} {v}: x{np.mean(ratios):.3f} calib KL {np.mean(kls):.4f} "
-                  f"({' / '.join(f'{k:.4f}' for k in kls)})", flush=True)
+            calib_row(f"{model} {name} {v}", runner, prof, wins, cfg)
     params.FRAC_BITS, params.OFFSET_PHASES = saved
 
 

@@ -7,10 +7,9 @@ is chosen on calibration data (the held-out check is rd_profile_heldout.py).
 import dataclasses
 import sys
 
-import numpy as np
-
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 import bench_rd as B  # noqa: E402
+from rd_offsets_calib import calib_row  # noqa: E402
 
 from cachegen.profile import calibration_text, shipped_profile  # noqa: E402
 from cachegen.profile import codec as pc, fit  # noqa: E402
@@ -38,13 +37,7 @@ def main() -> None:
         variants = [(f"lam={x:g}", dataclasses.replace(base, rd_lambda=x)) for x in lams] + \
             [(f"gain*{g:g}", widened(dataclasses.replace(base, rd_lambda=0.0), g)) for g in gains]
         for v, cfg in variants:
-            kls, ratios = [], []
-            for w in wins:
-                nb, rest = fit._round_trip(prof, w.kv, cfg)
-                kls.append(fit._kl(runner, w, rest))
-                ratios.append(w.fp16 / nb)
-            print(f"{model} {name} {v}: x{np.mean(ratios):.3f} calib KL {np.mean(kls):.4f} "
-                  f"({' / '.join(f'{k:.4f}' for k in kls)})", flush=True)
+            calib_row(f"{model} {name} {v}", runner, prof, wins, cfg)
 
 
 if __name__ == "__main__":
