@@ -56,15 +56,20 @@ def quantizer_params(x: np.ndarray, bits: int, param_dtype: int,
     return lo, _round_up(step, dt)
 
 
-def quantize(x: np.ndarray, lo: np.ndarray, step: np.ndarray, bits: int) -> np.ndarray:
-    """x: [channels, n] float32 -> indices in [0, 2**bits - 1] (int32)."""
+def _in_steps(x: np.ndarray, lo: np.ndarray, step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(x - lo) / step in float32 (channels of step 0 divided by 1), and where step is 0."""
     lo32 = lo.astype(np.float32)[:, None]
     st32 = step.astype(np.float32)[:, None]
     safe = np.where(st32 > 0, st32, np.float32(1))
-    u = (x - lo32) / safe
+    return (x - lo32) / safe, np.broadcast_to(st32 == 0, x.shape)
+
+
+def quantize(x: np.ndarray, lo: np.ndarray, step: np.ndarray, bits: int) -> np.ndarray:
+    """x: [channels, n] float32 -> indices in [0, 2**bits - 1] (int32)."""
+    u, zero = _in_steps(x, lo, step)
     np.rint(u, out=u)
     np.clip(u, 0, (1 << bits) - 1, out=u)
-    u[np.broadcast_to(st32 == 0, u.shape)] = 0
+    u[zero] = 0
     return u.astype(np.int32)
 
 
@@ -73,17 +78,15 @@ def quantize_rd(x: np.ndarray, lo: np.ndarray, step: np.ndarray, bits: int, cost
     """:func:`quantize` choosing, per value, between the two levels around it the one with the
     least (error in steps)**2 + lam * cost[channel, level] (cost: [channels, 2**bits] bits)."""
     top = (1 << bits) - 1
-    lo32 = lo.astype(np.float32)[:, None]
-    st32 = step.astype(np.float32)[:, None]
-    safe = np.where(st32 > 0, st32, np.float32(1))
-    u = np.clip((x - lo32) / safe, 0, top)
+    u, zero = _in_steps(x, lo, step)
+    u = np.clip(u, 0, top)
     f = np.minimum(np.floor(u), top - 1).astype(np.int64) if top else np.zeros(u.shape, np.int64)
     d = u - f
     c = cost.astype(np.float64)
     j0 = d * d + lam * np.take_along_axis(c, f, axis=1)
     j1 = (1 - d) ** 2 + lam * np.take_along_axis(c, np.minimum(f + 1, top), axis=1)
     q = f + (j1 < j0)
-    q[np.broadcast_to(st32 == 0, q.shape)] = 0
+    q[zero] = 0
     return q.astype(np.int32)
 
 
