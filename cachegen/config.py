@@ -182,6 +182,8 @@ class CodecConfig:
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or not 0.0 <= float(v) <= 1.0:
             bad(f"rd_lambda must be a number in [0, 1], got {v!r}")
         object.__setattr__(self, "rd_lambda", float(v))
+        if self.rd_lambda > 0 and not self.lossless and self.group_size > 1:
+            bad("rd_lambda needs group_size=1 (anchor-delta symbols are quantized to the nearest level)")
         if self.packed_params and not self.lossless and float(self.scale_sharing) != 1.0:
             bad("packed_params needs one step per block (scale_sharing=1)")
         # Validate the schedules early (against an arbitrary layer count for strings/ints).

@@ -75,4 +75,6 @@ def test_config_range():
     for bad in (-0.1, 1.5, float("nan"), True, "0.1"):
         with pytest.raises(ConfigError):
             CodecConfig(rd_lambda=bad)
-    assert CodecConfig(rd_lambda=np.float32(0.25)).rd_lambda == 0.25
+    assert CodecConfig(rd_lambda=np.float32(0.25), group_size=1).rd_lambda == 0.25
+    with pytest.raises(ConfigError, match="group_size"):     # refused, not silently ignored
+        CodecConfig(rd_lambda=0.1, group_size=10)
